@@ -1,0 +1,638 @@
+"""The rules: small pure functions over one layer's arrays (or one model's layers, or one file's pickle globals).
+
+Each rule is registered under a stable code that is never reused. Its docstring (What / Why / Fix) is the long help
+text; ``summary`` is the one-line description and ``hint`` the likely cause and fix printed under a finding. All
+thresholds live in :class:`Thresholds`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from bncheck.discover import BNLayer
+from bncheck.loaders.dtypes import FLOATING, INTEGER
+from bncheck.report import Finding, Severity
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every number a rule compares against, with its default."""
+
+    # BN008: a variance at or below this makes the layer divide by about sqrt(eps).
+    min_variance: float = 1e-8
+    # BN009: the layer's eps, which a state dict does not store; PyTorch's default.
+    eps: float = 1e-5
+    # BN009: a float16/bfloat16 statistic beyond this fraction of the dtype's largest finite value.
+    low_precision_max_fraction: float = 0.25
+    # BN009: rounding the stored mean to its dtype may shift normalised outputs by more than this many std.
+    low_precision_rounding_std: float = 0.05
+    # BN013: a layer updated fewer than 1/ratio times as often as the most updated layer of its model.
+    count_spread_ratio: float = 2.0
+    # Offending channels listed per finding (the count is always exact).
+    max_channels_listed: int = 64
+
+
+@dataclass(frozen=True)
+class LayerData:
+    """A BatchNorm layer with its tensors read: what the rules see."""
+
+    layer: BNLayer
+    arrays: Mapping[str, np.ndarray]
+
+    def dtype(self, name: str) -> str | None:
+        ref = self.layer.tensors.get(name)
+        return ref.dtype if ref is not None else None
+
+    def floats(self, name: str) -> np.ndarray | None:
+        """A floating tensor as float64, or None when absent or not floating."""
+        array = self.arrays.get(name)
+        if array is None or self.dtype(name) not in FLOATING:
+            return None
+        return np.asarray(array, dtype=np.float64)
+
+    def count(self) -> int | None:
+        """num_batches_tracked when it is a valid integer scalar."""
+        array = self.arrays.get("num_batches_tracked")
+        if array is None or self.dtype("num_batches_tracked") not in INTEGER or array.size != 1:
+            return None
+        return int(array.reshape(()))
+
+
+def read_layer(layer: BNLayer) -> LayerData:
+    """Read a layer's tensors (and nothing else) from the file."""
+    return LayerData(layer, {name: ref.read() for name, ref in layer.tensors.items()})
+
+
+@dataclass(frozen=True)
+class Hit:
+    message: str
+    tensor: str | None = None
+    channels: Sequence[int] = ()
+
+
+LayerRule = Callable[[LayerData, Thresholds], Iterable[Hit]]
+ModelRule = Callable[[Sequence[LayerData], Thresholds], Iterable[tuple[LayerData, Hit]]]
+FileRule = Callable[[Sequence[str], Thresholds], Iterable[Hit]]
+
+
+@dataclass(frozen=True)
+class Rule:
+    code: str
+    severity: Severity
+    summary: str
+    hint: str
+    scope: Literal["layer", "model", "file"]
+    check: Callable[..., Iterable[Any]] = field(repr=False)
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.check) or self.summary
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(
+    code: str, severity: Severity, summary: str, hint: str, scope: Literal["layer", "model", "file"] = "layer"
+) -> Callable[[Callable[..., Iterable[Any]]], Callable[..., Iterable[Any]]]:
+    def register(check: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
+        assert code not in RULES, f"rule code {code} registered twice"
+        RULES[code] = Rule(code, severity, summary, hint, scope, check)
+        return check
+
+    return register
+
+
+def _channels(mask: np.ndarray) -> list[int]:
+    return [int(i) for i in np.flatnonzero(mask.reshape(-1))]
+
+
+def _stats(data: LayerData) -> Iterator[tuple[str, np.ndarray]]:
+    for name in ("running_mean", "running_var"):
+        values = data.floats(name)
+        if values is not None:
+            yield name, values
+
+
+@rule(
+    "BN001",
+    Severity.ERROR,
+    "NaN or infinite running_mean / running_var",
+    "training diverged, or an fp16 cast overflowed; restore an earlier checkpoint or recalibrate the statistics",
+)
+def nonfinite_stats(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: running_mean or running_var holds NaN, +Inf or -Inf in some channels.
+
+    Why: in eval() mode every output of those channels becomes NaN (or 0 / NaN for an infinite variance), and the
+    NaN spreads through every later layer. Causes: training that diverged (a NaN loss poisons the running averages
+    on the next forward pass), or casting a model whose running_var exceeds 65504 to float16 (model.half()).
+
+    Fix: go back to the last checkpoint whose statistics are finite, or recompute the statistics on clean data in
+    train mode (torch.optim.swa_utils.update_bn, or bncheck recalibrate); keep BatchNorm in float32 when exporting
+    to fp16.
+    """
+    for name, values in _stats(data):
+        bad = ~np.isfinite(values)
+        if bad.any():
+            kinds = [
+                f"{int(n)} {label}"
+                for n, label in (
+                    (np.isnan(values).sum(), "NaN"),
+                    (np.isposinf(values).sum(), "+Inf"),
+                    (np.isneginf(values).sum(), "-Inf"),
+                )
+                if n
+            ]
+            yield Hit(f"{name} has {int(bad.sum())} non-finite value(s): {', '.join(kinds)}", name, _channels(bad))
+
+
+@rule(
+    "BN002",
+    Severity.ERROR,
+    "negative running_var",
+    "the statistics were edited, merged or quantised wrongly; recompute them on data",
+)
+def negative_variance(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: running_var is negative in some channels.
+
+    Why: a variance cannot be negative; PyTorch never produces one, so the tensor was written by something else
+    (a manual edit, a weight-averaging or merging script that subtracted statistics, a broken quantisation or
+    conversion). In eval() mode sqrt(var + eps) is NaN once var < -eps, and huge outputs when var is just above -eps.
+
+    Fix: recompute the statistics on representative data (torch.optim.swa_utils.update_bn or bncheck
+    recalibrate) and find the tool that wrote them.
+    """
+    values = data.floats("running_var")
+    if values is not None:
+        negative = values < 0
+        if negative.any():
+            yield Hit(
+                f"running_var is negative in {int(negative.sum())} channel(s), min {values[negative].min():.4g}",
+                "running_var",
+                _channels(negative),
+            )
+
+
+@rule(
+    "BN003",
+    Severity.ERROR,
+    "statistics or affine parameters have inconsistent shapes",
+    "the tensors do not belong to one layer (a bad merge, edit or key mapping); re-export the layer",
+)
+def shape_mismatch(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: running_mean or running_var is not 1-D, or the lengths of running_mean, running_var, weight and bias
+    differ.
+
+    Why: a BatchNorm layer of C channels stores C of each. Anything else means the tensors were mixed up between
+    layers or reshaped by a conversion; load_state_dict(strict=True) refuses the file, and strict=False leaves the
+    layer with its initial statistics.
+
+    Fix: re-export the checkpoint from the model, or repair the key mapping of the conversion script.
+    """
+    shapes = {name: ref.shape for name, ref in data.layer.tensors.items() if name != "num_batches_tracked"}
+    not_1d = [f"{name} has shape {list(shape)}" for name, shape in shapes.items() if len(shape) != 1]
+    if not_1d:
+        yield Hit("; ".join(not_1d) + " (expected one value per channel)")
+    lengths = {name: shape[0] for name, shape in shapes.items() if len(shape) == 1}
+    if len(set(lengths.values())) > 1:
+        yield Hit("lengths differ: " + ", ".join(f"{name} {n}" for name, n in lengths.items()))
+
+
+@rule(
+    "BN004",
+    Severity.ERROR,
+    "running statistics are not a floating-point dtype",
+    "the statistics were cast to an integer type by a conversion script; re-export them as float32",
+)
+def non_float_stats(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: running_mean or running_var is stored as an integer, boolean or complex tensor.
+
+    Why: truncated statistics normalise with the wrong mean and variance; torch casts them back silently when the
+    state dict is loaded, so nothing complains at load time.
+
+    Fix: re-export the checkpoint without casting buffers (a blanket .to(dtype) or a quantisation script that
+    treated buffers as weights is the usual cause).
+    """
+    for name in ("running_mean", "running_var"):
+        dtype = data.dtype(name)
+        if dtype is not None and dtype not in FLOATING:
+            yield Hit(f"{name} is {dtype}", name)
+
+
+@rule(
+    "BN005",
+    Severity.ERROR,
+    "num_batches_tracked is not a non-negative integer scalar",
+    "the counter was edited or cast; set it to the number of training batches, or recompute the statistics",
+)
+def invalid_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: num_batches_tracked is not an integer, is not a single value, or is negative.
+
+    Why: PyTorch stores it as an int64 scalar counting the training batches. With momentum=None the layer uses it to
+    form a cumulative average, so a corrupt counter corrupts the next update; a float or negative counter shows the
+    checkpoint was rewritten by a tool that did not understand it.
+
+    Fix: restore the counter (an int64 scalar, usually the number of training steps) or recompute the statistics.
+    """
+    dtype = data.dtype("num_batches_tracked")
+    array = data.arrays.get("num_batches_tracked")
+    if dtype is None or array is None:
+        return
+    if dtype not in INTEGER:
+        yield Hit(f"num_batches_tracked is {dtype}, not an integer", "num_batches_tracked")
+    elif array.size != 1:
+        yield Hit(f"num_batches_tracked has shape {list(array.shape)}, not a scalar", "num_batches_tracked")
+    elif int(array.reshape(())) < 0:
+        yield Hit(f"num_batches_tracked is negative ({int(array.reshape(()))})", "num_batches_tracked")
+
+
+@rule(
+    "BN006",
+    Severity.ERROR,
+    "running_mean or running_var is missing while the other is present",
+    "the file was filtered or converted incompletely; re-export it with every buffer",
+)
+def missing_stat(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: the layer has running_mean but no running_var, or the reverse.
+
+    Why: load_state_dict(strict=False) silently skips the missing tensor and the layer keeps its initial value
+    (mean 0 or variance 1), which is wrong for every trained model; strict=True refuses the file.
+
+    Fix: re-export the checkpoint with all buffers (check any key filter in the export script).
+    """
+    present = [name for name in ("running_mean", "running_var") if name in data.layer.tensors]
+    if len(present) == 1:
+        missing = "running_var" if present == ["running_mean"] else "running_mean"
+        yield Hit(f"{missing} is missing but {present[0]} is present", missing)
+
+
+@rule(
+    "BN007",
+    Severity.WARNING,
+    "statistics were never updated (mean 0, variance 1)",
+    "the model was saved before any train-mode forward pass; recalibrate on data (ignore for Caffe conversions)",
+)
+def never_updated(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: running_mean is all 0 and running_var all 1 (their initial values), and num_batches_tracked is 0 or
+    absent.
+
+    Why: the layer never saw a train-mode forward pass: the model was saved right after construction, trained with
+    BatchNorm frozen by eval(), or trained with track_running_stats=False set after construction (the layer then
+    normalises with batch statistics in train mode and never updates the stored ones). In eval() mode it then
+    normalises with mean 0 / variance 1, which is wrong for almost any data. Models converted from Caffe or
+    folded by an exporter can legitimately carry identity statistics.
+
+    Fix: run the model in train mode over representative data (torch.optim.swa_utils.update_bn, or bncheck
+    recalibrate) before saving.
+    """
+    mean, var = data.floats("running_mean"), data.floats("running_var")
+    count = data.count()
+    if mean is None or var is None or mean.size == 0 or (count not in (None, 0)):
+        return
+    if np.all(mean == 0) and np.all(var == 1):
+        counted = "num_batches_tracked is 0" if count == 0 else "no num_batches_tracked"
+        yield Hit(f"running_mean is all 0 and running_var all 1 with {counted}: the initial values")
+
+
+@rule(
+    "BN008",
+    Severity.WARNING,
+    "zero or near-zero running_var",
+    "a constant (or dead) input channel; check the data pipeline or drop the feature",
+)
+def near_zero_variance(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: running_var is at or below min_variance (1e-8 by default) in some channels.
+
+    Why: the layer divides by sqrt(var + eps), about sqrt(eps) = 0.003 for PyTorch's default eps, so the slightest
+    difference between training and inference inputs in that channel is amplified several hundred times. The usual
+    cause is an input feature that was constant in the training data (a BatchNorm1d on tabular inputs), or a
+    channel whose activations are always zero (a dead ReLU unit).
+
+    Fix: remove or fix the constant feature, or check that inference data really is constant there too.
+    """
+    var = data.floats("running_var")
+    if var is not None:
+        tiny = (var >= 0) & (var <= t.min_variance)
+        if tiny.any():
+            yield Hit(
+                f"running_var <= {t.min_variance:g} in {int(tiny.sum())} channel(s)",
+                "running_var",
+                _channels(tiny),
+            )
+
+
+_LOW_PRECISION = {
+    "float16": (65504.0, 10),
+    "bfloat16": (3.3895313892515355e38, 7),
+}  # max finite, mantissa bits
+
+
+@rule(
+    "BN009",
+    Severity.WARNING,
+    "float16/bfloat16 statistics near overflow or too coarse for their scale",
+    "keep BatchNorm buffers in float32 when converting the model to half precision",
+)
+def low_precision(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: the statistics are stored in float16 or bfloat16 and either come close to the dtype's largest value
+    (a quarter of it by default: float16 overflows at 65504), or the stored mean is so large relative to the
+    channel's standard deviation that rounding it to the dtype shifts normalised outputs by more than 0.05 std.
+
+    Why: float16 running_var overflows to inf as soon as activations grow a little (a model.half() export of a
+    network whose variance exceeds 65504 is already broken); bfloat16 keeps only 8 significant bits, so a channel
+    with mean 2000 and std 3 (a year column, a raw sensor offset) is stored with an error of several std.
+
+    Fix: keep BatchNorm layers in float32 when exporting (autocast and most exporters already do), or normalise the
+    inputs so that the statistics are of order 1.
+    """
+    for name, values in _stats(data):
+        dtype = data.dtype(name)
+        if dtype not in _LOW_PRECISION:
+            continue
+        largest, _ = _LOW_PRECISION[dtype]
+        near = np.isfinite(values) & (np.abs(values) >= t.low_precision_max_fraction * largest)
+        if near.any():
+            yield Hit(
+                f"{name} ({dtype}) reaches {np.abs(values[near]).max():.4g}, within "
+                f"{1 / t.low_precision_max_fraction:g}x of the largest {dtype} {largest:.5g}",
+                name,
+                _channels(near),
+            )
+    mean, var, dtype = data.floats("running_mean"), data.floats("running_var"), data.dtype("running_mean")
+    if mean is None or var is None or mean.shape != var.shape or dtype not in _LOW_PRECISION:
+        return
+    _, mantissa_bits = _LOW_PRECISION[dtype]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        exponent = np.floor(np.log2(np.abs(mean), where=mean != 0, out=np.full_like(mean, -np.inf)))
+        half_step = np.exp2(exponent - mantissa_bits) / 2
+        shift = half_step / np.sqrt(np.maximum(var, 0) + t.eps)
+    coarse = np.isfinite(shift) & (shift > t.low_precision_rounding_std)
+    if coarse.any():
+        yield Hit(
+            f"running_mean in {dtype} is rounded by up to {np.nanmax(shift[coarse]):.3g} std of its channel",
+            "running_mean",
+            _channels(coarse),
+        )
+
+
+@rule(
+    "BN010",
+    Severity.WARNING,
+    "num_batches_tracked is missing",
+    "the checkpoint predates PyTorch 0.4.1 or the counter was stripped; harmless unless momentum=None",
+)
+def missing_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: the layer has running statistics but no num_batches_tracked.
+
+    Why: PyTorch has saved the counter since 0.4.1. Without it the file was written by an older PyTorch or by a
+    script that dropped integer buffers; load_state_dict(strict=True) then fails on a current model
+    (strict=False silently keeps the counter at 0), and layers with momentum=None, which average cumulatively by
+    that counter, restart their average.
+
+    Fix: re-export from a current PyTorch, or add the counter back (an int64 scalar).
+    """
+    if "num_batches_tracked" not in data.layer.tensors:
+        yield Hit("no num_batches_tracked next to the running statistics")
+
+
+@rule(
+    "BN011",
+    Severity.ERROR,
+    "NaN or infinite affine weight / bias",
+    "training diverged; restore an earlier checkpoint",
+)
+def nonfinite_affine(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: the layer's learnable weight (gamma) or bias (beta) holds NaN or ±Inf.
+
+    Why: the layer's output is NaN in both train and eval mode whatever the statistics say; it means the
+    optimiser stepped on a NaN or infinite gradient.
+
+    Fix: restore the last checkpoint with finite parameters; lower the learning rate or clip gradients.
+    """
+    for name in ("weight", "bias"):
+        values = data.floats(name)
+        if values is not None:
+            bad = ~np.isfinite(values)
+            if bad.any():
+                yield Hit(f"{name} has {int(bad.sum())} non-finite value(s)", name, _channels(bad))
+
+
+@rule(
+    "BN013",
+    Severity.INFO,
+    "layers of one model were updated very different numbers of times",
+    "part of the model was frozen in eval() or added later; check that this was intended",
+    scope="model",
+)
+def count_spread(layers: Sequence[LayerData], t: Thresholds) -> Iterator[tuple[LayerData, Hit]]:
+    """What: within one model (one state dict), some BatchNorm layers have a num_batches_tracked far below the
+    most-updated layer's (less than half by default).
+
+    Why: every train-mode forward pass updates every BatchNorm it goes through, so in a model trained as a whole
+    the counts are equal. A spread means part of the network was frozen with eval() while the rest trained, a head
+    was replaced and trained alone, or branches run conditionally. The statistics of the less-updated layers may
+    not match the weights around them. Averaged (EMA/SWA) copies and InstanceNorm layers are skipped: their counts
+    carry no such meaning.
+
+    Fix: if the freeze was unintended, recalibrate the statistics of the whole model on representative data.
+    """
+    by_source: dict[str, list[tuple[LayerData, int]]] = {}
+    for data in layers:
+        count = data.count()
+        if count is None or data.layer.averaged or data.layer.kind.startswith("InstanceNorm"):
+            continue
+        by_source.setdefault(data.layer.source, []).append((data, count))
+    for members in by_source.values():
+        most = max((count for _, count in members), default=0)
+        for data, count in members:
+            if count * t.count_spread_ratio < most:
+                yield (
+                    data,
+                    Hit(
+                        f"num_batches_tracked is {count}, while the most-updated layer of this model has {most}",
+                        "num_batches_tracked",
+                    ),
+                )
+
+
+# Modules whose globals can run code, read or write files, or reach the network when a pickle calls them.
+_DANGEROUS_MODULES = frozenset(
+    {
+        "os",
+        "posix",
+        "nt",
+        "subprocess",
+        "_posixsubprocess",
+        "sys",
+        "runpy",
+        "importlib",
+        "pickle",
+        "_pickle",
+        "cPickle",
+        "dill",
+        "shutil",
+        "socket",
+        "ctypes",
+        "pty",
+        "webbrowser",
+        "code",
+        "codeop",
+        "marshal",
+        "multiprocessing",
+        "asyncio",
+        "signal",
+        "platform",
+        "pdb",
+        "bdb",
+        "timeit",
+        "cProfile",
+        "profile",
+        "trace",
+        "urllib",
+        "urllib2",
+        "http",
+        "httplib",
+        "requests",
+        "aiohttp",
+        "ftplib",
+        "smtplib",
+        "telnetlib",
+        "tempfile",
+        "io",
+        "_io",
+        "pathlib",
+        "glob",
+        "types",
+        "inspect",
+        "gc",
+        "ssl",
+        "threading",
+        "_thread",
+        "zipimport",
+        "pkgutil",
+        "site",
+        "pip",
+        "setuptools",
+        "distutils",
+        "commands",
+        "popen2",
+        "torch.hub",
+        "numpy.testing",
+        "_sitebuiltins",
+        "ensurepip",
+        "venv",
+        "imp",
+        "linecache",
+        "doctest",
+        "pydoc",
+        "logging.config",
+    }
+)
+_DANGEROUS_BUILTINS = frozenset(
+    {
+        "eval",
+        "exec",
+        "execfile",
+        "compile",
+        "open",
+        "__import__",
+        "getattr",
+        "setattr",
+        "delattr",
+        "globals",
+        "locals",
+        "vars",
+        "input",
+        "breakpoint",
+        "apply",
+        "reload",
+        "file",
+        "help",
+        "exit",
+        "quit",
+        "memoryview",
+    }
+)
+_DANGEROUS_IN_MODULE = {
+    "builtins": _DANGEROUS_BUILTINS,
+    "__builtin__": _DANGEROUS_BUILTINS,
+    "__builtins__": _DANGEROUS_BUILTINS,
+    "operator": frozenset({"attrgetter", "methodcaller"}),
+    "_operator": frozenset({"attrgetter", "methodcaller"}),
+    "functools": frozenset({"partial", "reduce"}),
+    "_functools": frozenset({"partial", "reduce"}),
+}
+
+
+def is_dangerous_global(name: str) -> bool:
+    """Whether calling the global ``module.name`` could execute code or touch the system."""
+    module, _, attr = name.rpartition(".")
+    if module in _DANGEROUS_IN_MODULE:
+        return attr in _DANGEROUS_IN_MODULE[module] or attr.startswith("__")
+    root = module
+    while root:
+        if root in _DANGEROUS_MODULES:
+            return True
+        root = root.rpartition(".")[0]
+    return False
+
+
+@rule(
+    "BN101",
+    Severity.ERROR,
+    "the pickle calls a global that can execute code",
+    "do not load this file with torch.load(weights_only=False); get the weights from a trusted source",
+    scope="file",
+)
+def dangerous_globals(globals_named: Sequence[str], t: Thresholds) -> Iterator[Hit]:
+    """What: the checkpoint's pickle names a global such as os.system, builtins.eval, subprocess.Popen,
+    runpy.run_path or importlib.import_module: a function that runs commands or code when the pickle is loaded.
+
+    Why: torch.load(weights_only=False), and every PyTorch before 2.6 by default, executes such calls while
+    loading, with the rights of the user who loads the file. bncheck read the file without running any of it, so
+    the statistics reported beside this finding are what the file really holds.
+
+    Fix: treat the file as hostile; do not load it with weights_only=False. Obtain the weights from a trusted
+    source, preferably as safetensors.
+    """
+    dangerous = [name for name in globals_named if is_dangerous_global(name)]
+    if dangerous:
+        yield Hit("pickle names " + ", ".join(dangerous) + "; bncheck did not run it")
+
+
+def _finding(rule_: Rule, hit: Hit, t: Thresholds, layer: BNLayer | None = None) -> Finding:
+    return Finding(
+        code=rule_.code,
+        severity=rule_.severity,
+        message=hit.message,
+        hint=rule_.hint,
+        layer=layer.name if layer else None,
+        source=layer.source if layer else None,
+        tensor=hit.tensor,
+        channels=tuple(hit.channels[: t.max_channels_listed]),
+        channel_count=len(hit.channels),
+    )
+
+
+def run_checks(
+    layers: Sequence[LayerData], globals_named: Sequence[str] = (), *, thresholds: Thresholds | None = None
+) -> list[Finding]:
+    """Every finding of every rule: file rules first, then per layer in file order (layer and model rules)."""
+    t = thresholds or Thresholds()
+    findings = [_finding(r, hit, t) for r in RULES.values() if r.scope == "file" for hit in r.check(globals_named, t)]
+    per_layer: dict[int, list[Finding]] = {id(data): [] for data in layers}
+    for r in RULES.values():
+        if r.scope == "layer":
+            for data in layers:
+                per_layer[id(data)].extend(_finding(r, hit, t, data.layer) for hit in r.check(data, t))
+        elif r.scope == "model":
+            for data, hit in r.check(layers, t):
+                per_layer[id(data)].append(_finding(r, hit, t, data.layer))
+    for data in layers:
+        findings.extend(sorted(per_layer[id(data)], key=lambda f: f.code))
+    return findings

@@ -1,0 +1,184 @@
+"""Find every BatchNorm-like layer in a loaded checkpoint, wherever the saving code put it.
+
+A checkpoint is a tree: a bare state dict; a dict of state dicts (``{'model': ..., 'optimizer': ...}``, Lightning's
+``state_dict``, timm's ``state_dict_ema``); a pickled ``nn.Module`` or a TorchScript module (placeholders whose
+recorded state holds the parameters, buffers and submodules). Every dict or module that directly holds tensors is a
+*container*; within a container a BatchNorm layer is a dotted prefix that owns ``running_mean`` and/or
+``running_var``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from bncheck.loaders.interface import TensorRef
+from bncheck.loaders.restricted_pickle import Placeholder
+
+STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+AFFINE_NAMES = ("weight", "bias")
+# Key path components that mark averaged weights: timm's state_dict_ema / model_ema, ema_model, swa_model...
+_AVERAGED = re.compile(r"(^|_)(ema|swa|averaged)(_|$)", re.IGNORECASE)
+# Nesting deeper than any real checkpoint; a guard against crafted or cyclic object trees.
+MAX_DEPTH = 64
+# Feeding layer's weight rank -> the BatchNorm that normally follows it (Linear/Conv1d, Conv2d, Conv3d).
+_KIND_BY_FEEDER_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
+@dataclass(frozen=True)
+class BNLayer:
+    """One layer's tensors as found in the file, unread."""
+
+    name: str
+    source: str
+    averaged: bool
+    kind: str
+    kind_inferred: bool
+    tensors: Mapping[str, TensorRef]
+
+    @property
+    def num_features(self) -> int | None:
+        for key in ("running_mean", "running_var", "weight", "bias"):
+            ref = self.tensors.get(key)
+            if ref is not None and len(ref.shape) == 1:
+                return ref.shape[0]
+        return None
+
+
+@dataclass
+class _Container:
+    path: tuple[str, ...]
+    tensors: dict[str, TensorRef]
+    classes: dict[str, str]  # module prefix -> class name, when the file says it
+
+
+def _class_name(placeholder: Placeholder) -> str:
+    return placeholder.global_name.rsplit(".", 1)[-1]
+
+
+def _module_state(node: Placeholder) -> dict[str, Any] | None:
+    state = node.state
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        state = state[0]  # (dict state, slot state)
+    return state if isinstance(state, dict) else None
+
+
+def _is_module(node: Any) -> bool:
+    if not isinstance(node, Placeholder):
+        return False
+    state = _module_state(node)
+    if state is None:
+        return False
+    return node.global_name.startswith("__torch__.") or "_modules" in state or "_buffers" in state
+
+
+def _flatten_module(node: Placeholder, prefix: str, out: _Container, depth: int) -> None:
+    """Parameters and buffers of a pickled nn.Module (``_parameters``/``_buffers``/``_modules``) or a TorchScript
+    module (every attribute), under dotted names as ``state_dict()`` would give them."""
+    if depth > MAX_DEPTH:
+        return
+    out.classes[prefix] = _class_name(node)
+    state = _module_state(node) or {}
+    if node.global_name.startswith("__torch__."):
+        members: list[tuple[str, Any]] = list(state.items())
+    else:
+        members = [
+            item
+            for group in ("_parameters", "_buffers", "_modules")
+            if isinstance(state.get(group), dict)
+            for item in state[group].items()
+        ]
+    for name, value in members:
+        full = f"{prefix}.{name}" if prefix else str(name)
+        if isinstance(value, TensorRef):
+            out.tensors[full] = value
+        elif _is_module(value):
+            _flatten_module(value, full, out, depth + 1)
+
+
+def _flatten_dict(node: Mapping[Any, Any], prefix: str, out: _Container, depth: int, seen: set[int]) -> None:
+    if depth > MAX_DEPTH or id(node) in seen:
+        return
+    seen.add(id(node))
+    for key, value in node.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, TensorRef):
+            out.tensors[full] = value
+        elif isinstance(value, Mapping):
+            _flatten_dict(value, full, out, depth + 1, seen)
+        elif _is_module(value):
+            _flatten_module(value, full, out, depth + 1)
+
+
+def _children(node: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        yield from ((str(k), v) for k, v in node.items())
+    elif isinstance(node, list | tuple):
+        yield from ((str(i), v) for i, v in enumerate(node))
+    elif isinstance(node, Placeholder):
+        # an untrusted object (hyper-parameters, a wrapper): its tensors are still found, under its recorded parts
+        yield from (("args", v) for v in node.args)
+        yield from node.kwargs.items()
+        yield "state", node.state
+        yield from (("items", v) for v in node.items)
+        yield from ((str(k), v) for k, v in node.dictitems.items())
+
+
+def _containers(node: Any, path: tuple[str, ...], depth: int, seen: set[int]) -> Iterator[_Container]:
+    if depth > MAX_DEPTH or id(node) in seen:
+        return
+    seen.add(id(node))
+    if _is_module(node):
+        container = _Container(path, {}, {})
+        _flatten_module(node, "", container, depth)
+        yield container
+        return
+    if isinstance(node, Mapping) and any(isinstance(v, TensorRef) for v in node.values()):
+        container = _Container(path, {}, {})
+        _flatten_dict(node, "", container, depth, set())
+        yield container
+        return
+    for key, child in _children(node):
+        yield from _containers(child, (*path, key), depth + 1, seen)
+
+
+def _infer_kind(names: list[str], first_index: int, tensors: Mapping[str, TensorRef], width: int | None) -> str | None:
+    """BatchNormNd from the nearest earlier weight of rank >= 2 (the layer that feeds it), if its width matches."""
+    for name in reversed(names[:first_index]):
+        if name.endswith("weight") and len(tensors[name].shape) >= 2:
+            shape = tensors[name].shape
+            return _KIND_BY_FEEDER_RANK.get(len(shape)) if shape[0] == width else None
+    return None
+
+
+def _layers_of(container: _Container) -> Iterator[BNLayer]:
+    source = ".".join(container.path)
+    names = list(container.tensors)
+    position = {name: index for index, name in enumerate(names)}
+    container_averaged = any(_AVERAGED.search(part) for part in container.path) or "n_averaged" in container.tensors
+    prefixes: dict[str, None] = {}  # ordered set
+    for name in names:
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in ("running_mean", "running_var"):
+            prefixes[prefix] = None
+    for prefix in prefixes:
+        dot = f"{prefix}." if prefix else ""
+        tensors = {
+            leaf: container.tensors[dot + leaf] for leaf in STAT_NAMES + AFFINE_NAMES if dot + leaf in container.tensors
+        }
+        first_index = min(position[dot + leaf] for leaf in tensors)
+        averaged = container_averaged or any(_AVERAGED.search(part) for part in prefix.split("."))
+        if prefix in container.classes:
+            kind, inferred = container.classes[prefix], False
+        else:
+            width = BNLayer(prefix, source, averaged, "BatchNorm", False, tensors).num_features
+            guess = _infer_kind(names, first_index, container.tensors, width)
+            kind, inferred = (guess, True) if guess else ("BatchNorm", False)
+        yield BNLayer(prefix, source, averaged, kind, inferred, tensors)
+
+
+def find_bn_layers(root: Any) -> list[BNLayer]:
+    """Every BatchNorm-like layer in a checkpoint's object tree, in file order."""
+    return [layer for container in _containers(root, (), 0, set()) for layer in _layers_of(container)]

@@ -1,0 +1,136 @@
+"""Open a checkpoint of any supported format, recognised by its leading bytes rather than its extension."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+
+from bncheck.errors import (
+    CheckpointNotFoundError,
+    UnreadableFileError,
+    UnsupportedFormatError,
+)
+from bncheck.loaders.files import read_range
+from bncheck.loaders.interface import Checkpoint, TensorRef
+from bncheck.loaders.safetensors import open_safetensors, open_sharded
+from bncheck.loaders.torch_legacy import open_torch_legacy
+from bncheck.loaders.torch_zip import open_torch_zip
+
+__all__ = ["Checkpoint", "TensorRef", "find_checkpoints", "open_checkpoint", "shards_named_by"]
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+INDEX_SUFFIX = ".index.json"
+# A pickled int 0x1950a86a20f9469cfc6c (torch's legacy magic number), as protocol 2 writes it.
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+_EXPECTED_BY_SUFFIX = {
+    ".safetensors": "safetensors",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+    ".ckpt": "torch",
+}
+
+
+def sniff(path: Path) -> str:
+    """The format family of a file from its first bytes: 'safetensors', 'zip', 'legacy' or 'index'."""
+    size = path.stat().st_size
+    if size == 0:
+        raise UnsupportedFormatError("file is empty")
+    head = read_range(path, 0, min(size, 64))
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head.startswith(_LEGACY_MAGIC):
+        return "legacy"
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return "safetensors"
+    if path.name.endswith(INDEX_SUFFIX) or head.lstrip()[:1] == b"{":
+        return "index"
+    if head.startswith(b"\x80"):
+        raise UnsupportedFormatError("a plain pickle, not a torch.save checkpoint")
+    if _looks_like_text(head):
+        raise UnsupportedFormatError("a text file, not a checkpoint")
+    raise UnsupportedFormatError(f"unknown format (first bytes {head[:8].hex(' ')})")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
+
+
+def _disagreement(path: Path, family: str) -> tuple[str, ...]:
+    expected = _EXPECTED_BY_SUFFIX.get(path.suffix.lower())
+    actual = "safetensors" if family == "safetensors" else "torch"
+    if family == "index" or expected is None or expected == actual:
+        return ()
+    described = "a safetensors file" if actual == "safetensors" else "a torch.save file"
+    return (f"named {path.suffix} but its bytes are {described}; read as what the bytes say",)
+
+
+def open_checkpoint(path: os.PathLike[str] | str) -> Checkpoint:
+    """Open one checkpoint: a file, a shard index, or a directory holding one index or one ``model.safetensors``.
+
+    Raises a BncheckError subclass with a one-line reason when the path cannot be read as a checkpoint.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return open_checkpoint(_checkpoint_in_directory(path))
+        if not path.exists():
+            raise CheckpointNotFoundError("no such file or directory")
+        family = sniff(path)
+    except PermissionError as exc:
+        raise UnreadableFileError(f"permission denied: {exc.filename}") from exc
+    opener = {
+        "safetensors": open_safetensors,
+        "zip": open_torch_zip,
+        "legacy": open_torch_legacy,
+        "index": open_sharded,
+    }[family]
+    checkpoint = opener(path)
+    notes = _disagreement(path, family)
+    return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes) if notes else checkpoint
+
+
+def _checkpoint_in_directory(path: Path) -> Path:
+    indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+    if len(indexes) == 1:
+        return indexes[0]
+    if (path / "model.safetensors").is_file():
+        return path / "model.safetensors"
+    raise UnsupportedFormatError("directory holds no single checkpoint (a *.index.json or a model.safetensors)")
+
+
+def shards_named_by(index: Path) -> set[Path]:
+    """The shard files a shard index points to (empty when the index is unreadable)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return {(index.parent / name).resolve() for name in weight_map.values()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()  # opening the index will report what is wrong with it
+
+
+def find_checkpoints(path: os.PathLike[str] | str) -> list[Path]:
+    """The checkpoints a path stands for, in sorted order.
+
+    A file is itself (whatever its name). A directory is searched recursively: every shard index is one checkpoint
+    that stands for its shards, and every other file with a checkpoint extension is one checkpoint.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    indexes = [p for p in files if p.name.endswith(INDEX_SUFFIX)]
+    shards = set().union(*(shards_named_by(index) for index in indexes)) if indexes else set()
+    singles = [p for p in files if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.resolve() not in shards]
+    return sorted(indexes + singles)

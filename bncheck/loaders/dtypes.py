@@ -1,0 +1,103 @@
+"""Dtype names and the conversion of raw little/big-endian bytes into numpy arrays, without torch.
+
+Dtypes are named as torch names them (``float32``, ``bfloat16``...), whatever format the file is in, so reports read
+the same for a ``.pt`` and a ``.safetensors``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bncheck.errors import UnsupportedDtypeError
+
+# torch dtype name -> numpy dtype of the stored bytes (bfloat16 is stored as its 16 raw bits).
+_STORAGE_NUMPY = {
+    "float64": "f8",
+    "float32": "f4",
+    "float16": "f2",
+    "bfloat16": "u2",
+    "int64": "i8",
+    "int32": "i4",
+    "int16": "i2",
+    "int8": "i1",
+    "uint64": "u8",
+    "uint32": "u4",
+    "uint16": "u2",
+    "uint8": "u1",
+    "bool": "?",
+    "complex128": "c16",
+    "complex64": "c8",
+}
+
+ITEMSIZE = {
+    **{name: np.dtype(code).itemsize for name, code in _STORAGE_NUMPY.items()},
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "complex32": 4,
+    "qint8": 1,
+    "quint8": 1,
+    "qint32": 4,
+}
+
+FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"} | {n for n in ITEMSIZE if n.startswith("float8")})
+INTEGER = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8"})
+
+# Legacy typed-storage class names that torch still writes as dtype markers (torch/storage.py).
+STORAGE_CLASS_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8",
+    "QUInt8Storage": "quint8",
+    "QInt32Storage": "qint32",
+    # dtypes without a legacy class are written as UntypedStorage plus an explicit dtype
+    "UntypedStorage": "uint8",
+}
+
+# safetensors header dtype -> torch dtype name
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+
+def bytes_to_array(buffer: bytes, dtype: str, *, big_endian: bool = False) -> np.ndarray:
+    """Interpret ``buffer`` as a flat array of ``dtype``, in native byte order.
+
+    bfloat16 comes back as float32 (exactly: bf16 is the top half of a float32); every other dtype keeps its own
+    numpy type. Raises UnsupportedDtypeError for dtypes numpy cannot represent (float8, quantised types).
+    """
+    code = _STORAGE_NUMPY.get(dtype)
+    if code is None:
+        raise UnsupportedDtypeError(f"tensors of dtype {dtype} cannot be read without torch")
+    raw = np.frombuffer(buffer, dtype=np.dtype(code).newbyteorder(">" if big_endian else "<"))
+    native = raw.astype(raw.dtype.newbyteorder("="))
+    if dtype == "bfloat16":
+        return (native.astype(np.uint32) << 16).view(np.float32)
+    return native

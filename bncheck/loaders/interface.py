@@ -1,0 +1,58 @@
+"""The one small interface every loader implements.
+
+A loader turns a path into a :class:`Checkpoint`: the object tree the file holds (dicts, lists, inert placeholders
+of untrusted objects) whose tensor leaves are :class:`TensorRef` s. A ``TensorRef`` knows its dtype and shape from
+the file's metadata and reads its bytes only when asked, so a caller that needs three tensors out of a thousand reads
+three.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bncheck.errors import CorruptCheckpointError
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRef:
+    """A tensor in a checkpoint, described by metadata and read on demand."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    reader: Callable[[], np.ndarray] = field(repr=False)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> np.ndarray:
+        """The tensor's values as a numpy array (bfloat16 as float32); raises BncheckError if unreadable."""
+        array = self.reader()
+        if array.shape != self.shape:
+            raise CorruptCheckpointError(f"tensor data has shape {array.shape}, metadata says {self.shape}")
+        return array
+
+
+def in_memory(array: np.ndarray, dtype: str) -> TensorRef:
+    """A TensorRef over an array that is already in memory (the legacy torch fallback)."""
+    return TensorRef(dtype=dtype, shape=tuple(array.shape), reader=lambda: array)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a loader found in one file (or one sharded set of files).
+
+    ``globals`` lists the pickle globals that were not on the allow-list of what torch itself writes, in the order
+    the pickle named them; each became an inert placeholder. ``notes`` are facts worth telling the user that are
+    not findings (the extension disagrees with the content, a full module was pickled...).
+    """
+
+    format: str
+    root: Any
+    globals: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()

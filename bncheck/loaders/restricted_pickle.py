@@ -1,0 +1,252 @@
+"""A pickle reader that never runs code from the file.
+
+``find_class`` never imports anything. The handful of globals torch itself writes into a checkpoint are answered
+with bncheck's own side-effect-free stand-ins (a tensor record becomes a lazy :class:`TensorRef`); every other global
+(``argparse.Namespace``, a user's model class, ``os.system``...) becomes a :class:`Placeholder` subclass that records
+the arguments and state the pickle gives it and is never called. The names of those globals are kept so that the
+checks can say which of them could have executed code.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from bncheck.errors import CorruptCheckpointError
+from bncheck.loaders.dtypes import ITEMSIZE, STORAGE_CLASS_DTYPES
+from bncheck.loaders.interface import TensorRef
+
+TORCH_DTYPE_NAMES = frozenset(ITEMSIZE) | {"float", "double", "half", "long", "int", "short", "bool"}
+_DTYPE_ALIASES = {
+    "float": "float32",
+    "double": "float64",
+    "half": "float16",
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+}
+
+# What a malformed pickle raises from inside the C unpickler or from our stand-ins given arguments of the wrong
+# shape; each means "this pickle is broken", never "bncheck is broken".
+PICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    struct.error,
+    OverflowError,
+    RecursionError,
+    UnicodeDecodeError,
+)
+
+
+class Placeholder:
+    """Inert stand-in for an object of an untrusted global: it records how the pickle would build it.
+
+    ``args``/``kwargs`` are what the class would have been called with, ``state`` what ``__setstate__`` would have
+    received, ``items``/``dictitems`` what would have been appended or set. Calling a placeholder (a pickle that
+    calls the result of a call) yields another placeholder; nothing of the file's ever runs.
+    """
+
+    global_name: ClassVar[str] = "?"
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    state: Any
+    items: list[Any]
+    dictitems: dict[Any, Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Placeholder:
+        obj = object.__new__(cls)
+        obj.__dict__.update(args=args, kwargs=kwargs, state=None, items=[], dictitems={})
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Recorded by ``__new__``; present so that calling the class does nothing more."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__["dictitems"][key] = value
+
+    def append(self, value: Any) -> None:
+        self.__dict__["items"].append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__["items"].extend(values)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
+        return placeholder_class(f"{self.global_name}()")(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<placeholder {self.global_name}>"
+
+
+def placeholder_class(global_name: str) -> type[Placeholder]:
+    """A fresh Placeholder subclass standing for ``global_name`` (pickle's NEWOBJ needs a real type)."""
+    return type("Placeholder", (Placeholder,), {"global_name": global_name})
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """What ``torch.FloatStorage`` and friends mean inside a checkpoint: only a dtype."""
+
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TorchDType:
+    name: str
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A persistent id ``('storage', type, key, location, numel)``: the bytes live in archive member data/<key>."""
+
+    key: str
+    dtype: str
+    numel: int
+
+
+TensorFactory = Callable[[StorageRef, int, tuple[int, ...], tuple[int, ...], str], TensorRef]
+
+
+def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or not all(type(v) is int for v in value):
+        raise CorruptCheckpointError(f"malformed tensor record: {what} is {value!r}")
+    return tuple(value)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles torch's ``data.pkl`` with stand-ins for every global; see the module docstring."""
+
+    def __init__(self, data: bytes, make_tensor: TensorFactory) -> None:
+        super().__init__(io.BytesIO(data))
+        self._make_tensor = make_tensor
+        self._placeholders: dict[str, type[Placeholder]] = {}
+        self.untrusted_globals: list[str] = []
+        self._safe: dict[str, Any] = {
+            "collections.OrderedDict": collections.OrderedDict,
+            "builtins.set": set,
+            "builtins.frozenset": frozenset,
+            "builtins.slice": slice,
+            "builtins.complex": complex,
+            "__builtin__.set": set,
+            "__builtin__.frozenset": frozenset,
+            "torch.Size": tuple,
+            "torch.device": _device,
+            "_codecs.encode": _latin1_encode,
+            "copyreg._reconstructor": self._reconstructor,
+            "torch._utils._rebuild_tensor": self._rebuild_tensor,
+            "torch._utils._rebuild_tensor_v2": self._rebuild_tensor_v2,
+            "torch._utils._rebuild_tensor_v3": self._rebuild_tensor_v3,
+            "torch._utils._rebuild_parameter": _rebuild_parameter,
+            "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+            "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+            "numpy.dtype": _numpy_dtype,
+            "numpy.core.multiarray.scalar": _numpy_scalar,
+            "numpy._core.multiarray.scalar": _numpy_scalar,
+        }
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = f"{module}.{name}"
+        if full in self._safe:
+            return self._safe[full]
+        if module in ("torch", "torch.storage") and name in STORAGE_CLASS_DTYPES:
+            return StorageType(STORAGE_CLASS_DTYPES[name])
+        if module == "torch" and name in TORCH_DTYPE_NAMES:
+            return TorchDType(_DTYPE_ALIASES.get(name, name))
+        if full not in self._placeholders:
+            self._placeholders[full] = placeholder_class(full)
+            self.untrusted_globals.append(full)
+        return self._placeholders[full]
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
+            raise CorruptCheckpointError(f"malformed storage record {pid!r:.80}")
+        return StorageRef(key=key, dtype=storage_type.dtype, numel=numel)
+
+    def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None) -> TensorRef:
+        if not isinstance(storage, StorageRef) or type(offset) is not int:
+            raise CorruptCheckpointError("malformed tensor record: no storage or offset")
+        return self._make_tensor(
+            storage, offset, _int_tuple(size, "size"), _int_tuple(stride, "stride"), dtype or storage.dtype
+        )
+
+    def _rebuild_tensor(self, storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
+        return self._tensor(storage, offset, size, stride)
+
+    def _rebuild_tensor_v2(
+        self, storage: Any, offset: Any, size: Any, stride: Any, *_grad_hooks_metadata: Any
+    ) -> TensorRef:
+        return self._tensor(storage, offset, size, stride)
+
+    def _rebuild_tensor_v3(
+        self, storage: Any, offset: Any, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any, *_: Any
+    ) -> TensorRef:
+        if not isinstance(dtype, TorchDType):
+            raise CorruptCheckpointError(f"malformed tensor record: dtype {dtype!r:.40}")
+        return self._tensor(storage, offset, size, stride, dtype.name)
+
+    def _reconstructor(self, cls: Any, base: Any, state: Any) -> Any:
+        # Protocol 0/1 pickles build objects through copyreg; only our own placeholders may be built this way.
+        if isinstance(cls, type) and issubclass(cls, Placeholder):
+            return cls(state=state)
+        return self.find_class("copyreg", "_reconstructor")(cls, base, state)
+
+
+def _device(*args: Any) -> str:
+    return ":".join(str(a) for a in args)
+
+
+def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    # Protocol 2 writes bytes objects as _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CorruptCheckpointError("unexpected _codecs.encode call in pickle")
+    return text.encode("latin-1")
+
+
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:
+    # ``func`` came from find_class: one of our stand-ins or a placeholder; calling either runs nothing of the file.
+    if not callable(func) or not isinstance(args, tuple):
+        raise CorruptCheckpointError("malformed tensor-subclass record")
+    return func(*args)
+
+
+def _numpy_dtype(spec: Any, *_: Any) -> np.dtype[Any]:
+    if not isinstance(spec, str) or np.dtype(spec).kind in "OV":
+        raise CorruptCheckpointError(f"unsupported numpy dtype {spec!r:.40} in pickle")
+    return np.dtype(spec)
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.kind in "OV" or not isinstance(data, bytes):
+        raise CorruptCheckpointError("unsupported numpy scalar in pickle")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def unpickle(data: bytes, make_tensor: TensorFactory) -> tuple[Any, tuple[str, ...]]:
+    """The object tree of a torch pickle and the untrusted globals it named; nothing in it is executed."""
+    unpickler = RestrictedUnpickler(data, make_tensor)
+    try:
+        root = unpickler.load()
+    except PICKLE_ERRORS as exc:
+        raise CorruptCheckpointError(f"cannot parse pickle: {type(exc).__name__}: {exc}"[:300]) from exc
+    return root, tuple(unpickler.untrusted_globals)

@@ -1,0 +1,125 @@
+"""safetensors files, single or sharded, read from the header without the safetensors or torch packages.
+
+Layout: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to its dtype, shape and
+``data_offsets`` (relative to the end of the header), then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+from bncheck.errors import CorruptCheckpointError, UnreadableFileError
+from bncheck.loaders.dtypes import ITEMSIZE, SAFETENSORS_DTYPES, bytes_to_array
+from bncheck.loaders.files import read_range
+from bncheck.loaders.interface import Checkpoint, TensorRef
+
+# A header is a few bytes per tensor; anything this large is corrupt or hostile, and parsing it would cost memory.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The parsed JSON header and the absolute offset where tensor data starts."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if size < 8:
+        raise CorruptCheckpointError("safetensors file is shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", read_range(path, 0, 8))
+    if header_len > min(size - 8, MAX_HEADER_BYTES):
+        raise CorruptCheckpointError(
+            f"safetensors header claims {header_len} bytes but the file has {size - 8} after the length field"
+        )
+    try:
+        header = json.loads(read_range(path, 8, header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError("safetensors header is not a JSON object")
+    return header, 8 + header_len
+
+
+def _tensor_ref(path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorRef:
+    if not isinstance(entry, dict):
+        raise CorruptCheckpointError(f"safetensors entry {name!r} is not an object")
+    raw_dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+    valid_offsets = (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
+    )
+    if not isinstance(raw_dtype, str) or not valid_shape or not valid_offsets:
+        raise CorruptCheckpointError(f"safetensors entry {name!r} lacks a valid dtype, shape or data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(raw_dtype, raw_dtype.lower())
+    shape_t: tuple[int, ...] = tuple(shape)  # type: ignore[arg-type]  # validated above
+    begin, end = offsets  # type: ignore[misc]
+    if not begin <= end <= data_size:
+        raise CorruptCheckpointError(
+            f"tensor {name!r} has data_offsets {offsets} outside the {data_size}-byte data section"
+        )
+    itemsize = ITEMSIZE.get(dtype)
+    if itemsize is not None and math.prod(shape_t) * itemsize != end - begin:
+        raise CorruptCheckpointError(
+            f"tensor {name!r}: shape {list(shape_t)} of {dtype} needs {math.prod(shape_t) * itemsize} bytes, "
+            f"data_offsets give {end - begin}"
+        )
+
+    def read() -> Any:
+        return bytes_to_array(read_range(path, data_start + begin, end - begin), dtype).reshape(shape_t)
+
+    return TensorRef(dtype=dtype, shape=shape_t, reader=read)
+
+
+def tensors_of(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Every tensor of one safetensors file, in header order, and its ``__metadata__``."""
+    header, data_start = read_header(path)
+    data_size = path.stat().st_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    refs = {name: _tensor_ref(path, name, entry, data_start, data_size) for name, entry in header.items()}
+    return refs, metadata if isinstance(metadata, dict) else {}
+
+
+def open_safetensors(path: Path) -> Checkpoint:
+    refs, _ = tensors_of(path)
+    return Checkpoint(format="safetensors", root=refs)
+
+
+def open_sharded(index_path: Path) -> Checkpoint:
+    """A sharded checkpoint from its ``*.index.json`` (Hugging Face layout: ``weight_map`` name -> shard file).
+
+    Shards are opened with whichever loader their bytes call for, so ``pytorch_model.bin.index.json`` works too.
+    """
+    from bncheck.loaders import open_checkpoint  # the shards may be of any format
+
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read {index_path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"shard index is not valid JSON: {exc}") from exc
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError("shard index has no 'weight_map' of tensor name -> shard file")
+    shards: dict[str, dict[str, Any]] = {}
+    formats: set[str] = set()
+    root: dict[str, Any] = {}
+    for name, shard_name in weight_map.items():
+        if shard_name not in shards:
+            shard_path = index_path.parent / shard_name
+            if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts:
+                raise CorruptCheckpointError(f"shard index names a file outside its folder: {shard_name!r}")
+            if not shard_path.is_file():
+                raise CorruptCheckpointError(f"shard {shard_name} listed in the index is missing")
+            shard = open_checkpoint(shard_path)
+            if not isinstance(shard.root, dict):
+                raise CorruptCheckpointError(f"shard {shard_name} does not hold a flat dict of tensors")
+            shards[shard_name] = shard.root
+            formats.add(shard.format)
+        if name not in shards[shard_name]:
+            raise CorruptCheckpointError(f"tensor {name!r} is not in shard {shard_name} as the index says")
+        root[name] = shards[shard_name][name]
+    kind = "/".join(sorted(formats)) or "empty"
+    return Checkpoint(format=f"sharded {kind} ({len(shards)} shards)", root=root)

@@ -1,0 +1,43 @@
+"""Legacy (pre-1.6, non-zip) ``torch.save`` files: only torch can read them, with its restricted unpickler."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+from bncheck.errors import CorruptCheckpointError, TorchRequiredError
+from bncheck.loaders.interface import Checkpoint, in_memory
+
+
+def _to_refs(obj: Any, torch: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        dtype = str(obj.dtype).removeprefix("torch.")
+        tensor = obj.detach().cpu()
+        array = tensor.float().numpy() if dtype == "bfloat16" else tensor.numpy()
+        return in_memory(array, dtype)
+    if isinstance(obj, dict):
+        return type(obj)((key, _to_refs(value, torch)) for key, value in obj.items())
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_refs(value, torch) for value in obj)
+    return obj
+
+
+def open_torch_legacy(path: Path) -> Checkpoint:
+    try:
+        import torch
+    except ImportError:
+        raise TorchRequiredError(
+            "legacy (pre-1.6) torch.save format, which only torch can read: pip install 'bncheck[torch]'"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptCheckpointError(
+            f"legacy torch.save file holds objects torch's weights-only loader refuses ({first_line[:200]}); "
+            "bncheck does not run its pickle"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CorruptCheckpointError(f"torch cannot read this legacy file: {str(exc)[:200]}") from exc
+    return Checkpoint(format="torch legacy", root=_to_refs(obj, torch))

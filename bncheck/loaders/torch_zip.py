@@ -1,0 +1,123 @@
+"""Zip checkpoints written by ``torch.save`` (PyTorch >= 1.6) and ``torch.jit.save``, read without torch.
+
+The archive holds ``<name>/data.pkl`` (the object tree, whose tensors point at storages by key), one member
+``<name>/data/<key>`` per storage (stored uncompressed, so a tensor's bytes can be read in place), and a
+``<name>/byteorder`` record. TorchScript archives add ``code/`` and ``constants.pkl``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from bncheck.errors import CorruptCheckpointError, UnreadableFileError
+from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
+from bncheck.loaders.files import read_range
+from bncheck.loaders.interface import Checkpoint, TensorRef
+from bncheck.loaders.restricted_pickle import StorageRef, unpickle
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), file name length, extra field length
+
+
+def _find_prefix(names: list[str]) -> str:
+    candidates = sorted((n for n in names if n.endswith("data.pkl") and n.count("/") <= 1), key=len)
+    if not candidates:
+        raise CorruptCheckpointError("zip archive has no data.pkl: not a torch checkpoint")
+    return candidates[0][: -len("data.pkl")]
+
+
+class _Archive:
+    def __init__(self, path: Path, archive: zipfile.ZipFile) -> None:
+        self.path = path
+        self.archive = archive
+        self.prefix = _find_prefix(archive.namelist())
+        self.big_endian = self._byteorder() == "big"
+
+    def member(self, name: str) -> zipfile.ZipInfo:
+        try:
+            return self.archive.getinfo(self.prefix + name)
+        except KeyError:
+            raise CorruptCheckpointError(f"archive member {self.prefix + name} is missing") from None
+
+    def read_member(self, name: str) -> bytes:
+        try:
+            return self.archive.read(self.member(name))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise CorruptCheckpointError(f"cannot read archive member {self.prefix + name}: {exc}") from exc
+
+    def _byteorder(self) -> str:
+        if self.prefix + "byteorder" not in self.archive.NameToInfo:
+            return "little"  # files from before the record existed were written on little-endian machines
+        order = self.read_member("byteorder").decode("ascii", "replace")
+        if order not in ("little", "big"):
+            raise CorruptCheckpointError(f"unknown byteorder record {order!r}")
+        return order
+
+    def read_bytes(self, info: zipfile.ZipInfo, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` within a member, read in place when the member is stored."""
+        if start + length > info.file_size:
+            raise CorruptCheckpointError(f"tensor reaches past the end of its storage {info.filename}")
+        if info.compress_type != zipfile.ZIP_STORED:
+            # Re-zipped with compression (torch never does this): inflate the member, then slice.
+            try:
+                with zipfile.ZipFile(self.path) as archive:
+                    return archive.read(info)[start : start + length]
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                raise CorruptCheckpointError(f"cannot read archive member {info.filename}: {exc}") from exc
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(
+            read_range(self.path, info.header_offset, _LOCAL_HEADER.size)
+        )
+        if signature != b"PK\x03\x04":
+            raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
+        data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        return read_range(self.path, data_start + start, length)
+
+    def make_tensor(
+        self, storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
+    ) -> TensorRef:
+        if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
+            raise CorruptCheckpointError(f"malformed tensor record: size {size}, stride {stride}")
+        itemsize = ITEMSIZE.get(dtype)
+        if itemsize is None:
+            raise CorruptCheckpointError(f"unknown tensor dtype {dtype}")
+        info = self.member(f"data/{storage.key}")
+        numel = math.prod(size)
+        # elements from the first to the last one the view touches, inclusive
+        span = 0 if numel == 0 else 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+        storage_bytes = storage.numel * ITEMSIZE.get(storage.dtype, 1)
+        if numel and (offset + span) * itemsize > storage_bytes:
+            raise CorruptCheckpointError(
+                f"tensor of size {size} at offset {offset} reaches past its {storage_bytes}-byte storage"
+            )
+
+        def read() -> np.ndarray:
+            flat = bytes_to_array(
+                self.read_bytes(info, offset * itemsize, span * itemsize), dtype, big_endian=self.big_endian
+            )
+            if numel == 0:
+                return flat.reshape(size)
+            view = np.lib.stride_tricks.as_strided(
+                flat, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
+            )
+            return np.array(view)
+
+        return TensorRef(dtype=dtype, shape=size, reader=read)
+
+
+def open_torch_zip(path: Path) -> Checkpoint:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise CorruptCheckpointError(f"broken zip archive: {exc}") from exc
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    with archive:
+        reader = _Archive(path, archive)
+        root, untrusted = unpickle(reader.read_member("data.pkl"), reader.make_tensor)
+        names = archive.namelist()
+    is_script = any(n.startswith(reader.prefix + "code/") for n in names)
+    return Checkpoint(format="torchscript" if is_script else "torch zip", root=root, globals=untrusted)

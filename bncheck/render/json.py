@@ -1,0 +1,98 @@
+"""The ``--json`` document (schema_version 1).
+
+Keys never depend on options or verbosity; there is no timestamp, so the same input gives the same bytes.
+Non-finite numbers are written as the strings "nan", "inf" and "-inf", and ``allow_nan=False`` makes any that slip
+through fail loudly instead of producing invalid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity, Summary
+
+SCHEMA_VERSION = 1
+
+
+def _number(value: float | None) -> float | str | None:
+    if value is None or math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _summary(summary: Summary | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    return {
+        "min": _number(summary.min),
+        "max": _number(summary.max),
+        "mean": _number(summary.mean),
+        "nonfinite": summary.nonfinite,
+    }
+
+
+def _layer(layer: LayerInfo) -> dict[str, Any]:
+    return {
+        "name": layer.name,
+        "source": layer.source,
+        "averaged": layer.averaged,
+        "kind": layer.kind,
+        "kind_inferred": layer.kind_inferred,
+        "num_features": layer.num_features,
+        "dtype": layer.dtype,
+        "num_batches_tracked": layer.num_batches_tracked,
+        "running_mean": _summary(layer.running_mean),
+        "running_var": _summary(layer.running_var),
+        "codes": list(layer.codes),
+    }
+
+
+def _finding(finding: Finding) -> dict[str, Any]:
+    return {
+        "code": finding.code,
+        "severity": finding.severity.value,
+        "layer": finding.layer,
+        "source": finding.source,
+        "tensor": finding.tensor,
+        "channels": list(finding.channels),
+        "channel_count": finding.channel_count,
+        "message": finding.message,
+        "hint": finding.hint,
+    }
+
+
+def _file(file: FileReport) -> dict[str, Any]:
+    return {
+        "path": file.path,
+        "format": file.format,
+        "size_bytes": file.size_bytes,
+        "error": None if file.error is None else {"code": file.error.code, "message": file.error.message},
+        "notes": list(file.notes),
+        "layers": [_layer(layer) for layer in file.layers],
+        "findings": [_finding(finding) for finding in file.findings],
+    }
+
+
+def report_document(report: Report) -> dict[str, Any]:
+    """The JSON document as Python data."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "bncheck", "version": report.tool_version},
+        "ok": report.ok,
+        "fail_on": report.fail_on.value,
+        "files": [_file(file) for file in report.files],
+        "summary": {
+            "files": len(report.files),
+            "unreadable": sum(1 for f in report.files if f.error is not None),
+            "layers": report.layer_count,
+            "errors": report.count(Severity.ERROR),
+            "warnings": report.count(Severity.WARNING),
+            "infos": report.count(Severity.INFO),
+        },
+    }
+
+
+def render_json(report: Report) -> str:
+    return json.dumps(report_document(report), indent=2, allow_nan=False)

@@ -1,0 +1,110 @@
+"""The results of an inspection as plain, frozen data: no I/O, no formatting, no numpy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Severity(str, Enum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        return {"info": 0, "warning": 1, "error": 2}[self.value]
+
+    def at_least(self, level: Severity) -> bool:
+        return self.rank >= level.rank
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule's verdict on one layer (or on the whole file when ``layer`` is None)."""
+
+    code: str
+    severity: Severity
+    message: str
+    hint: str
+    layer: str | None = None
+    source: str | None = None
+    tensor: str | None = None
+    channels: tuple[int, ...] = ()
+    channel_count: int = 0
+
+
+@dataclass(frozen=True)
+class Summary:
+    """min / max / mean over the finite values of a statistic; None when it has no finite value."""
+
+    min: float | None
+    max: float | None
+    mean: float | None
+    nonfinite: int = 0
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str
+    source: str
+    averaged: bool
+    kind: str
+    kind_inferred: bool
+    num_features: int | None
+    dtype: str | None
+    num_batches_tracked: int | None
+    running_mean: Summary | None
+    running_var: Summary | None
+    codes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FileError:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FileReport:
+    path: str
+    format: str | None
+    size_bytes: int | None
+    layers: tuple[LayerInfo, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    error: FileError | None = None
+    notes: tuple[str, ...] = ()
+
+    def count(self, severity: Severity) -> int:
+        return sum(1 for f in self.findings if f.severity is severity)
+
+    def fails(self, fail_on: Severity) -> bool:
+        return any(f.severity.at_least(fail_on) for f in self.findings)
+
+
+@dataclass(frozen=True)
+class Report:
+    files: tuple[FileReport, ...]
+    fail_on: Severity = Severity.ERROR
+    tool_version: str = ""
+
+    @property
+    def unreadable(self) -> bool:
+        """At least one path could not be checked."""
+        return any(f.error is not None for f in self.files)
+
+    @property
+    def failed(self) -> bool:
+        """At least one finding at or above the fail level."""
+        return any(f.fails(self.fail_on) for f in self.files)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.unreadable or self.failed)
+
+    def count(self, severity: Severity) -> int:
+        return sum(f.count(severity) for f in self.files)
+
+    @property
+    def layer_count(self) -> int:
+        return sum(len(f.layers) for f in self.files)
