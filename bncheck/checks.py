@@ -275,7 +275,7 @@ def missing_stat(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     "BN007",
     Severity.WARNING,
     "statistics were never updated (mean 0, variance 1)",
-    "the model was saved before any train-mode forward pass; recalibrate on data (ignore for Caffe conversions)",
+    "no train-mode forward pass reached this layer (saved untrained, or trained in eval()); recalibrate on data",
 )
 def never_updated(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_mean is all 0 and running_var all 1 (their initial values), and num_batches_tracked is 0 or
@@ -295,8 +295,8 @@ def never_updated(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     if mean is None or var is None or mean.size == 0 or (count not in (None, 0)):
         return
     if np.all(mean == 0) and np.all(var == 1):
-        counted = "num_batches_tracked is 0" if count == 0 else "no num_batches_tracked"
-        yield Hit(f"running_mean is all 0 and running_var all 1 with {counted}: the initial values")
+        counted = "num_batches_tracked 0" if count == 0 else "no num_batches_tracked"
+        yield Hit(f"running_mean all 0, running_var all 1 and {counted}: the values at construction")
 
 
 @rule(

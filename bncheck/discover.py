@@ -24,6 +24,7 @@ _AVERAGED = re.compile(r"(^|_)(ema|swa|averaged)(_|$)", re.IGNORECASE)
 # Nesting deeper than any real checkpoint; a guard against crafted or cyclic object trees.
 MAX_DEPTH = 64
 # Feeding layer's weight rank -> the BatchNorm that normally follows it (Linear/Conv1d, Conv2d, Conv3d).
+_NORM_WORD = re.compile(r"batch_?norm|bn|norm", re.IGNORECASE)
 _KIND_BY_FEEDER_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
 
@@ -144,22 +145,37 @@ def _containers(node: Any, path: tuple[str, ...], depth: int, seen: set[int]) ->
         yield from _containers(child, (*path, key), depth + 1, seen)
 
 
-def _infer_kind(names: list[str], first_index: int, tensors: Mapping[str, TensorRef], width: int | None) -> str | None:
-    """BatchNormNd from the nearest earlier weight of rank >= 2 (the layer that feeds it), if its width matches."""
-    for name in reversed(names[:first_index]):
-        if name.endswith("weight") and len(tensors[name].shape) >= 2:
-            shape = tensors[name].shape
-            return _KIND_BY_FEEDER_RANK.get(len(shape)) if shape[0] == width else None
+def _feeder_candidates(prefix: str) -> Iterator[str]:
+    """Where the layer that feeds a BatchNorm usually lives: the previous index of a Sequential (``features.1`` <-
+    ``features.0``), or the same name with the norm word swapped (``layer1.0.bn2`` <- ``layer1.0.conv2``)."""
+    parent, _, leaf = prefix.rpartition(".")
+    dot = f"{parent}." if parent else ""
+    if leaf.isdigit() and int(leaf) > 0:
+        yield f"{dot}{int(leaf) - 1}"
+    for word in ("conv", "fc", "linear"):
+        renamed = _NORM_WORD.sub(word, leaf, count=1)
+        if renamed != leaf:
+            yield dot + renamed
+
+
+def _infer_kind(prefix: str, tensors: Mapping[str, TensorRef], width: int | None) -> str | None:
+    """BatchNormNd from the rank of the feeding layer's weight, when that layer is found and its width matches.
+
+    File order is not used: safetensors sorts its tensors, so a neighbour in the file need not be a neighbour in
+    the model.
+    """
+    for candidate in _feeder_candidates(prefix):
+        weight = tensors.get(f"{candidate}.weight")
+        if weight is not None and len(weight.shape) >= 2:
+            return _KIND_BY_FEEDER_RANK.get(len(weight.shape)) if weight.shape[0] == width else None
     return None
 
 
 def _layers_of(container: _Container) -> Iterator[BNLayer]:
     source = ".".join(container.path)
-    names = list(container.tensors)
-    position = {name: index for index, name in enumerate(names)}
     container_averaged = any(_AVERAGED.search(part) for part in container.path) or "n_averaged" in container.tensors
     prefixes: dict[str, None] = {}  # ordered set
-    for name in names:
+    for name in container.tensors:
         prefix, _, leaf = name.rpartition(".")
         if leaf in ("running_mean", "running_var"):
             prefixes[prefix] = None
@@ -168,13 +184,12 @@ def _layers_of(container: _Container) -> Iterator[BNLayer]:
         tensors = {
             leaf: container.tensors[dot + leaf] for leaf in STAT_NAMES + AFFINE_NAMES if dot + leaf in container.tensors
         }
-        first_index = min(position[dot + leaf] for leaf in tensors)
         averaged = container_averaged or any(_AVERAGED.search(part) for part in prefix.split("."))
         if prefix in container.classes:
             kind, inferred = container.classes[prefix], False
         else:
             width = BNLayer(prefix, source, averaged, "BatchNorm", False, tensors).num_features
-            guess = _infer_kind(names, first_index, container.tensors, width)
+            guess = _infer_kind(prefix, container.tensors, width)
             kind, inferred = (guess, True) if guess else ("BatchNorm", False)
         yield BNLayer(prefix, source, averaged, kind, inferred, tensors)
 

@@ -153,6 +153,13 @@ class RestrictedUnpickler(pickle.Unpickler):
             "torch._utils._rebuild_parameter": _rebuild_parameter,
             "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
             "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+            # TorchScript archives wrap typed lists and tagged values in these; each returns its argument.
+            "torch.jit._pickle.build_intlist": _typed_list,
+            "torch.jit._pickle.build_doublelist": _typed_list,
+            "torch.jit._pickle.build_boollist": _typed_list,
+            "torch.jit._pickle.build_tensorlist": _typed_list,
+            "torch.jit._pickle.build_complexlist": _typed_list,
+            "torch.jit._pickle.restore_type_tag": _restore_type_tag,
             "numpy.dtype": _numpy_dtype,
             "numpy.core.multiarray.scalar": _numpy_scalar,
             "numpy._core.multiarray.scalar": _numpy_scalar,
@@ -217,6 +224,16 @@ def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise CorruptCheckpointError("unexpected _codecs.encode call in pickle")
     return text.encode("latin-1")
+
+
+def _typed_list(values: Any) -> list[Any]:
+    if not isinstance(values, list):
+        raise CorruptCheckpointError("malformed TorchScript list record")
+    return values
+
+
+def _restore_type_tag(value: Any, _type_name: Any) -> Any:
+    return value
 
 
 def _rebuild_parameter(data: Any, *_: Any) -> Any:

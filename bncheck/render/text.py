@@ -33,9 +33,9 @@ def _num(value: float | None) -> str:
 def _range(summary: Summary | None) -> Text:
     if summary is None:
         return Text("-", style="dim")
-    text = Text(f"{_num(summary.min)}..{_num(summary.max)}")
+    text = Text("" if summary.min is None else f"{_num(summary.min)}..{_num(summary.max)}")
     if summary.nonfinite:
-        text.append(f" +{summary.nonfinite} nonfinite", style="bold red")
+        text.append(f"{' ' if text else ''}{summary.nonfinite} nan/inf", style="bold red")
     return text
 
 
@@ -67,14 +67,14 @@ def _verdict(file: FileReport, fail_on: Severity) -> Text:
 def _layer_table(layers: list[LayerInfo], *, show_dtype: bool) -> Table:
     # Ranges are printed min..max without spaces and dtype only when it varies, to fit 80 columns.
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
-    table.add_column("layer", overflow="fold")
-    table.add_column("kind", overflow="fold")
+    table.add_column("layer", overflow="fold", min_width=min(12, max(len(layer.name) for layer in layers)))
+    table.add_column("kind", no_wrap=True)
     table.add_column("ch", justify="right", no_wrap=True)
     if show_dtype:
         table.add_column("dtype", no_wrap=True)
     table.add_column("batches", justify="right", no_wrap=True)
-    table.add_column("mean min..max", no_wrap=True)
-    table.add_column("var min..max", no_wrap=True)
+    table.add_column("mean min..max", overflow="fold")
+    table.add_column("var min..max", overflow="fold")
     for layer in layers:
         name = Text(layer.name or "(root)", style="bold" if layer.codes else "")
         row = [
@@ -95,24 +95,29 @@ def _layer_table(layers: list[LayerInfo], *, show_dtype: bool) -> Table:
 
 def _channels(finding: Finding) -> str:
     shown = ", ".join(str(c) for c in finding.channels[:CHANNELS_SHOWN])
-    more = finding.channel_count > CHANNELS_SHOWN
-    return f"channels {shown}{', ...' if more else ''} ({finding.channel_count} in all)"
+    more = ", ..." if finding.channel_count > CHANNELS_SHOWN else ""
+    return f"channels {shown}{more} ({finding.channel_count} in all)"
 
 
-def _finding(finding: Finding) -> RenderableType:
-    head = Text()
-    head.append(f"{finding.code} ", style=STYLE[finding.severity])
-    head.append(f"{finding.severity.value:<7} ", style=STYLE[finding.severity])
-    if finding.layer is not None:
-        where = f"{finding.source}: " if finding.source else ""
-        head.append(where + (finding.layer or "(root)"), style="bold")
-        head.append("  ")
-    head.append(finding.message)
-    lines: list[RenderableType] = [head]
-    if finding.channel_count:
-        lines.append(Padding(Text(_channels(finding)), (0, 0, 0, 14), expand=False))
-    lines.append(Padding(Text("fix: " + finding.hint, style="dim"), (0, 0, 0, 14), expand=False))
-    return Group(*lines)
+def _findings_table(findings: tuple[Finding, ...]) -> Table:
+    # A grid keeps wrapped messages aligned in their own column instead of flowing back to the margin.
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for finding in findings:
+        body = Text()
+        if finding.layer is not None:
+            body.append(f"{finding.source}: " if finding.source else "")
+            body.append(finding.layer or "(root)", style="bold")
+            body.append("  ")
+        body.append(finding.message)
+        if finding.channel_count:
+            body.append("\n" + _channels(finding))
+        body.append("\nfix: " + finding.hint, style="dim")
+        style = STYLE[finding.severity]
+        grid.add_row(Text(finding.code, style=style), Text(finding.severity.value, style=style), body)
+    return grid
 
 
 def _file(file: FileReport, fail_on: Severity) -> RenderableType:
@@ -139,8 +144,7 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
     if any(layer.kind_inferred for layer in file.layers):
         parts.append(Text("  * kind inferred from the layer that feeds it", style="dim"))
     if file.findings:
-        parts.append(Text())
-        parts.extend(Padding(_finding(f), (0, 0, 0, 2), expand=False) for f in file.findings)
+        parts.append(Padding(_findings_table(file.findings), (1, 0, 0, 2), expand=False))
     parts.append(Text())
     return Group(*parts)
 
