@@ -9,6 +9,7 @@ checks can say which of them could have executed code.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -141,8 +142,6 @@ class RestrictedUnpickler(pickle.Unpickler):
             "builtins.frozenset": frozenset,
             "builtins.slice": slice,
             "builtins.complex": complex,
-            "__builtin__.set": set,
-            "__builtin__.frozenset": frozenset,
             "torch.Size": tuple,
             "torch.device": _device,
             "_codecs.encode": _latin1_encode,
@@ -166,6 +165,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         }
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol 2 writes Python 2 names (__builtin__, commands); report and match them by their Python 3 names,
+        # as pickle's own find_class would resolve them.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
         if full in self._safe:
             return self._safe[full]

@@ -1,0 +1,159 @@
+"""The command-line contract: exit codes, JSON shape, text report, help, and no traceback ever."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import BAD, GOOD, run_process
+
+from bncheck import __version__
+
+NAN_FILE = BAD / "BN001-diverged-nan.pt"
+WARN_FILE = BAD / "BN008-constant-feature.pt"
+CLEAN_FILE = GOOD / "mlp-state-dict.pt"
+
+
+def test_exit_0_when_clean(cli) -> None:
+    assert cli("inspect", CLEAN_FILE).exit_code == 0
+
+
+def test_exit_1_on_errors_and_fail_on_controls_the_level(cli) -> None:
+    assert cli("inspect", NAN_FILE).exit_code == 1
+    assert cli("inspect", WARN_FILE).exit_code == 0
+    assert cli("inspect", WARN_FILE, "--fail-on", "warning").exit_code == 1
+    assert cli("inspect", WARN_FILE, "--fail-on", "WARNING").exit_code == 1
+    assert cli("inspect", BAD / "BN013-frozen-backbone.pt", "--fail-on", "warning").exit_code == 0
+    assert cli("inspect", BAD / "BN013-frozen-backbone.pt", "--fail-on", "info").exit_code == 1
+
+
+def test_exit_2_when_a_path_cannot_be_read_and_every_path_is_still_checked(cli, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pt"
+    result = cli("inspect", missing, NAN_FILE, CLEAN_FILE, "--json")
+    assert result.exit_code == 2  # 2 wins over the findings of NAN_FILE
+    files = result.json()["files"]
+    assert [f["path"] for f in files] == [str(missing), str(NAN_FILE), str(CLEAN_FILE)]
+    assert files[0]["error"] == {"code": "not-found", "message": "no such file or directory"}
+    assert files[1]["findings"] and files[2]["error"] is None
+    assert result.stderr.strip() == f"bncheck: {missing}: no such file or directory"
+
+
+def test_exit_2_for_usage_errors() -> None:
+    assert run_process("inspect").returncode == 2
+    assert run_process("inspect", CLEAN_FILE, "--fail-on", "sometimes").returncode == 2
+    assert run_process("frobnicate").returncode == 2
+
+
+def test_json_document_shape(cli) -> None:
+    document = cli("inspect", NAN_FILE, CLEAN_FILE, "--json").json()
+    assert list(document) == ["schema_version", "tool", "ok", "fail_on", "files", "summary"]
+    assert document["schema_version"] == 1
+    assert document["tool"] == {"name": "bncheck", "version": __version__}
+    assert document["ok"] is False
+    nan_file = document["files"][0]
+    assert list(nan_file) == ["path", "format", "size_bytes", "error", "notes", "layers", "findings"]
+    assert nan_file["format"] == "torch zip"
+    assert nan_file["size_bytes"] == NAN_FILE.stat().st_size
+    layer = nan_file["layers"][1]
+    assert list(layer) == [
+        "name",
+        "source",
+        "averaged",
+        "kind",
+        "kind_inferred",
+        "num_features",
+        "dtype",
+        "num_batches_tracked",
+        "running_mean",
+        "running_var",
+        "codes",
+    ]
+    assert layer["running_var"] == {"min": None, "max": None, "mean": None, "nonfinite": 16}
+    finding = nan_file["findings"][0]
+    assert list(finding) == [
+        "code",
+        "severity",
+        "layer",
+        "source",
+        "tensor",
+        "channels",
+        "channel_count",
+        "message",
+        "hint",
+    ]
+    summary = document["summary"]
+    assert summary == {"files": 2, "unreadable": 0, "layers": 4, "errors": 8, "warnings": 0, "infos": 0}
+
+
+def test_nonfinite_numbers_are_strings_in_json(cli) -> None:
+    document = cli("inspect", BAD / "BN001-fp16-overflow.safetensors", "--json").json()
+    raw = json.dumps(document)
+    assert "NaN" not in raw and "Infinity" not in raw
+    layer = next(layer for layer in document["files"][0]["layers"] if layer["name"] == "input_norm")
+    assert layer["running_var"]["nonfinite"] == 2
+    assert layer["dtype"] == "float16"
+
+
+def test_json_is_identical_between_runs(cli) -> None:
+    assert cli("inspect", BAD, "--json").stdout == cli("inspect", BAD, "--json").stdout
+
+
+def test_text_report_fits_80_columns_and_keeps_bracketed_values(tmp_path: Path) -> None:
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    result = run_process("inspect", NAN_FILE, WARN_FILE, BAD / "BN009-bf16-year-column.safetensors", env=env)
+    lines = result.stdout.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    assert "\x1b[" not in result.stdout  # no colour codes when not a terminal
+    text = result.stdout
+    assert "FAIL (8 errors)" in text
+    assert "BN001" in text and "channels 0, 1, 3, 4, 5, 6, ... (28 in all)" in text
+    assert "BN008" in text and "channels 30 (1 in all)" in text
+    assert "bfloat16" in text
+    assert "3 files, 6 layers: 8 errors, 2 warnings, 0 infos -> FAIL" in text
+
+
+def test_version_and_help() -> None:
+    assert run_process("--version").stdout.strip() == f"bncheck {__version__}"
+    help_text = run_process("inspect", "--help").stdout
+    for word in ("--json", "--fail-on", "Exit codes", "index.json"):
+        assert word in help_text
+    assert "inspect" in run_process("--help").stdout
+
+
+def test_unexpected_exception_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from bncheck import cli as cli_module
+
+    def explode(*_args, **_kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cli_module, "inspect_paths", explode)
+    monkeypatch.setattr("sys.argv", ["bncheck", "inspect", str(CLEAN_FILE)])
+    with pytest.raises(SystemExit) as info:
+        cli_module.main()
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "bncheck: internal error: RuntimeError: simulated bug\n"
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", b"PK\x03\x04broken", b"\x00" * 64])
+def test_bad_input_never_gives_a_traceback(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "input.pt"
+    path.write_bytes(content)
+    result = run_process("inspect", path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "NOT CHECKED" in result.stdout
+
+
+def test_directory_without_checkpoints_is_not_checked(cli, tmp_path: Path) -> None:
+    result = cli("inspect", tmp_path, "--json")
+    assert result.exit_code == 2
+    assert result.json()["files"][0]["error"]["code"] == "unsupported-format"
+
+
+def test_inputs_are_never_modified(cli, tmp_path: Path) -> None:
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(BAD.iterdir())}
+    cli("inspect", BAD, "--json")
+    cli("inspect", BAD)
+    assert before == {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(BAD.iterdir())}

@@ -1,0 +1,103 @@
+"""Malicious pickles: the payload never runs, BN101 names it, and the real layers are still checked."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import pickle
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+
+class Payload:
+    """Unpickling calls ``func(*args)``; each payload used here creates the marker file."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def payloads(marker: Path) -> dict[str, Payload]:
+    return {
+        "os.system": Payload(os.system, f"touch {marker}"),
+        "subprocess.call": Payload(subprocess.call, ["touch", str(marker)]),
+        "builtins.exec": Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"),
+        "builtins.eval": Payload(builtins.eval, f"open({str(marker)!r}, 'w').close()"),
+    }
+
+
+def healthy_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model(torch.randn(16, 4))
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("kind", ["os.system", "subprocess.call", "builtins.exec", "builtins.eval"])
+def test_payload_in_a_zip_checkpoint_never_runs(cli, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "hostile.pt"
+    torch.save({"state_dict": healthy_state(), "extra": payloads(tmp_path / "armed")[kind]}, path)
+    # the payload is live: torch.load(weights_only=False) runs it
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "armed").exists()
+    # the marker bncheck must never create
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": healthy_state(), "extra": payloads(marker)[kind]}, path)
+    result = cli("inspect", path, "--json")
+    assert not marker.exists()
+    (file,) = result.json()["files"]
+    (finding,) = [f for f in file["findings"] if f["code"] == "BN101"]
+    # os.system is posix.system on this platform; protocol 2's Python 2 names are reported by their Python 3 names
+    expected = {"os.system": "posix.system"}.get(kind, kind)
+    assert f"pickle names {expected};" in finding["message"]
+    assert [layer["name"] for layer in file["layers"]] == ["1"]
+    assert result.exit_code == 1
+
+
+def inst_pickle(marker: Path) -> bytes:
+    """Protocol 0 INST: ``os.system('touch marker')``."""
+    return f"(S'touch {marker}'\nios\nsystem\n.".encode()
+
+
+def obj_pickle(marker: Path) -> bytes:
+    """Protocol 2 OBJ: ``subprocess.call(['touch', marker])``."""
+    path = str(marker).encode()
+    return (
+        b"\x80\x02(csubprocess\ncall\n]q\x00(X\x05\x00\x00\x00touchX" + len(path).to_bytes(4, "little") + path + b"eo."
+    )
+
+
+@pytest.mark.parametrize("make", [inst_pickle, obj_pickle])
+def test_inst_and_obj_opcodes_are_recorded_not_run(cli, tmp_path: Path, make) -> None:
+    pickle.loads(make(tmp_path / "armed"))  # the raw pickle is live
+    assert (tmp_path / "armed").exists()
+    marker = tmp_path / "marker"
+    source = tmp_path / "healthy.pt"
+    torch.save(healthy_state(), source)
+    target = tmp_path / "hostile.pt"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, make(marker) if info.filename.endswith("data.pkl") else src.read(info))
+    result = cli("inspect", target, "--json")
+    assert not marker.exists()
+    (file,) = result.json()["files"]
+    assert file["error"] is None
+    assert any(f["code"] == "BN101" for f in file["findings"])
+    assert result.exit_code == 1
+
+
+def test_the_shipped_hostile_fixture_is_flagged_and_checked(cli) -> None:
+    from conftest import BAD
+
+    result = cli("inspect", BAD / "BN101-os-system-payload.pt", "--json")
+    (file,) = result.json()["files"]
+    assert [f["code"] for f in file["findings"]] == ["BN101"]
+    assert "posix.system" in file["findings"][0]["message"]
+    assert len(file["layers"]) == 2

@@ -1,0 +1,42 @@
+"""Inspecting safetensors and zip checkpoints must not import torch (it costs seconds and is optional)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import BAD, GOOD
+
+PROBE = """
+import sys
+from bncheck.cli import main
+sys.argv = ["bncheck", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+assert "torch" not in sys.modules, "torch was imported"
+print("exit", code)
+"""
+
+
+def run_probe(*args: str) -> str:
+    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_inspect_safetensors_zip_and_torchscript_without_torch() -> None:
+    files = [
+        GOOD / "conv1d.safetensors",
+        GOOD / "mlp-state-dict.pt",
+        GOOD / "conv1d-torchscript.pt",
+        GOOD / "conv1d-sharded",
+        GOOD / "mlp-full-module.pt",
+        BAD / "BN101-os-system-payload.pt",
+    ]
+    assert run_probe("inspect", "--json", *map(str, files)) == "exit 1"
+
+
+def test_version_without_torch() -> None:
+    assert run_probe("--version") == "exit 0"

@@ -1,0 +1,48 @@
+"""The README tells the truth: its commands, its rules table and its sample report match the code."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+
+from conftest import ROOT, run_process
+
+from bncheck.checks import RULES
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def sh_blocks() -> list[str]:
+    return re.findall(r"```sh\n(.*?)\n```", README, flags=re.DOTALL)
+
+
+def test_first_screen_has_the_two_commands_and_ci_runs_the_test_command() -> None:
+    try_it, test_command = sh_blocks()[:2]
+    assert try_it.startswith("pip install . && bncheck inspect fixtures/")
+    assert test_command.startswith("pip install torch==2.13.0 ") and "'.[test]'" in test_command
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_command in ci_lines
+    assert README.index(test_command) < 1800  # on the first screen
+
+
+def test_the_try_it_command_exits_0_on_the_shipped_fixtures() -> None:
+    try_it = sh_blocks()[0]
+    args = shlex.split(try_it.split("&& bncheck ", 1)[1])
+    result = run_process(*args)
+    assert result.returncode == 0, result.stdout
+    assert "BN008" in result.stdout
+
+
+def test_rules_table_matches_the_registry() -> None:
+    rows = re.findall(r"^\| (BN\d{3}) \| (\w+) \| (.+) \|$", README, flags=re.MULTILINE)
+    assert rows == [(r.code, r.severity.value, r.summary) for r in RULES.values()]
+
+
+def test_sample_report_is_the_real_output() -> None:
+    command = re.search(r"real output of\n`bncheck (inspect [^`]+)`", README).group(1)
+    shown = re.search(r"```text\n(.*?)\n```", README, flags=re.DOTALL).group(1)
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    result = run_process(*shlex.split(command), env=env)
+    actual = "\n".join(line.rstrip() for line in result.stdout.strip().splitlines())
+    assert actual == shown
