@@ -24,7 +24,7 @@ _AVERAGED = re.compile(r"(^|_)(ema|swa|averaged)(_|$)", re.IGNORECASE)
 # Nesting deeper than any real checkpoint; a guard against crafted or cyclic object trees.
 MAX_DEPTH = 64
 # Feeding layer's weight rank -> the BatchNorm that normally follows it (Linear/Conv1d, Conv2d, Conv3d).
-_NORM_WORD = re.compile(r"batch_?norm|bn|norm", re.IGNORECASE)
+_NORM_WORD = re.compile(r"batch_?norm|normalization|norm|bn", re.IGNORECASE)
 _KIND_BY_FEEDER_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
 
@@ -147,12 +147,13 @@ def _containers(node: Any, path: tuple[str, ...], depth: int, seen: set[int]) ->
 
 def _feeder_candidates(prefix: str) -> Iterator[str]:
     """Where the layer that feeds a BatchNorm usually lives: the previous index of a Sequential (``features.1`` <-
-    ``features.0``), or the same name with the norm word swapped (``layer1.0.bn2`` <- ``layer1.0.conv2``)."""
+    ``features.0``), or the same name with the norm word swapped (``layer1.0.bn2`` <- ``layer1.0.conv2``,
+    ``normalization`` <- ``convolution``)."""
     parent, _, leaf = prefix.rpartition(".")
     dot = f"{parent}." if parent else ""
     if leaf.isdigit() and int(leaf) > 0:
         yield f"{dot}{int(leaf) - 1}"
-    for word in ("conv", "fc", "linear"):
+    for word in ("conv", "convolution", "fc", "linear", "dense"):
         renamed = _NORM_WORD.sub(word, leaf, count=1)
         if renamed != leaf:
             yield dot + renamed

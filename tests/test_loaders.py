@@ -116,7 +116,7 @@ def test_sharded_safetensors_is_the_union_of_its_shards() -> None:
         theirs.update(load_file(shard))
     for given in (folder, folder / "model.safetensors.index.json"):
         checkpoint = open_checkpoint(given)
-        assert checkpoint.format == "sharded safetensors (2 shards)"
+        assert checkpoint.format == "safetensors, 2 shards"
         assert set(checkpoint.root) == set(theirs)
         for name, tensor in theirs.items():
             assert_same_tensor(checkpoint.root[name], tensor, name)

@@ -122,4 +122,4 @@ def open_sharded(index_path: Path) -> Checkpoint:
             raise CorruptCheckpointError(f"tensor {name!r} is not in shard {shard_name} as the index says")
         root[name] = shards[shard_name][name]
     kind = "/".join(sorted(formats)) or "empty"
-    return Checkpoint(format=f"sharded {kind} ({len(shards)} shards)", root=root)
+    return Checkpoint(format=f"{kind}, {len(shards)} shards", root=root)

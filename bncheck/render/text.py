@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import math
 
-from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
@@ -30,13 +29,16 @@ def _num(value: float | None) -> str:
     return f"{value:.3g}"
 
 
-def _range(summary: Summary | None) -> Text:
+def _range(summary: Summary | None) -> list[Text]:
+    """A statistic's finite range and its count of non-finite values, as separate pieces for narrow layouts."""
     if summary is None:
-        return Text("-", style="dim")
-    text = Text("" if summary.min is None else f"{_num(summary.min)}..{_num(summary.max)}")
+        return [Text("-", style="dim")]
+    pieces = []
+    if summary.min is not None:
+        pieces.append(Text(f"{_num(summary.min)}..{_num(summary.max)}"))
     if summary.nonfinite:
-        text.append(f"{' ' if text else ''}{summary.nonfinite} nan/inf", style="bold red")
-    return text
+        pieces.append(Text(f"{summary.nonfinite} nan/inf", style="bold red"))
+    return pieces
 
 
 def _size(size: int | None) -> str:
@@ -64,33 +66,91 @@ def _verdict(file: FileReport, fail_on: Severity) -> Text:
     return Text(f"PASS{detail}", style="bold green")
 
 
-def _layer_table(layers: list[LayerInfo], *, show_dtype: bool) -> Table:
-    # Ranges are printed min..max without spaces and dtype only when it varies, to fit 80 columns.
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
-    table.add_column("layer", overflow="fold", min_width=min(12, max(len(layer.name) for layer in layers)))
-    table.add_column("kind", no_wrap=True)
-    table.add_column("ch", justify="right", no_wrap=True)
-    if show_dtype:
-        table.add_column("dtype", no_wrap=True)
-    table.add_column("batches", justify="right", no_wrap=True)
-    table.add_column("mean min..max", overflow="fold")
-    table.add_column("var min..max", overflow="fold")
-    for layer in layers:
-        name = Text(layer.name or "(root)", style="bold" if layer.codes else "")
-        row = [
-            name,
-            Text(layer.kind + ("*" if layer.kind_inferred else "")),
-            Text("-" if layer.num_features is None else str(layer.num_features)),
-        ]
+class LayerTable:
+    """The per-layer table, laid out for the width it is given.
+
+    A rich Table would fold a long dotted name (``resnet.encoder.stages.0.layers.0.shortcut.normalization``) into
+    an unreadable column; here a name that does not fit goes on its own line with its numbers on the next, and when
+    even the numbers are too wide the pieces of a cell (a range, a count of NaN) are stacked.
+    """
+
+    MIN_NAME = 12
+
+    def __init__(self, layers: list[LayerInfo], *, show_dtype: bool) -> None:
+        self.names = [Text(layer.name or "(root)", style="bold" if layer.codes else "") for layer in layers]
+        # (header, right-aligned) per column after the name; each cell is a list of pieces
+        self.columns: list[tuple[str, bool]] = [("kind", False), ("ch", True)]
         if show_dtype:
-            row.append(Text(layer.dtype or "-"))
-        row += [
-            Text("-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked)),
-            _range(layer.running_mean),
-            _range(layer.running_var),
-        ]
-        table.add_row(*row)
-    return table
+            self.columns.append(("dtype", False))
+        self.columns += [("batches", True), ("mean min..max", False), ("var min..max", False)]
+        self.rows: list[list[list[Text]]] = []
+        for layer in layers:
+            row = [
+                [Text(layer.kind + ("*" if layer.kind_inferred else ""))],
+                [Text("-" if layer.num_features is None else str(layer.num_features))],
+            ]
+            if show_dtype:
+                row.append([Text(layer.dtype or "-")])
+            row += [
+                [Text("-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked))],
+                _range(layer.running_mean),
+                _range(layer.running_var),
+            ]
+            self.rows.append(row)
+
+    @staticmethod
+    def _joined(pieces: list[Text]) -> Text:
+        return Text(" ").join(pieces)
+
+    def _widths(self, stacked: bool) -> list[int]:
+        def width(pieces: list[Text]) -> int:
+            return max(p.cell_len for p in pieces) if stacked else self._joined(pieces).cell_len
+
+        return [max(len(header), *(width(row[i]) for row in self.rows)) for i, (header, _) in enumerate(self.columns)]
+
+    def _line(self, name: Text, name_width: int, cells: list[Text], widths: list[int], gap: int) -> Text:
+        line = Text()
+        line.append_text(name)
+        line.append(" " * (name_width - name.cell_len))
+        for (_, right), cell, width in zip(self.columns, cells, widths, strict=True):
+            line.append(" " * gap)
+            pad = " " * (width - cell.cell_len)
+            if right:
+                line.append(pad)
+            line.append_text(cell)
+            if not right:
+                line.append(pad)
+        line.rstrip()
+        return line
+
+    def _layout(self, max_width: int) -> tuple[list[int], int, bool]:
+        """Column widths, gap and whether cells are stacked: the roomiest layout that fits ``max_width``."""
+        name_room = min(self.MIN_NAME, max(name.cell_len for name in self.names))
+        for stacked, gap in ((False, 3), (True, 3), (False, 2), (True, 2)):
+            widths = self._widths(stacked)
+            if sum(widths) + gap * len(widths) + name_room <= max_width:
+                break
+        return widths, gap, stacked
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        widths, gap, stacked = self._layout(options.max_width)
+        fixed = sum(widths) + gap * len(widths)
+        longest = max(name.cell_len for name in self.names)
+        name_width = max(min(longest, options.max_width - fixed), len("layer"))
+        headers = [Text(header, style="bold") for header, _ in self.columns]
+        yield self._line(Text("layer", style="bold"), name_width, headers, widths, gap)
+        yield Text("─" * min(name_width + fixed, options.max_width), style="dim")
+        for name, row in zip(self.names, self.rows, strict=True):
+            if name.cell_len > name_width:
+                yield name
+                name = Text()
+            depth = max(len(cell) for cell in row) if stacked else 1
+            for level in range(depth):
+                if stacked:
+                    cells = [cell[level] if level < len(cell) else Text() for cell in row]
+                else:
+                    cells = [self._joined(cell) for cell in row]
+                yield self._line(name if level == 0 else Text(), name_width, cells, widths, gap)
 
 
 def _channels(finding: Finding) -> str:
@@ -122,17 +182,17 @@ def _findings_table(findings: tuple[Finding, ...]) -> Table:
 
 def _file(file: FileReport, fail_on: Severity) -> RenderableType:
     parts: list[RenderableType] = [Text(file.path, style="bold")]
-    meta = Text("  ")
+    meta = Text()
     if file.error is not None:
         meta.append_text(_verdict(file, fail_on))
         meta.append(f"  {file.error.message}")
-        return Group(*parts, meta, Text())
+        return Group(*parts, Padding(meta, (0, 0, 0, 2), expand=False), Text())
     dtypes = {layer.dtype for layer in file.layers}
     common_dtype = f"{dtypes.pop()} · " if len(dtypes) == 1 else ""
     meta.append(f"{file.format} · {_size(file.size_bytes)} · {_plural(len(file.layers), 'BatchNorm layer')} · ")
     meta.append(common_dtype)
     meta.append_text(_verdict(file, fail_on))
-    parts.append(meta)
+    parts.append(Padding(meta, (0, 0, 0, 2), expand=False))
     parts.extend(Padding(Text(f"note: {note}", style="dim"), (0, 0, 0, 2), expand=False) for note in file.notes)
     sources = list(dict.fromkeys(layer.source for layer in file.layers))
     for source in sources:
@@ -140,7 +200,7 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
         if len(sources) > 1 or source:
             averaged = " (averaged weights)" if layers[0].averaged else ""
             parts.append(Text(f"  in {source or '(root)'}{averaged}", style="bold"))
-        parts.append(Padding(_layer_table(layers, show_dtype=not common_dtype), (1, 0, 0, 2), expand=False))
+        parts.append(Padding(LayerTable(layers, show_dtype=not common_dtype), (1, 0, 0, 2), expand=False))
     if any(layer.kind_inferred for layer in file.layers):
         parts.append(Text("  * kind inferred from the layer that feeds it", style="dim"))
     if file.findings:
