@@ -60,6 +60,7 @@ def inspect_command(
             help="Checkpoint files (.pt .pth .bin .ckpt .safetensors, any name: the format is read from the bytes), "
             "shard indexes (*.index.json), or directories to search recursively.",
             show_default=False,
+            metavar="PATH",
         ),
     ],
     json_output: Annotated[
@@ -77,8 +78,9 @@ def inspect_command(
 ) -> None:
     """Check every BatchNorm layer's running_mean, running_var and num_batches_tracked.
 
-    Reads only the BatchNorm tensors, never imports torch for zip or safetensors files, and never runs code from a
-    pickle. Exit codes: 0 clean, 1 findings at or above --fail-on, 2 a path could not be checked.
+    Reads only the BatchNorm tensors, never imports torch for zip or safetensors files, never runs pickle code.
+
+    Exit codes: 0 clean, 1 findings at or above --fail-on, 2 a path could not be checked (2 wins).
 
     Examples:
 

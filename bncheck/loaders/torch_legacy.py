@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,10 @@ def open_torch_legacy(path: Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        named = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"the global {named.group(1)}" if named else "objects"
         raise CorruptCheckpointError(
-            f"legacy torch.save file holds objects torch's weights-only loader refuses ({first_line[:200]}); "
+            f"legacy torch.save file holds {what}, which torch's weights-only loader refuses; "
             "bncheck does not run its pickle"
         ) from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
