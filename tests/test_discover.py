@@ -147,3 +147,28 @@ def test_cyclic_and_deep_trees_terminate(tmp_path: Path) -> None:
     path = tmp_path / "odd.pt"
     torch.save({"cycle": cyclic, "deep": deep, "model": bn.state_dict()}, path)
     assert [(s, n) for s, n, *_ in layers_in(path)] == [("model", "")]
+
+
+def test_sync_batchnorm_class_is_reported(tmp_path: Path) -> None:
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv1d(2, 4, 1), nn.BatchNorm1d(4)))
+    path = tmp_path / "sync.pt"
+    torch.save(model, path)
+    assert [(n, k) for _, n, _, k, _ in layers_in(path)] == [("1", "SyncBatchNorm")]
+
+
+def test_gpu_saved_storages_are_read_without_a_gpu(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.pt"
+    torch.save(nn.BatchNorm1d(3).state_dict(), path)
+    target = tmp_path / "as-if-cuda.pt"
+    import zipfile
+
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                # the location string is only a tag for torch's map_location; bncheck never needs the device
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            dst.writestr(info.filename, data)
+    assert b"cuda:0" in zipfile.ZipFile(target).read("cpu/data.pkl")
+    (layer,) = find_bn_layers(open_checkpoint(target).root)
+    assert layer.tensors["running_var"].read().tolist() == [1.0, 1.0, 1.0]
