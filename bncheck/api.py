@@ -2,19 +2,60 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bncheck.checks import LayerData, Thresholds, is_dangerous_global, read_layer, run_checks
-from bncheck.discover import find_bn_layers
+from bncheck.checks import LayerData, LayerDrift, Thresholds, is_dangerous_global, read_layer, run_checks
+from bncheck.discover import find_bn_layers, find_state_dicts
+from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, UnsupportedFormatError
 from bncheck.loaders import INDEX_SUFFIX, find_checkpoints, open_checkpoint, shards_named_by
-from bncheck.report import FileError, FileReport, Finding, LayerInfo, Report, Severity, Summary
+from bncheck.recompute import Estimator, Mode
+from bncheck.report import (
+    FileError,
+    FileReport,
+    Finding,
+    LayerDriftInfo,
+    LayerInfo,
+    RecomputeInfo,
+    Report,
+    Severity,
+    Summary,
+)
 
 PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class RecomputeRequest:
+    """What to run to recompute the statistics: a model spec, a data spec and how to batch them."""
+
+    model: str
+    data: str
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    max_samples: int | None = None
+    mode: Mode = "train"
+    estimator: Estimator = "exact"
+    device: str = "cpu"
+    source: str | None = None
+    silence_layers: tuple[str, ...] = ()  # fnmatch patterns of layer names whose BN012 is silenced
+
+
+@dataclass
+class _Workload:
+    """The model and batches of a RecomputeRequest, built once and shared by every checkpoint."""
+
+    request: RecomputeRequest
+    model: Any
+    batches: list[Any]
+    progress: Callable[[int], None] | None = None
 
 
 def inspect(
@@ -22,13 +63,18 @@ def inspect(
     *,
     fail_on: Severity | str = Severity.ERROR,
     thresholds: Thresholds | None = None,
+    recompute: RecomputeRequest | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Report:
     """Inspect checkpoints (files, shard indexes, directories searched recursively) and return the report.
 
-    Never raises for a bad file: an unreadable checkpoint is a FileReport whose ``error`` says why.
+    Never raises for a bad file: an unreadable checkpoint is a FileReport whose ``error`` says why. With
+    ``recompute``, the model is run over the sample data for every checkpoint (BN012); a model or data spec that
+    cannot be loaded raises ModelError / DataError, since no file could be checked with it.
     """
     from bncheck import __version__
 
+    workload = _workload(recompute, progress) if recompute is not None else None
     path_list = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     files: list[FileReport] = []
     for path in path_list:
@@ -36,20 +82,33 @@ def inspect(
         if not units:
             error = UnsupportedFormatError("directory holds no checkpoint files")
             files.append(FileReport(path=str(path), format=None, size_bytes=None, error=_error(error)))
-        files.extend(inspect_file(unit, thresholds=thresholds) for unit in units)
+        files.extend(_inspect_unit(unit, thresholds or Thresholds(), workload) for unit in units)
     return Report(files=tuple(files), fail_on=Severity(fail_on), tool_version=__version__)
 
 
 def inspect_file(path: PathLike, *, thresholds: Thresholds | None = None) -> FileReport:
-    """Inspect one checkpoint (a file or a shard index)."""
-    path = Path(path)
+    """Inspect one checkpoint (a file or a shard index) without recomputation."""
+    return _inspect_unit(Path(path), thresholds or Thresholds(), None)
+
+
+def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None) -> _Workload:
+    from bncheck.model_data import load_batches, load_model
+
+    batches = load_batches(request.data, batch_size=request.batch_size, max_samples=request.max_samples)
+    model = load_model(request.model, kwargs=request.model_kwargs)
+    return _Workload(request, model.to(request.device), batches, progress)
+
+
+def _inspect_unit(path: Path, thresholds: Thresholds, workload: _Workload | None) -> FileReport:
     size = _size(path)
     try:
         checkpoint = open_checkpoint(path)
         layers = [read_layer(layer) for layer in find_bn_layers(checkpoint.root)]
+        recomputed = _recompute(checkpoint.root, layers, workload, thresholds) if workload else None
     except BncheckError as exc:
         return FileReport(path=str(path), format=None, size_bytes=size, error=_error(exc))
-    findings = run_checks(layers, checkpoint.globals, thresholds=thresholds)
+    drifts, info = recomputed if recomputed else ((), None)
+    findings = run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=thresholds)
     return FileReport(
         path=str(path),
         format=checkpoint.format,
@@ -57,7 +116,72 @@ def inspect_file(path: PathLike, *, thresholds: Thresholds | None = None) -> Fil
         layers=tuple(_layer_info(data, findings) for data in layers),
         findings=tuple(findings),
         notes=checkpoint.notes + _object_notes(checkpoint.globals) + (() if layers else ("no BatchNorm layers",)),
+        recompute=info,
     )
+
+
+def _recompute(
+    root: Any, layers: Sequence[LayerData], workload: _Workload, thresholds: Thresholds
+) -> tuple[list[LayerDrift], RecomputeInfo]:
+    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift."""
+    from bncheck.model_data import load_state_into
+    from bncheck.recompute import VARIANCE_CONVENTIONS, recompute_statistics
+
+    request = workload.request
+    state, prefix = load_state_into(workload.model, find_state_dicts(root), source=request.source)
+    result = recompute_statistics(
+        workload.model, workload.batches, mode=request.mode, device=request.device, on_batch=workload.progress
+    )
+    by_name = {(data.layer.source, data.layer.name): data for data in layers}
+    drifts: list[LayerDrift] = []
+    rows: list[LayerDriftInfo] = []
+    for module, stats in result.layers.items():
+        data = by_name.get((state.source, prefix + module))
+        stored_mean, stored_var = (data.floats("running_mean"), data.floats("running_var")) if data else (None, None)
+        if data is None or stored_mean is None or stored_var is None or stored_mean.shape != stats.mean_pooled.shape:
+            continue  # missing or malformed statistics are reported by the static rules
+        new_mean, new_var = stats.for_estimator(request.estimator)
+        other_var = stats.var_batch_average if request.estimator == "exact" else stats.var_pooled
+        drift = measure_drift(
+            stored_mean,
+            stored_var,
+            new_mean,
+            new_var,
+            samples=stats.samples,
+            eps=thresholds.drift.eps,
+            other_var=other_var,
+        )
+        silenced = any(fnmatch.fnmatchcase(data.layer.name, pattern) for pattern in request.silence_layers)
+        drifts.append(LayerDrift(data.layer, module, drift, silenced))
+        rows.append(
+            LayerDriftInfo(
+                name=data.layer.name,
+                source=data.layer.source,
+                module=module,
+                samples=stats.samples,
+                mean_shift_median=drift.mean_shift_median,
+                mean_shift_worst=drift.mean_shift_worst,
+                log_var_ratio_median=drift.log_var_ratio_median,
+                log_var_ratio_worst=drift.log_var_ratio_worst,
+                stale=bool(drift.reasons(thresholds.drift)),
+                silenced=silenced,
+            )
+        )
+    info = RecomputeInfo(
+        model=request.model,
+        data=request.data,
+        mode=request.mode,
+        estimator=request.estimator,
+        variance_convention=VARIANCE_CONVENTIONS[request.estimator],
+        source=state.source,
+        prefix=prefix,
+        samples=result.samples,
+        batches=result.batches_used,
+        batches_skipped=result.batches_skipped,
+        too_few_samples=any(d.drift.too_few_samples(thresholds.drift) for d in drifts),
+        layers=tuple(rows),
+    )
+    return drifts, info
 
 
 def _error(exc: BncheckError) -> FileError:
@@ -108,3 +232,64 @@ def _layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
         running_var=_summary(data.floats("running_var")),
         codes=tuple(codes),
     )
+
+
+def recalibrate(
+    checkpoint: PathLike,
+    output: PathLike,
+    request: RecomputeRequest,
+    *,
+    force: bool = False,
+    thresholds: Thresholds | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> FileReport:
+    """Write ``output``: ``checkpoint`` with the running statistics recomputed in train mode on the sample data.
+
+    Only the BatchNorm buffers of the state dict that fits the model change (``num_batches_tracked`` becomes the
+    number of batches used); every other byte is kept. The copy is inspected before it is renamed into place.
+    Returns the report of the written file; raises BncheckError when nothing could be written.
+    """
+    from bncheck.model_data import load_state_into
+    from bncheck.recalibrate import WriteError, patch_copy
+    from bncheck.recompute import recompute_statistics
+
+    source, target = Path(checkpoint), Path(output)
+    if request.mode != "train":
+        raise WriteError("recalibration writes train-mode statistics; --mode eval only measures")
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise WriteError("refusing to overwrite the input checkpoint; choose another output path")
+    if target.exists() and not force:
+        raise WriteError(f"{target} exists; pass --force to replace it")
+    if source.is_dir() or source.name.endswith(INDEX_SUFFIX):
+        raise WriteError("recalibrate writes single-file checkpoints; sharded checkpoints are not supported yet")
+    t = thresholds or Thresholds()
+    workload = _workload(request, progress)
+    root = open_checkpoint(source).root
+    state, prefix = load_state_into(workload.model, find_state_dicts(root), source=request.source)
+    result = recompute_statistics(
+        workload.model, workload.batches, mode="train", device=request.device, on_batch=progress
+    )
+    layers = {layer.name: layer for layer in find_bn_layers(root) if layer.source == state.source}
+    patches = {}
+    for module, stats in result.layers.items():
+        layer = layers.get(prefix + module)
+        if layer is None:
+            continue
+        mean, var = stats.for_estimator(request.estimator)
+        new_values = {"running_mean": mean, "running_var": var, "num_batches_tracked": np.array(result.batches_used)}
+        for name, values in new_values.items():
+            if name in layer.tensors:
+                patches[layer.tensors[name]] = values
+    if not patches:
+        raise WriteError("the model ran no BatchNorm layer that the checkpoint stores; nothing to recalibrate")
+
+    def verify(written: Path) -> None:
+        report = _inspect_unit(written, t, None)
+        if report.error is not None:
+            raise WriteError(f"the recalibrated copy cannot be read back: {report.error.message}")
+        errors = [f for f in report.findings if f.severity is Severity.ERROR and f.code != "BN101"]
+        if errors:
+            raise WriteError(f"the recalibrated copy fails inspection: {errors[0].code} {errors[0].message}")
+
+    patch_copy(source, target, patches, verify=verify)
+    return _inspect_unit(target, t, None)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from bncheck.discover import BNLayer
+from bncheck.drift import Drift, DriftThresholds
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.report import Finding, Severity
 
@@ -35,6 +36,8 @@ class Thresholds:
     count_spread_ratio: float = 2.0
     # Offending channels listed per finding (the count is always exact).
     max_channels_listed: int = 64
+    # BN012: drift between stored and recomputed statistics that counts as stale (beyond sampling noise too).
+    drift: DriftThresholds = field(default_factory=DriftThresholds)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,16 @@ class Hit:
     channels: Sequence[int] = ()
 
 
+@dataclass(frozen=True)
+class LayerDrift:
+    """A checkpoint layer's stored statistics compared with statistics recomputed on sample data."""
+
+    layer: BNLayer
+    module: str
+    drift: Drift
+    silenced: bool = False
+
+
 LayerRule = Callable[[LayerData, Thresholds], Iterable[Hit]]
 ModelRule = Callable[[Sequence[LayerData], Thresholds], Iterable[tuple[LayerData, Hit]]]
 FileRule = Callable[[Sequence[str], Thresholds], Iterable[Hit]]
@@ -86,7 +99,7 @@ class Rule:
     severity: Severity
     summary: str
     hint: str
-    scope: Literal["layer", "model", "file"]
+    scope: Literal["layer", "model", "file", "recompute"]
     check: Callable[..., Iterable[Any]] = field(repr=False)
 
     @property
@@ -98,7 +111,11 @@ RULES: dict[str, Rule] = {}
 
 
 def rule(
-    code: str, severity: Severity, summary: str, hint: str, scope: Literal["layer", "model", "file"] = "layer"
+    code: str,
+    severity: Severity,
+    summary: str,
+    hint: str,
+    scope: Literal["layer", "model", "file", "recompute"] = "layer",
 ) -> Callable[[Callable[..., Iterable[Any]]], Callable[..., Iterable[Any]]]:
     def register(check: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
         assert code not in RULES, f"rule code {code} registered twice"
@@ -423,6 +440,38 @@ def nonfinite_affine(data: LayerData, t: Thresholds) -> Iterator[Hit]:
 
 
 @rule(
+    "BN012",
+    Severity.ERROR,
+    "stored statistics disagree with statistics recomputed on sample data",
+    "recalibrate if the weights were trained or edited under batch statistics; if BatchNorm was frozen on purpose "
+    "during fine-tuning, the weights fit the stored statistics: silence the layer instead",
+    scope="recompute",
+)
+def stale_statistics(drifts: Sequence[LayerDrift], t: Thresholds) -> Iterator[tuple[LayerDrift, Hit]]:
+    """What: running the model (given with --model) over sample data (--data) gives BatchNorm input statistics far
+    from the stored ones: the standardised mean shift |mean_stored - mean_new| / sqrt(var_new + eps) or the
+    |log variance ratio| exceeds a practical limit (median or worst channel) and also exceeds what the number of
+    samples can explain by chance.
+
+    Why: the stored statistics do not describe this data under these weights, so eval() outputs differ from what
+    the network computed in training. Causes: a fine-tune run with track_running_stats flipped off (the layers
+    normalised with batch statistics and never updated the stored ones), weights averaged (SWA, model soups) or
+    pruned after the statistics were collected, EMA weights saved with the raw model's statistics, or data that
+    really differ from the training data. Drift does not say who is wrong: a model fine-tuned with BatchNorm
+    deliberately frozen in eval() shows drift too, but its weights adapted to the frozen statistics and
+    recalibrating it makes it worse.
+
+    Fix: for weights trained or edited under batch statistics, write recalibrated statistics with
+    bncheck recalibrate (or torch.optim.swa_utils.update_bn) on representative data. For a deliberate frozen-BN
+    fine-tune, silence the layer (--skip-layer) or the file.
+    """
+    for item in drifts:
+        reasons = item.drift.reasons(t.drift)
+        if reasons and not item.silenced:
+            yield item, Hit(f"stale for this data ({item.drift.samples} samples): " + "; ".join(reasons))
+
+
+@rule(
     "BN013",
     Severity.INFO,
     "layers of one model were updated very different numbers of times",
@@ -620,12 +669,18 @@ def _finding(rule_: Rule, hit: Hit, t: Thresholds, layer: BNLayer | None = None)
 
 
 def run_checks(
-    layers: Sequence[LayerData], globals_named: Sequence[str] = (), *, thresholds: Thresholds | None = None
+    layers: Sequence[LayerData],
+    globals_named: Sequence[str] = (),
+    *,
+    drifts: Sequence[LayerDrift] = (),
+    thresholds: Thresholds | None = None,
 ) -> list[Finding]:
-    """Every finding of every rule: file rules first, then per layer in file order (layer and model rules)."""
+    """Every finding of every rule: file rules first, then per layer in file order (layer, model and recompute
+    rules)."""
     t = thresholds or Thresholds()
     findings = [_finding(r, hit, t) for r in RULES.values() if r.scope == "file" for hit in r.check(globals_named, t)]
     per_layer: dict[int, list[Finding]] = {id(data): [] for data in layers}
+    by_layer = {id(data.layer): data for data in layers}
     for r in RULES.values():
         if r.scope == "layer":
             for data in layers:
@@ -633,6 +688,9 @@ def run_checks(
         elif r.scope == "model":
             for data, hit in r.check(layers, t):
                 per_layer[id(data)].append(_finding(r, hit, t, data.layer))
+        elif r.scope == "recompute":
+            for item, hit in r.check(drifts, t):
+                per_layer[id(by_layer[id(item.layer)])].append(_finding(r, hit, t, item.layer))
     for data in layers:
         findings.extend(sorted(per_layer[id(data)], key=lambda f: f.code))
     return findings

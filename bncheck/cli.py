@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from bncheck import __version__
+from bncheck.api import RecomputeRequest
 from bncheck.api import inspect as inspect_paths
+from bncheck.api import recalibrate as recalibrate_path
+from bncheck.errors import BncheckError
 from bncheck.render import render_json, render_text
 from bncheck.report import Report, Severity
 
@@ -52,6 +59,121 @@ def exit_code(report: Report) -> int:
     return EXIT_FINDINGS if report.failed else EXIT_OK
 
 
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Model to recompute statistics with: package.module:factory, path/to/file.py:factory, or a "
+        "TorchScript archive. Needs --data and torch.",
+        rich_help_panel="Recompute statistics on sample data (BN012)",
+    ),
+]
+DataOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Sample inputs: a .safetensors/.pt/.npy/.npz tensor file (first dimension = samples; several named "
+        "tensors become keyword arguments) or module:callable / file.py:callable returning batches.",
+        rich_help_panel="Recompute statistics on sample data (BN012)",
+    ),
+]
+_PANEL = "Recompute statistics on sample data (BN012)"
+ModelKwargsOption = Annotated[
+    str | None,
+    typer.Option("--model-kwargs", help="JSON object of keyword arguments for the factory.", rich_help_panel=_PANEL),
+]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Samples per batch.", rich_help_panel=_PANEL)]
+MaxSamplesOption = Annotated[
+    int | None, typer.Option("--max-samples", min=1, help="Use at most this many samples.", rich_help_panel=_PANEL)
+]
+
+
+class EstimatorChoice(str, Enum):
+    EXACT = "exact"
+    PYTORCH = "pytorch"
+
+
+class ModeChoice(str, Enum):
+    TRAIN = "train"
+    EVAL = "eval"
+
+
+EstimatorOption = Annotated[
+    EstimatorChoice,
+    typer.Option(
+        "--estimator",
+        help="exact: variance pooled over all samples (independent of batching); pytorch: mean of per-batch "
+        "unbiased variances, as update_bn.",
+        rich_help_panel=_PANEL,
+    ),
+]
+DeviceOption = Annotated[str, typer.Option("--device", help="cpu or cuda.", rich_help_panel=_PANEL)]
+SourceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--source",
+        help="Entry of the checkpoint to load into the model (e.g. state_dict_ema); default: the one that fits.",
+        rich_help_panel=_PANEL,
+    ),
+]
+
+
+def _request(
+    model: str | None,
+    data: str | None,
+    model_kwargs: str | None,
+    batch_size: int,
+    max_samples: int | None,
+    mode: ModeChoice,
+    estimator: EstimatorChoice,
+    device: str,
+    source: str | None,
+    skip_layer: list[str] | None,
+) -> RecomputeRequest | None:
+    if model is None and data is None:
+        return None
+    if model is None or data is None:
+        raise typer.BadParameter("--model and --data go together")
+    from bncheck.model_data import parse_kwargs
+
+    return RecomputeRequest(
+        model=model,
+        data=data,
+        model_kwargs=parse_kwargs(model_kwargs),
+        batch_size=batch_size,
+        max_samples=max_samples,
+        mode="eval" if mode is ModeChoice.EVAL else "train",
+        estimator="pytorch" if estimator is EstimatorChoice.PYTORCH else "exact",
+        device=device,
+        source=source,
+        silence_layers=tuple(skip_layer or ()),
+    )
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    """A samples counter on stderr while the model runs, only when a person is watching."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("running the model: {task.completed} samples"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("recompute", total=None)
+        yield lambda samples: bar.advance(task, samples)
+
+
+def _fail(message: str) -> typer.Exit:
+    sys.stderr.write(f"bncheck: error: {message}\n")
+    return typer.Exit(EXIT_NOT_CHECKED)
+
+
 @app.command("inspect")
 def inspect_command(
     paths: Annotated[
@@ -64,8 +186,7 @@ def inspect_command(
         ),
     ],
     json_output: Annotated[
-        bool,
-        typer.Option("--json", help="Print one JSON document (schema_version 1) on stdout instead of the report."),
+        bool, typer.Option("--json", help="Print one JSON document (schema_version 1) on stdout instead of the report.")
     ] = False,
     fail_on: Annotated[
         Severity,
@@ -75,22 +196,46 @@ def inspect_command(
             help="Lowest severity that makes the exit code 1.",
         ),
     ] = Severity.ERROR,
+    model: ModelOption = None,
+    data: DataOption = None,
+    model_kwargs: ModelKwargsOption = None,
+    batch_size: BatchSizeOption = 64,
+    max_samples: MaxSamplesOption = None,
+    mode: Annotated[
+        ModeChoice,
+        typer.Option(
+            "--mode",
+            help="train: re-estimate the statistics as training would (BatchNorm layers use batch statistics); "
+            "eval: measure what each layer receives at inference.",
+            rich_help_panel=_PANEL,
+        ),
+    ] = ModeChoice.TRAIN,
+    estimator: EstimatorOption = EstimatorChoice.EXACT,
+    device: DeviceOption = "cpu",
+    source: SourceOption = None,
+    skip_layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--skip-layer",
+            help="Silence BN012 for layers matching this glob (repeatable), e.g. for a deliberate frozen-BN fine-tune.",
+            rich_help_panel=_PANEL,
+        ),
+    ] = None,
 ) -> None:
     """Check every BatchNorm layer's running_mean, running_var and num_batches_tracked.
 
     Reads only the BatchNorm tensors, never imports torch for zip or safetensors files, never runs pickle code.
 
+    With --model and --data it also reruns the model on sample data and flags stale statistics (BN012).
+
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 a path could not be checked (2 wins).
-
-    Examples:
-
-      bncheck inspect model.pt
-
-      bncheck inspect checkpoints/ --fail-on warning
-
-      bncheck inspect model.safetensors.index.json --json > report.json
     """
-    report = inspect_paths(paths, fail_on=fail_on)
+    request = _request(model, data, model_kwargs, batch_size, max_samples, mode, estimator, device, source, skip_layer)
+    try:
+        with _progress(request is not None and not json_output) as progress:
+            report = inspect_paths(paths, fail_on=fail_on, recompute=request, progress=progress)
+    except BncheckError as exc:
+        raise _fail(str(exc)) from None
     if json_output:
         sys.stdout.write(render_json(report) + "\n")
         for file in report.files:
@@ -99,6 +244,49 @@ def inspect_command(
     else:
         Console().print(render_text(report))
     raise typer.Exit(exit_code(report))
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="The checkpoint to recalibrate (a single file).", show_default=False)
+    ],
+    model: ModelOption = None,
+    data: DataOption = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write the recalibrated checkpoint.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    model_kwargs: ModelKwargsOption = None,
+    batch_size: BatchSizeOption = 64,
+    max_samples: MaxSamplesOption = None,
+    estimator: EstimatorOption = EstimatorChoice.EXACT,
+    device: DeviceOption = "cpu",
+    source: SourceOption = None,
+) -> None:
+    """Write a copy of CHECKPOINT whose running statistics are recomputed on sample data; nothing else changes.
+
+    Use it for weights trained or edited under batch statistics (track_running_stats flipped off, weight
+    averaging, pruning). Do not use it on a fine-tune whose BatchNorm was frozen on purpose: its weights fit the
+    stored statistics.
+
+    The copy keeps the input's format and every other entry byte for byte, is written beside OUTPUT, checked,
+    and only then renamed into place.
+    """
+    if model is None or data is None or output is None:
+        raise typer.BadParameter("recalibrate needs --model, --data and -o/--output")
+    request = _request(
+        model, data, model_kwargs, batch_size, max_samples, ModeChoice.TRAIN, estimator, device, source, None
+    )
+    assert request is not None
+    try:
+        with _progress(True) as progress:
+            report = recalibrate_path(checkpoint, output, request, force=force, progress=progress)
+    except BncheckError as exc:
+        raise _fail(str(exc)) from None
+    Console(stderr=True).print(Text(f"wrote {output}"))
+    Console().print(render_text(Report(files=(report,), tool_version=__version__)))
+    raise typer.Exit(exit_code(Report(files=(report,))))
 
 
 def main() -> None:

@@ -49,10 +49,20 @@ class BNLayer:
 
 
 @dataclass
-class _Container:
+class StateDict:
+    """A dict or module of the checkpoint that directly holds tensors, flattened to ``state_dict()`` names."""
+
     path: tuple[str, ...]
     tensors: dict[str, TensorRef]
     classes: dict[str, str]  # module prefix -> class name, when the file says it
+
+    @property
+    def source(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def averaged(self) -> bool:
+        return any(_AVERAGED.search(part) for part in self.path) or "n_averaged" in self.tensors
 
 
 def _class_name(placeholder: Placeholder) -> str:
@@ -75,7 +85,7 @@ def _is_module(node: Any) -> bool:
     return node.global_name.startswith("__torch__.") or "_modules" in state or "_buffers" in state
 
 
-def _flatten_module(node: Placeholder, prefix: str, out: _Container, depth: int) -> None:
+def _flatten_module(node: Placeholder, prefix: str, out: StateDict, depth: int) -> None:
     """Parameters and buffers of a pickled nn.Module (``_parameters``/``_buffers``/``_modules``) or a TorchScript
     module (every attribute), under dotted names as ``state_dict()`` would give them."""
     if depth > MAX_DEPTH:
@@ -99,7 +109,7 @@ def _flatten_module(node: Placeholder, prefix: str, out: _Container, depth: int)
             _flatten_module(value, full, out, depth + 1)
 
 
-def _flatten_dict(node: Mapping[Any, Any], prefix: str, out: _Container, depth: int, seen: set[int]) -> None:
+def _flatten_dict(node: Mapping[Any, Any], prefix: str, out: StateDict, depth: int, seen: set[int]) -> None:
     if depth > MAX_DEPTH or id(node) in seen:
         return
     seen.add(id(node))
@@ -127,22 +137,22 @@ def _children(node: Any) -> Iterator[tuple[str, Any]]:
         yield from ((str(k), v) for k, v in node.dictitems.items())
 
 
-def _containers(node: Any, path: tuple[str, ...], depth: int, seen: set[int]) -> Iterator[_Container]:
+def _state_dicts(node: Any, path: tuple[str, ...], depth: int, seen: set[int]) -> Iterator[StateDict]:
     if depth > MAX_DEPTH or id(node) in seen:
         return
     seen.add(id(node))
     if _is_module(node):
-        container = _Container(path, {}, {})
+        container = StateDict(path, {}, {})
         _flatten_module(node, "", container, depth)
         yield container
         return
     if isinstance(node, Mapping) and any(isinstance(v, TensorRef) for v in node.values()):
-        container = _Container(path, {}, {})
+        container = StateDict(path, {}, {})
         _flatten_dict(node, "", container, depth, set())
         yield container
         return
     for key, child in _children(node):
-        yield from _containers(child, (*path, key), depth + 1, seen)
+        yield from _state_dicts(child, (*path, key), depth + 1, seen)
 
 
 def _feeder_candidates(prefix: str) -> Iterator[str]:
@@ -172,9 +182,9 @@ def _infer_kind(prefix: str, tensors: Mapping[str, TensorRef], width: int | None
     return None
 
 
-def _layers_of(container: _Container) -> Iterator[BNLayer]:
-    source = ".".join(container.path)
-    container_averaged = any(_AVERAGED.search(part) for part in container.path) or "n_averaged" in container.tensors
+def _layers_of(container: StateDict) -> Iterator[BNLayer]:
+    source = container.source
+    container_averaged = container.averaged
     prefixes: dict[str, None] = {}  # ordered set
     for name in container.tensors:
         prefix, _, leaf = name.rpartition(".")
@@ -195,6 +205,11 @@ def _layers_of(container: _Container) -> Iterator[BNLayer]:
         yield BNLayer(prefix, source, averaged, kind, inferred, tensors)
 
 
+def find_state_dicts(root: Any) -> list[StateDict]:
+    """Every state dict (or pickled/scripted module) in a checkpoint's object tree, in file order."""
+    return list(_state_dicts(root, (), 0, set()))
+
+
 def find_bn_layers(root: Any) -> list[BNLayer]:
     """Every BatchNorm-like layer in a checkpoint's object tree, in file order."""
-    return [layer for container in _containers(root, (), 0, set()) for layer in _layers_of(container)]
+    return [layer for container in find_state_dicts(root) for layer in _layers_of(container)]

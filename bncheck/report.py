@@ -60,6 +60,40 @@ class LayerInfo:
 
 
 @dataclass(frozen=True)
+class LayerDriftInfo:
+    """One layer's drift between its stored and its recomputed statistics."""
+
+    name: str
+    source: str
+    module: str
+    samples: int
+    mean_shift_median: float
+    mean_shift_worst: float
+    log_var_ratio_median: float
+    log_var_ratio_worst: float
+    stale: bool
+    silenced: bool
+
+
+@dataclass(frozen=True)
+class RecomputeInfo:
+    """How the statistics were recomputed, and the drift of every layer the model ran through."""
+
+    model: str
+    data: str
+    mode: str
+    estimator: str
+    variance_convention: str
+    source: str
+    prefix: str
+    samples: int
+    batches: int
+    batches_skipped: int
+    too_few_samples: bool
+    layers: tuple[LayerDriftInfo, ...]
+
+
+@dataclass(frozen=True)
 class FileError:
     code: str
     message: str
@@ -74,6 +108,7 @@ class FileReport:
     findings: tuple[Finding, ...] = ()
     error: FileError | None = None
     notes: tuple[str, ...] = ()
+    recompute: RecomputeInfo | None = None
 
     def count(self, severity: Severity) -> int:
         return sum(1 for f in self.findings if f.severity is severity)

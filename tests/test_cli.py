@@ -53,7 +53,8 @@ def test_json_document_shape(cli) -> None:
     assert document["tool"] == {"name": "bncheck", "version": __version__}
     assert document["ok"] is False
     nan_file = document["files"][0]
-    assert list(nan_file) == ["path", "format", "size_bytes", "error", "notes", "layers", "findings"]
+    assert list(nan_file) == ["path", "format", "size_bytes", "error", "notes", "layers", "findings", "recompute"]
+    assert nan_file["recompute"] is None
     assert nan_file["format"] == "torch zip"
     assert nan_file["size_bytes"] == NAN_FILE.stat().st_size
     layer = nan_file["layers"][1]

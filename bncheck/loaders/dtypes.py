@@ -6,6 +6,8 @@ the same for a ``.pt`` and a ``.safetensors``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 
 from bncheck.errors import UnsupportedDtypeError
@@ -101,3 +103,17 @@ def bytes_to_array(buffer: bytes, dtype: str, *, big_endian: bool = False) -> np
     if dtype == "bfloat16":
         return (native.astype(np.uint32) << 16).view(np.float32)
     return native
+
+
+def array_to_bytes(values: np.ndarray, dtype: str, *, big_endian: bool = False) -> bytes:
+    """The inverse of :func:`bytes_to_array`: ``values`` cast to ``dtype`` (bfloat16 rounded to nearest even)."""
+    code = _STORAGE_NUMPY.get(dtype)
+    if code is None:
+        raise UnsupportedDtypeError(f"cannot write tensors of dtype {dtype}")
+    order: Literal[">", "<"] = ">" if big_endian else "<"
+    if dtype == "bfloat16":
+        bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        rounded = np.where(np.isnan(np.asarray(values, np.float32)), np.uint16(0x7FC0), rounded)
+        return rounded.astype(np.dtype("u2").newbyteorder(order)).tobytes()
+    return np.asarray(values).astype(np.dtype(code).newbyteorder(order)).tobytes()

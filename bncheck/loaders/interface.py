@@ -11,11 +11,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bncheck.errors import CorruptCheckpointError
+
+
+@dataclass(frozen=True)
+class ByteLocation:
+    """Where a tensor's elements live in the file, so that a copy can be patched in place."""
+
+    path: Path
+    member: str | None  # the zip member holding the storage, or None for a plain file
+    offset: int  # bytes from the start of the member's data (zip) or of the file
+    strides: tuple[int, ...]  # in elements
+    big_endian: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,6 +37,7 @@ class TensorRef:
     dtype: str
     shape: tuple[int, ...]
     reader: Callable[[], np.ndarray] = field(repr=False)
+    location: ByteLocation | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:

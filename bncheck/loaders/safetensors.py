@@ -15,7 +15,7 @@ from typing import Any
 from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, SAFETENSORS_DTYPES, bytes_to_array
 from bncheck.loaders.files import read_range
-from bncheck.loaders.interface import Checkpoint, TensorRef
+from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
 
 # A header is a few bytes per tensor; anything this large is corrupt or hostile, and parsing it would cost memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -70,7 +70,9 @@ def _tensor_ref(path: Path, name: str, entry: Any, data_start: int, data_size: i
     def read() -> Any:
         return bytes_to_array(read_range(path, data_start + begin, end - begin), dtype).reshape(shape_t)
 
-    return TensorRef(dtype=dtype, shape=shape_t, reader=read)
+    strides = tuple(math.prod(shape_t[i + 1 :]) for i in range(len(shape_t)))
+    location = ByteLocation(path=path, member=None, offset=data_start + begin, strides=strides)
+    return TensorRef(dtype=dtype, shape=shape_t, reader=read, location=location)
 
 
 def tensors_of(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:

@@ -17,7 +17,7 @@ import numpy as np
 from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import read_range
-from bncheck.loaders.interface import Checkpoint, TensorRef
+from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
 from bncheck.loaders.restricted_pickle import StorageRef, unpickle
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), file name length, extra field length
@@ -105,7 +105,8 @@ class _Archive:
             )
             return np.array(view)
 
-        return TensorRef(dtype=dtype, shape=size, reader=read)
+        location = ByteLocation(self.path, info.filename, offset * itemsize, stride, self.big_endian)
+        return TensorRef(dtype=dtype, shape=size, reader=read, location=location)
 
 
 def open_torch_zip(path: Path) -> Checkpoint:

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity, Summary
+from bncheck.report import FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +63,39 @@ def _finding(finding: Finding) -> dict[str, Any]:
     }
 
 
+def _recompute(info: RecomputeInfo | None) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    return {
+        "model": info.model,
+        "data": info.data,
+        "mode": info.mode,
+        "estimator": info.estimator,
+        "variance_convention": info.variance_convention,
+        "source": info.source,
+        "prefix": info.prefix,
+        "samples": info.samples,
+        "batches": info.batches,
+        "batches_skipped": info.batches_skipped,
+        "too_few_samples": info.too_few_samples,
+        "layers": [
+            {
+                "name": row.name,
+                "source": row.source,
+                "module": row.module,
+                "samples": row.samples,
+                "mean_shift_median": _number(row.mean_shift_median),
+                "mean_shift_worst": _number(row.mean_shift_worst),
+                "log_var_ratio_median": _number(row.log_var_ratio_median),
+                "log_var_ratio_worst": _number(row.log_var_ratio_worst),
+                "stale": row.stale,
+                "silenced": row.silenced,
+            }
+            for row in info.layers
+        ],
+    }
+
+
 def _file(file: FileReport) -> dict[str, Any]:
     return {
         "path": file.path,
@@ -72,6 +105,7 @@ def _file(file: FileReport) -> dict[str, Any]:
         "notes": list(file.notes),
         "layers": [_layer(layer) for layer in file.layers],
         "findings": [_finding(finding) for finding in file.findings],
+        "recompute": _recompute(file.recompute),
     }
 
 

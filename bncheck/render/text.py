@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 
+from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity, Summary
+from bncheck.report import FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
 
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 CHANNELS_SHOWN = 6
@@ -180,6 +181,38 @@ def _findings_table(findings: tuple[Finding, ...]) -> Table:
     return grid
 
 
+def _drift_table(info: RecomputeInfo) -> RenderableType:
+    head = Text(
+        f"recomputed in {info.mode} mode on {_plural(info.samples, 'sample')} ({_plural(info.batches, 'batch')}"
+        + (f", {info.batches_skipped} skipped" if info.batches_skipped else "")
+        + f") with {info.model}; variance: {info.variance_convention}"
+    )
+    parts: list[RenderableType] = [head]
+    if info.too_few_samples:
+        parts.append(Text(f"too few samples to judge small drift ({info.samples}); use more with --data", "yellow"))
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+    table.add_column("layer", overflow="fold")
+    table.add_column("mean shift (std) median/worst", no_wrap=True)
+    table.add_column("|log var ratio| median/worst", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    for row in info.layers:
+        verdict = (
+            Text("stale (silenced)", "dim")
+            if row.stale and row.silenced
+            else Text("STALE", "bold red")
+            if row.stale
+            else Text("ok", "green")
+        )
+        table.add_row(
+            Text(row.name or "(root)"),
+            Text(f"{_num(row.mean_shift_median)} / {_num(row.mean_shift_worst)}"),
+            Text(f"{_num(row.log_var_ratio_median)} / {_num(row.log_var_ratio_worst)}"),
+            verdict,
+        )
+    parts.append(table)
+    return Group(*parts)
+
+
 def _file(file: FileReport, fail_on: Severity) -> RenderableType:
     parts: list[RenderableType] = [Text(file.path, style="bold")]
     meta = Text()
@@ -203,6 +236,8 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
         parts.append(Padding(LayerTable(layers, show_dtype=not common_dtype), (1, 0, 0, 2), expand=False))
     if any(layer.kind_inferred for layer in file.layers):
         parts.append(Text("  * kind inferred from the layer that feeds it", style="dim"))
+    if file.recompute is not None:
+        parts.append(Padding(_drift_table(file.recompute), (1, 0, 0, 2), expand=False))
     if file.findings:
         parts.append(Padding(_findings_table(file.findings), (1, 0, 0, 2), expand=False))
     parts.append(Text())

@@ -1,0 +1,155 @@
+"""Write a copy of a checkpoint with some tensors' values replaced, touching nothing else.
+
+The copy is patched in place: the new values are written over the old bytes of each tensor, in its own dtype and
+byte order, so every other entry (pickled objects, metadata, optimizer state) stays byte-for-byte identical and no
+pickle is ever loaded or written. For zip archives the CRC-32 of each patched member is updated in the local
+header, the data descriptor and the central directory. The copy is written to a temporary file beside the target,
+re-read and checked, and only then renamed into place, so a killed process never leaves a partial file at the
+target.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from bncheck.errors import BncheckError, CorruptCheckpointError
+from bncheck.loaders.dtypes import ITEMSIZE, array_to_bytes
+from bncheck.loaders.interface import ByteLocation, TensorRef
+
+
+class WriteError(BncheckError):
+    code = "cannot-write"
+
+
+def _element_offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+    """Element offsets of a strided view, in C order."""
+    offsets = np.zeros(1, dtype=np.int64)
+    for size, stride in zip(shape, strides, strict=True):
+        offsets = (offsets[:, None] + np.arange(size, dtype=np.int64)[None, :] * stride).reshape(-1)
+    return offsets
+
+
+def _local_data_start(handle: object, info: zipfile.ZipInfo) -> int:
+    assert hasattr(handle, "seek") and hasattr(handle, "read")
+    handle.seek(info.header_offset)
+    header = handle.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise CorruptCheckpointError(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return int(info.header_offset + 30 + name_len + extra_len)
+
+
+def _write_elements(handle: object, base: int, ref: TensorRef, location: ByteLocation, values: np.ndarray) -> None:
+    assert hasattr(handle, "seek") and hasattr(handle, "write")
+    itemsize = ITEMSIZE[ref.dtype]
+    flat = np.ascontiguousarray(values.reshape(ref.shape)).reshape(-1)
+    offsets = _element_offsets(ref.shape, location.strides)
+    contiguous = np.array_equal(offsets, np.arange(offsets.size))
+    encoded = array_to_bytes(flat, ref.dtype, big_endian=location.big_endian)
+    if contiguous:
+        handle.seek(base + location.offset)
+        handle.write(encoded)
+        return
+    for index, element in enumerate(offsets):
+        handle.seek(base + location.offset + int(element) * itemsize)
+        handle.write(encoded[index * itemsize : (index + 1) * itemsize])
+
+
+def _fix_zip_crcs(path: Path, members: set[str]) -> None:
+    """Recompute the CRC-32 of patched members wherever the archive records it."""
+    with zipfile.ZipFile(path) as archive:
+        infos = {info.filename: info for info in archive.infolist() if info.filename in members}
+        cd_offset = archive.start_dir
+    with path.open("r+b") as handle:
+        new_crcs: dict[str, int] = {}
+        for name, info in infos.items():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise WriteError(f"cannot patch compressed archive member {name}")
+            start = _local_data_start(handle, info)
+            handle.seek(start)
+            crc = zlib.crc32(handle.read(info.file_size)) & 0xFFFFFFFF
+            new_crcs[name] = crc
+            handle.seek(info.header_offset + 14)
+            if struct.unpack("<I", handle.read(4))[0] != 0:  # torch leaves it 0 and uses a data descriptor
+                handle.seek(info.header_offset + 14)
+                handle.write(struct.pack("<I", crc))
+            if info.flag_bits & 0x08:
+                handle.seek(start + info.compress_size)
+                descriptor = handle.read(8)
+                at = start + info.compress_size + (4 if descriptor[:4] == b"PK\x07\x08" else 0)
+                handle.seek(at)
+                handle.write(struct.pack("<I", crc))
+        # central directory: 46-byte entries followed by name, extra field and comment
+        handle.seek(cd_offset)
+        position = cd_offset
+        while True:
+            handle.seek(position)
+            entry = handle.read(46)
+            if entry[:4] != b"PK\x01\x02":
+                break
+            name_len, extra_len, comment_len = struct.unpack("<HHH", entry[28:34])
+            name = handle.read(name_len).decode("utf-8", "replace")
+            if name in new_crcs:
+                handle.seek(position + 16)
+                handle.write(struct.pack("<I", new_crcs[name]))
+            position += 46 + name_len + extra_len + comment_len
+
+
+def patch_copy(
+    source: Path,
+    target: Path,
+    patches: Mapping[TensorRef, np.ndarray],
+    *,
+    verify: Callable[[Path], None],
+) -> None:
+    """Copy ``source`` to ``target`` with each patched tensor's values replaced.
+
+    ``verify`` is called on the finished temporary copy and must raise to stop the rename.
+    """
+    locations = {}
+    for ref in patches:
+        if ref.location is None or ref.location.path != source:
+            raise WriteError("a tensor to write does not live in the source file (legacy files cannot be patched)")
+        locations[ref] = ref.location
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".bncheck-tmp", dir=target.parent)
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, length=1024 * 1024)
+        members = {loc.member for loc in locations.values() if loc.member is not None}
+        with temp.open("r+b") as handle:
+            starts: dict[str, int] = {}
+            if members:
+                with zipfile.ZipFile(temp) as archive:
+                    for name in members:
+                        starts[name] = _local_data_start(handle, archive.getinfo(name))
+            for ref, values in patches.items():
+                location = locations[ref]
+                if math.prod(ref.shape) != np.asarray(values).size:
+                    raise WriteError(f"new values have {np.asarray(values).size} elements, tensor has {ref.shape}")
+                base = starts[location.member] if location.member is not None else 0
+                _write_elements(handle, base, ref, location, np.asarray(values))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if members:
+            _fix_zip_crcs(temp, members)
+            with zipfile.ZipFile(temp) as archive:
+                broken = archive.testzip()
+            if broken is not None:
+                raise WriteError(f"patched archive member {broken} fails its CRC check")
+        verify(temp)
+        temp.replace(target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

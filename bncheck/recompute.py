@@ -1,0 +1,272 @@
+"""Recompute BatchNorm statistics by running a model over sample data. Needs torch, imported lazily.
+
+Train mode re-estimates the statistics the way training sees them: only the BatchNorm layers train (dropout and
+the rest stay in eval), each normalises with its batch statistics, and each layer's input is accumulated per
+channel in float64 with an exact streaming merge (Chan et al.), so the result does not depend on how samples are
+split into batches. Eval mode measures what each layer receives at inference, with every layer normalising by the
+stored statistics. Either way the model is left exactly as it was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+Mode = Literal["train", "eval"]
+Estimator = Literal["exact", "pytorch"]
+
+VARIANCE_CONVENTIONS = {
+    "exact": "unbiased variance pooled over every value of every sample (exact, independent of batching)",
+    "pytorch": "mean of per-batch unbiased variances, as torch.optim.swa_utils.update_bn computes",
+}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of model inputs: positional and keyword arguments of ``model(...)``."""
+
+    args: tuple[Any, ...]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Moments:
+    """Per-channel count, mean and sum of squared deviations, merged exactly across batches (Chan et al.)."""
+
+    count: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def merge(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if self.mean is None or self.m2 is None or self.count == 0:
+            self.count, self.mean, self.m2 = count, mean.copy(), m2.copy()
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.count = total
+
+
+@dataclass
+class _LayerAccumulator:
+    pooled: _Moments = field(default_factory=_Moments)
+    batch_mean_sum: np.ndarray | None = None
+    batch_var_sum: np.ndarray | None = None
+    batches: int = 0
+    samples: int = 0
+
+    def add(self, count: int, samples: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        self.pooled.merge(count, mean, m2)
+        batch_var = m2 / (count - 1) if count > 1 else np.full_like(m2, np.nan)
+        self.batch_mean_sum = mean if self.batch_mean_sum is None else self.batch_mean_sum + mean
+        self.batch_var_sum = batch_var if self.batch_var_sum is None else self.batch_var_sum + batch_var
+        self.batches += 1
+        self.samples += samples
+
+
+@dataclass(frozen=True)
+class LayerStatistics:
+    """Recomputed statistics of one BatchNorm module (float64), under both variance conventions."""
+
+    module: str
+    mean_pooled: np.ndarray
+    var_pooled: np.ndarray
+    mean_batch_average: np.ndarray
+    var_batch_average: np.ndarray
+    samples: int
+    values_per_channel: int
+    batches: int
+
+    def for_estimator(self, estimator: Estimator) -> tuple[np.ndarray, np.ndarray]:
+        if estimator == "pytorch":
+            return self.mean_batch_average, self.var_batch_average
+        return self.mean_pooled, self.var_pooled
+
+
+@dataclass(frozen=True)
+class RecomputeResult:
+    layers: dict[str, LayerStatistics]
+    batches_used: int
+    batches_skipped: int
+    samples: int
+    mode: Mode
+
+
+class _SkipBatch(Exception):
+    """A BatchNorm in train mode got one value per channel; torch would raise, so the batch is skipped."""
+
+
+class _StopForward(Exception):
+    """Every BatchNorm of the model has seen this batch: the rest of the forward pass is not needed."""
+
+
+def batchnorm_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The BatchNorm modules (1d/2d/3d, SyncBatchNorm, lazy) that keep running statistics, by module name."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, _BatchNorm) and module.running_mean is not None and module.running_var is not None
+    }
+
+
+def _channel_moments(x: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:
+    import torch
+
+    values = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
+    mean = values.mean(dim=1)
+    m2 = ((values - mean[:, None]) ** 2).sum(dim=1)
+    return values.shape[1], mean.cpu().numpy(), m2.cpu().numpy()
+
+
+class _Preserved:
+    """Every module's training flag and every BatchNorm buffer, restored on exit."""
+
+    def __init__(self, model: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> None:
+        self.flags = [(m, m.training) for m in model.modules()]
+        self.buffers = [
+            (buffer, buffer.detach().clone())
+            for module in modules.values()
+            for name, buffer in module.named_buffers(recurse=False)
+            if name in ("running_mean", "running_var", "num_batches_tracked")
+        ]
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                buffer.copy_(saved)
+        for module, flag in self.flags:
+            module.training = flag
+
+
+def recompute_statistics(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    *,
+    mode: Mode = "train",
+    device: str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> RecomputeResult:
+    """Run ``model`` over ``batches`` and measure every BatchNorm layer's input, per channel.
+
+    ``on_batch`` is called with the number of samples of each batch processed (for a progress bar).
+    """
+    import torch
+
+    modules = batchnorm_modules(model)
+    accumulators = {name: _LayerAccumulator() for name in modules}
+    pending: dict[str, tuple[int, int, np.ndarray, np.ndarray]] = {}
+    expected_calls: dict[str, int] | None = None  # learnt on the first batch
+    calls: dict[str, int] = {}
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0]
+            count, mean, m2 = _channel_moments(x)
+            if mode == "train" and count == 1:
+                raise _SkipBatch
+            if name in pending:  # a module called twice in one pass: merge both calls
+                old = pending[name]
+                moments = _Moments(old[0], old[2], old[3])
+                moments.merge(count, mean, m2)
+                assert moments.mean is not None and moments.m2 is not None
+                pending[name] = (moments.count, old[1], moments.mean, moments.m2)
+            else:
+                pending[name] = (count, int(x.shape[0]), mean, m2)
+
+        return hook
+
+    def post_hook(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if expected_calls is not None and all(calls.get(n, 0) >= c for n, c in expected_calls.items()):
+                raise _StopForward
+
+        return hook
+
+    preserved = _Preserved(model, modules)
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_hook(post_hook(name)))
+    used = skipped = samples = 0
+    try:
+        model.eval()
+        if mode == "train":
+            for module in modules.values():
+                module.train()
+        with torch.inference_mode():
+            for batch in batches:
+                pending.clear()
+                calls.clear()
+                args = tuple(_to_device(a, device) for a in batch.args)
+                kwargs = {k: _to_device(v, device) for k, v in batch.kwargs.items()}
+                try:
+                    model(*args, **kwargs)
+                except _SkipBatch:
+                    skipped += 1
+                    continue
+                except _StopForward:
+                    pass
+                if expected_calls is None:
+                    expected_calls = dict(calls)
+                for name, (count, batch_samples, mean, m2) in pending.items():
+                    accumulators[name].add(count, batch_samples, mean, m2)
+                used += 1
+                batch_size = _batch_size(args, kwargs)
+                samples += batch_size
+                if on_batch is not None:
+                    on_batch(batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+        preserved.restore()
+    return RecomputeResult(
+        layers={name: _finish(name, acc) for name, acc in accumulators.items() if acc.batches},
+        batches_used=used,
+        batches_skipped=skipped,
+        samples=samples,
+        mode=mode,
+    )
+
+
+def _finish(name: str, acc: _LayerAccumulator) -> LayerStatistics:
+    pooled = acc.pooled
+    assert pooled.mean is not None and pooled.m2 is not None
+    assert acc.batch_mean_sum is not None and acc.batch_var_sum is not None
+    var_pooled = pooled.m2 / (pooled.count - 1) if pooled.count > 1 else np.full_like(pooled.m2, np.nan)
+    return LayerStatistics(
+        module=name,
+        mean_pooled=pooled.mean,
+        var_pooled=var_pooled,
+        mean_batch_average=acc.batch_mean_sum / acc.batches,
+        var_batch_average=acc.batch_var_sum / acc.batches,
+        samples=acc.samples,
+        values_per_channel=pooled.count,
+        batches=acc.batches,
+    )
+
+
+def _to_device(value: Any, device: str) -> Any:
+    import torch
+
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    import torch
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
