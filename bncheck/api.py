@@ -171,8 +171,9 @@ def _recompute(
         model=request.model,
         data=request.data,
         mode=request.mode,
-        estimator=request.estimator,
-        variance_convention=VARIANCE_CONVENTIONS[request.estimator],
+        estimator=request.estimator if result.pooled else "pytorch",
+        variance_convention=VARIANCE_CONVENTIONS[request.estimator if result.pooled else "pytorch"]
+        + ("" if result.pooled else " (a TorchScript model cannot be hooked, so only per-batch statistics exist)"),
         source=state.source,
         prefix=prefix,
         samples=result.samples,

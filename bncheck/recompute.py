@@ -97,6 +97,8 @@ class RecomputeResult:
     batches_skipped: int
     samples: int
     mode: Mode
+    # False for TorchScript models, whose layers cannot be hooked: only per-batch statistics exist
+    pooled: bool = True
 
 
 class _SkipBatch(Exception):
@@ -107,14 +109,19 @@ class _StopForward(Exception):
     """Every BatchNorm of the model has seen this batch: the rest of the forward pass is not needed."""
 
 
+_SCRIPTED_BATCHNORM = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"})
+
+
 def batchnorm_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The BatchNorm modules (1d/2d/3d, SyncBatchNorm, lazy) that keep running statistics, by module name."""
+    """The BatchNorm modules (1d/2d/3d, SyncBatchNorm, lazy, scripted) that keep running statistics, by name."""
     from torch.nn.modules.batchnorm import _BatchNorm
 
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, _BatchNorm) and module.running_mean is not None and module.running_var is not None
+        if (isinstance(module, _BatchNorm) or getattr(module, "original_name", None) in _SCRIPTED_BATCHNORM)
+        and getattr(module, "running_mean", None) is not None
+        and getattr(module, "running_var", None) is not None
     }
 
 
@@ -163,6 +170,8 @@ def recompute_statistics(
     """
     import torch
 
+    if isinstance(model, torch.jit.ScriptModule):
+        return _recompute_scripted(model, batches, mode=mode, device=device, on_batch=on_batch)
     modules = batchnorm_modules(model)
     accumulators = {name: _LayerAccumulator() for name in modules}
     pending: dict[str, tuple[int, int, np.ndarray, np.ndarray]] = {}
@@ -238,6 +247,74 @@ def recompute_statistics(
         samples=samples,
         mode=mode,
     )
+
+
+def _recompute_scripted(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    *,
+    mode: Mode,
+    device: str,
+    on_batch: Callable[[int], None] | None,
+) -> RecomputeResult:
+    """TorchScript runs no Python hooks, so the layers' own update is used: with the stored statistics zeroed
+    before each batch, one train-mode step leaves ``momentum * batch statistic`` in the buffers. Only per-batch
+    statistics are available this way, so the result is the per-batch average (update_bn's convention)."""
+    import torch
+
+    from bncheck.errors import BncheckError
+
+    if mode != "train":
+        raise BncheckError("eval mode needs each layer's input, which a TorchScript model does not expose")
+    modules = batchnorm_modules(model)
+    sums: dict[str, list[np.ndarray]] = {}
+    used = skipped = samples = 0
+    preserved = _Preserved(model, modules)
+    try:
+        model.eval()
+        for module in modules.values():
+            module.train()
+        with torch.no_grad():
+            for batch in batches:
+                for module in modules.values():
+                    for name, buffer in module.named_buffers(recurse=False):
+                        if name in ("running_mean", "running_var", "num_batches_tracked"):
+                            buffer.zero_()
+                args = tuple(_to_device(a, device) for a in batch.args)
+                kwargs = {k: _to_device(v, device) for k, v in batch.kwargs.items()}
+                try:
+                    model(*args, **kwargs)
+                except (RuntimeError, ValueError) as exc:
+                    if "more than 1 value per channel" not in str(exc):
+                        raise
+                    skipped += 1
+                    continue
+                for name, module in modules.items():
+                    buffers = dict(module.named_buffers(recurse=False))
+                    if int(buffers["num_batches_tracked"]) == 0:
+                        continue  # not reached by this batch
+                    momentum = getattr(module, "momentum", None)
+                    factor = 1.0 if momentum is None else float(momentum)
+                    mean = buffers["running_mean"].double().cpu().numpy() / factor
+                    var = buffers["running_var"].double().cpu().numpy() / factor
+                    if name in sums:
+                        sums[name][0] += mean
+                        sums[name][1] += var
+                        sums[name][2] += 1
+                    else:
+                        sums[name] = [mean, var, np.array(1)]
+                size = _batch_size(args, kwargs)
+                used += 1
+                samples += size
+                if on_batch is not None:
+                    on_batch(size)
+    finally:
+        preserved.restore()
+    layers = {}
+    for name, (mean_sum, var_sum, count) in sums.items():
+        mean, var = mean_sum / int(count), var_sum / int(count)
+        layers[name] = LayerStatistics(name, mean, var, mean, var, samples, 0, int(count))
+    return RecomputeResult(layers, used, skipped, samples, mode, pooled=False)
 
 
 def _finish(name: str, acc: _LayerAccumulator) -> LayerStatistics:

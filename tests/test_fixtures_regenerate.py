@@ -33,7 +33,9 @@ def test_regenerated_fixtures_match_the_checked_in_ones(tmp_path: Path) -> None:
     import make_fixtures
 
     make_fixtures.make_all(tmp_path)
-    for folder in ("good", "bad"):
+    for name in ("sample-original.npy", "sample-shifted.npy", "labels.npy"):
+        np.testing.assert_array_equal(np.load(FIXTURES / "recompute" / name), np.load(tmp_path / "recompute" / name))
+    for folder in ("good", "bad", "recompute"):
         shipped = [p.relative_to(FIXTURES / folder) for p in find_checkpoints(FIXTURES / folder)]
         fresh = [p.relative_to(tmp_path / folder) for p in find_checkpoints(tmp_path / folder)]
         assert shipped == fresh

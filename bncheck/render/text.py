@@ -53,8 +53,8 @@ def _size(size: int | None) -> str:
     return f"{size} B"
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural or word + 's'}"
 
 
 def _verdict(file: FileReport, fail_on: Severity) -> Text:
@@ -183,17 +183,26 @@ def _findings_table(findings: tuple[Finding, ...]) -> Table:
 
 def _drift_table(info: RecomputeInfo) -> RenderableType:
     head = Text(
-        f"recomputed in {info.mode} mode on {_plural(info.samples, 'sample')} ({_plural(info.batches, 'batch')}"
+        f"recomputed in {info.mode} mode on {_plural(info.samples, 'sample')} "
+        f"({_plural(info.batches, 'batch', 'batches')}"
         + (f", {info.batches_skipped} skipped" if info.batches_skipped else "")
         + f") with {info.model}; variance: {info.variance_convention}"
     )
     parts: list[RenderableType] = [head]
     if info.too_few_samples:
         parts.append(Text(f"too few samples to judge small drift ({info.samples}); use more with --data", "yellow"))
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
-    table.add_column("layer", overflow="fold")
-    table.add_column("mean shift (std) median/worst", no_wrap=True)
-    table.add_column("|log var ratio| median/worst", no_wrap=True)
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        show_edge=False,
+        caption_justify="left",
+        caption="drift as median / worst channel; stale = beyond the practical limit and the sampling noise",
+    )
+    longest = max((len(row.name) for row in info.layers), default=5)
+    table.add_column("layer", overflow="fold", min_width=min(longest, 24))
+    table.add_column("mean shift (std)", no_wrap=True)
+    table.add_column("|log var ratio|", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
     for row in info.layers:
         verdict = (
