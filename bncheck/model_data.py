@@ -160,8 +160,8 @@ def _sliced(arrays: dict[str, np.ndarray], batch_size: int, max_samples: int | N
         total = min(total, max_samples)
     for start in range(0, total, batch_size):
         part = {name: _to_tensor(array[start : min(start + batch_size, total)]) for name, array in arrays.items()}
-        if list(part) == [""]:
-            yield Batch((part[""],))
+        if len(part) == 1:  # one tensor is the one positional argument, whatever its name
+            yield Batch(tuple(part.values()))
         else:
             yield Batch((), part)
 

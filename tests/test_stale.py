@@ -267,3 +267,24 @@ def test_json_recompute_document_is_valid_json(cli) -> None:
         "stale",
         "silenced",
     ]
+
+
+def test_tensor_file_data_formats(cli, tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    samples = np.load(ORIGINAL)
+    save_file({"inputs": samples}, tmp_path / "one.safetensors")
+    torch.save({"x": torch.from_numpy(samples)}, tmp_path / "one.pt")
+    np.savez(tmp_path / "one.npz", inputs=samples)
+    for data in ("one.safetensors", "one.pt", "one.npz"):
+        code, stale, info = stale_layers(cli, R / "healthy.pt", tmp_path / data)
+        assert (code, stale, info["samples"]) == (0, [], 1000), data
+
+
+def test_several_named_tensors_are_keyword_arguments(tmp_path: Path) -> None:
+    from bncheck.model_data import load_batches
+
+    np.savez(tmp_path / "two.npz", a=np.zeros((10, 3), np.float32), b=np.ones((10, 2), np.float32))
+    batches = load_batches(str(tmp_path / "two.npz"), batch_size=4)
+    assert [sorted(b.kwargs) for b in batches] == [["a", "b"]] * 3
+    assert [b.kwargs["b"].shape[0] for b in batches] == [4, 4, 2]
