@@ -5,13 +5,15 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bncheck.checks import LayerData, LayerDrift, Thresholds, is_dangerous_global, read_layer, run_checks
+from bncheck.checks import RULES, LayerData, LayerDrift, Thresholds, is_dangerous_global, read_layer, run_checks
+from bncheck.config import RuleSelection
 from bncheck.discover import find_bn_layers, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, UnsupportedFormatError
@@ -25,6 +27,7 @@ from bncheck.report import (
     LayerInfo,
     RecomputeInfo,
     Report,
+    RuleInfo,
     Severity,
     Summary,
 )
@@ -63,32 +66,63 @@ def inspect(
     *,
     fail_on: Severity | str = Severity.ERROR,
     thresholds: Thresholds | None = None,
+    selection: RuleSelection | None = None,
+    exclude: Sequence[str] = (),
+    jobs: int = 1,
     recompute: RecomputeRequest | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Report:
     """Inspect checkpoints (files, shard indexes, directories searched recursively) and return the report.
 
-    Never raises for a bad file: an unreadable checkpoint is a FileReport whose ``error`` says why. With
-    ``recompute``, the model is run over the sample data for every checkpoint (BN012); a model or data spec that
-    cannot be loaded raises ModelError / DataError, since no file could be checked with it.
+    Never raises for a bad file: an unreadable checkpoint is a FileReport whose ``error`` says why. ``selection``
+    chooses which rule codes are reported (all by default), ``exclude`` drops files found in directories by glob,
+    and ``jobs`` > 1 inspects files in that many processes (same order, same result). With ``recompute``, the model
+    is run over the sample data for every checkpoint (BN012); a model or data spec that cannot be loaded raises
+    ModelError / DataError, since no file could be checked with it.
     """
     from bncheck import __version__
 
+    context = _Context(thresholds or Thresholds(), selection or RuleSelection())
     workload = _workload(recompute, progress) if recompute is not None else None
     path_list = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    files: list[FileReport] = []
+    units: list[Path | FileReport] = []
     for path in path_list:
-        units = find_checkpoints(path)
-        if not units:
+        found = find_checkpoints(path, exclude=exclude)
+        if not found:
             error = UnsupportedFormatError("directory holds no checkpoint files")
-            files.append(FileReport(path=str(path), format=None, size_bytes=None, error=_error(error)))
-        files.extend(_inspect_unit(unit, thresholds or Thresholds(), workload) for unit in units)
-    return Report(files=tuple(files), fail_on=Severity(fail_on), tool_version=__version__)
+            units.append(FileReport(path=str(path), format=None, size_bytes=None, error=_error(error)))
+        units.extend(found)
+    todo = [unit for unit in units if isinstance(unit, Path)]
+    if jobs > 1 and workload is None and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            done = iter(pool.map(_inspect_job, todo, [context] * len(todo), chunksize=max(1, len(todo) // (jobs * 4))))
+    else:
+        done = iter(_inspect_unit(unit, context, workload) for unit in todo)
+    files = [unit if isinstance(unit, FileReport) else next(done) for unit in units]
+    return Report(files=tuple(files), fail_on=Severity(fail_on), tool_version=__version__, rules=rule_infos())
 
 
-def inspect_file(path: PathLike, *, thresholds: Thresholds | None = None) -> FileReport:
+def rule_infos() -> tuple[RuleInfo, ...]:
+    """Every rule's description, in code order."""
+    return tuple(rule.info for rule in RULES.values())
+
+
+def inspect_file(
+    path: PathLike, *, thresholds: Thresholds | None = None, selection: RuleSelection | None = None
+) -> FileReport:
     """Inspect one checkpoint (a file or a shard index) without recomputation."""
-    return _inspect_unit(Path(path), thresholds or Thresholds(), None)
+    return _inspect_unit(Path(path), _Context(thresholds or Thresholds(), selection or RuleSelection()), None)
+
+
+@dataclass(frozen=True)
+class _Context:
+    thresholds: Thresholds
+    selection: RuleSelection
+
+
+def _inspect_job(path: Path, context: _Context) -> FileReport:
+    """A worker process's unit of work (top level, so that it pickles)."""
+    return _inspect_unit(path, context, None)
 
 
 def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None) -> _Workload:
@@ -99,8 +133,9 @@ def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None)
     return _Workload(request, model.to(request.device), batches, progress)
 
 
-def _inspect_unit(path: Path, thresholds: Thresholds, workload: _Workload | None) -> FileReport:
+def _inspect_unit(path: Path, context: _Context, workload: _Workload | None) -> FileReport:
     size = _size(path)
+    thresholds = context.thresholds
     try:
         checkpoint = open_checkpoint(path)
         layers = [read_layer(layer) for layer in find_bn_layers(checkpoint.root)]
@@ -108,7 +143,11 @@ def _inspect_unit(path: Path, thresholds: Thresholds, workload: _Workload | None
     except BncheckError as exc:
         return FileReport(path=str(path), format=None, size_bytes=size, error=_error(exc))
     drifts, info = recomputed if recomputed else ((), None)
-    findings = run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=thresholds)
+    findings = [
+        finding
+        for finding in run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=thresholds)
+        if context.selection.allows(finding.code, str(path))
+    ]
     return FileReport(
         path=str(path),
         format=checkpoint.format,
@@ -284,8 +323,10 @@ def recalibrate(
     if not patches:
         raise WriteError("the model ran no BatchNorm layer that the checkpoint stores; nothing to recalibrate")
 
+    context = _Context(t, RuleSelection())
+
     def verify(written: Path) -> None:
-        report = _inspect_unit(written, t, None)
+        report = _inspect_unit(written, context, None)
         if report.error is not None:
             raise WriteError(f"the recalibrated copy cannot be read back: {report.error.message}")
         errors = [f for f in report.findings if f.severity is Severity.ERROR and f.code != "BN101"]
@@ -293,4 +334,4 @@ def recalibrate(
             raise WriteError(f"the recalibrated copy fails inspection: {errors[0].code} {errors[0].message}")
 
     patch_copy(source, target, patches, verify=verify)
-    return _inspect_unit(target, t, None)
+    return _inspect_unit(target, context, None)

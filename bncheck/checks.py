@@ -17,7 +17,7 @@ import numpy as np
 from bncheck.discover import BNLayer
 from bncheck.drift import Drift, DriftThresholds
 from bncheck.loaders.dtypes import FLOATING, INTEGER
-from bncheck.report import Finding, Severity
+from bncheck.report import Finding, RuleInfo, Severity
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,11 @@ class Rule:
     @property
     def doc(self) -> str:
         return inspect.getdoc(self.check) or self.summary
+
+    @property
+    def info(self) -> RuleInfo:
+        name = "".join(part.capitalize() for part in self.check.__name__.split("_"))
+        return RuleInfo(self.code, name, self.severity, self.summary, self.doc)
 
 
 RULES: dict[str, Rule] = {}
@@ -468,7 +473,7 @@ def stale_statistics(drifts: Sequence[LayerDrift], t: Thresholds) -> Iterator[tu
     for item in drifts:
         reasons = item.drift.reasons(t.drift)
         if reasons and not item.silenced:
-            yield item, Hit(f"stale for this data ({item.drift.samples} samples): " + "; ".join(reasons))
+            yield item, Hit(f"stale for this data ({item.drift.samples or 0} samples): " + "; ".join(reasons))
 
 
 @rule(

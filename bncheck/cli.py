@@ -5,20 +5,23 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from bncheck import __version__
-from bncheck.api import RecomputeRequest
+from bncheck.api import RecomputeRequest, rule_infos
 from bncheck.api import inspect as inspect_paths
 from bncheck.api import recalibrate as recalibrate_path
+from bncheck.config import load_settings, with_overrides
+from bncheck.diff import diff_checkpoints
 from bncheck.errors import BncheckError
-from bncheck.render import render_json, render_text
+from bncheck.render import render_diff_json, render_diff_text, render_github, render_json, render_sarif, render_text
 from bncheck.report import Report, Severity
 
 EXIT_OK = 0
@@ -88,12 +91,25 @@ MaxSamplesOption = Annotated[
 ]
 
 
-class EstimatorChoice(str, Enum):
+class OutputFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+    SARIF = "sarif"
+    GITHUB = "github"
+
+
+RENDERERS = {OutputFormat.JSON: render_json, OutputFormat.SARIF: render_sarif, OutputFormat.GITHUB: render_github}
+_OUTPUT = "Output"
+_RULES = "Rules and settings"
+_SEVERITY_STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
+
+
+class EstimatorChoice(StrEnum):
     EXACT = "exact"
     PYTORCH = "pytorch"
 
 
-class ModeChoice(str, Enum):
+class ModeChoice(StrEnum):
     TRAIN = "train"
     EVAL = "eval"
 
@@ -185,17 +201,70 @@ def inspect_command(
             metavar="PATH",
         ),
     ],
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            help="text: the report; json: one JSON document (schema_version 1); sarif: SARIF 2.1.0 for code "
+            "scanning; github: workflow-command annotations.",
+            rich_help_panel=_OUTPUT,
+        ),
+    ] = OutputFormat.TEXT,
     json_output: Annotated[
-        bool, typer.Option("--json", help="Print one JSON document (schema_version 1) on stdout instead of the report.")
+        bool, typer.Option("--json", help="Shorthand for --format json.", rich_help_panel=_OUTPUT)
     ] = False,
     fail_on: Annotated[
-        Severity,
+        Severity | None,
         typer.Option(
             "--fail-on",
             case_sensitive=False,
-            help="Lowest severity that makes the exit code 1.",
+            help="Lowest severity that makes the exit code 1 [default: error, or fail-on in the config].",
+            show_default=False,
+            rich_help_panel=_RULES,
         ),
-    ] = Severity.ERROR,
+    ] = None,
+    select: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--select",
+            help="Report only these codes or prefixes (replaces the config's select); repeatable or comma-separated.",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    extend_select: Annotated[
+        list[str] | None,
+        typer.Option("--extend-select", help="Add codes or prefixes to the selection.", rich_help_panel=_RULES),
+    ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore",
+            help="Do not report these codes or prefixes (added to the config's ignore).",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Settings file (a pyproject.toml with [tool.bncheck], or a TOML file of the "
+            "same keys) [default: the nearest pyproject.toml with [tool.bncheck]].",
+            show_default=False,
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            help="Skip files found in directories that match this glob (repeatable).",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option("-j", "--jobs", min=1, help="Inspect files in this many processes (same output, same exit code)."),
+    ] = 1,
     model: ModelOption = None,
     data: DataOption = None,
     model_kwargs: ModelKwargsOption = None,
@@ -231,19 +300,107 @@ def inspect_command(
     Exit codes: 0 clean, 1 findings at or above --fail-on, 2 a path could not be checked (2 wins).
     """
     request = _request(model, data, model_kwargs, batch_size, max_samples, mode, estimator, device, source, skip_layer)
+    fmt = OutputFormat.JSON if json_output else output_format
     try:
-        with _progress(request is not None and not json_output) as progress:
-            report = inspect_paths(paths, fail_on=fail_on, recompute=request, progress=progress)
+        settings = with_overrides(
+            load_settings(config),
+            select=_split(select) or None,
+            extend_select=_split(extend_select),
+            ignore=_split(ignore),
+            fail_on=fail_on,
+            exclude=exclude or (),
+        )
+        with _progress(request is not None and fmt is OutputFormat.TEXT) as progress:
+            report = inspect_paths(
+                paths,
+                fail_on=settings.fail_on,
+                thresholds=settings.thresholds,
+                selection=settings.selection,
+                exclude=settings.exclude,
+                jobs=jobs,
+                recompute=request,
+                progress=progress,
+            )
     except BncheckError as exc:
         raise _fail(str(exc)) from None
-    if json_output:
-        sys.stdout.write(render_json(report) + "\n")
-        for file in report.files:
-            if file.error is not None:
-                sys.stderr.write(f"bncheck: {file.path}: {file.error.message}\n")
-    else:
+    if fmt is OutputFormat.TEXT:
         Console().print(render_text(report))
+    else:
+        renderer = {
+            OutputFormat.JSON: render_json,
+            OutputFormat.SARIF: render_sarif,
+            OutputFormat.GITHUB: render_github,
+        }
+        sys.stdout.write(renderer[fmt](report) + "\n")
+        if fmt is not OutputFormat.GITHUB:  # github lines already carry the errors
+            for file in report.files:
+                if file.error is not None:
+                    sys.stderr.write(f"bncheck: {file.path}: {file.error.message}\n")
     raise typer.Exit(exit_code(report))
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+@app.command("rules")
+def rules_command() -> None:
+    """List every rule: code, severity and what it finds."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for rule in rule_infos():
+        grid.add_row(rule.code, Text(rule.severity.value, style=_SEVERITY_STYLE[rule.severity]), Text(rule.summary))
+    Console().print(grid)
+
+
+@app.command("explain")
+def explain_command(
+    code: Annotated[str, typer.Argument(help="A rule code, e.g. BN007.", show_default=False)],
+) -> None:
+    """Print a rule's full text: what it checks, the real causes, and the fix."""
+    wanted = code.strip().upper()
+    rule = next((r for r in rule_infos() if r.code == wanted), None)
+    if rule is None:
+        raise _fail(f"unknown rule {code!r}; bncheck rules lists them")
+    console = Console()
+    console.print(Text(f"{rule.code} ({rule.severity.value}): {rule.summary}", style="bold"))
+    for paragraph in rule.paragraphs:
+        console.print()
+        console.print(Text(paragraph))
+
+
+@app.command("diff")
+def diff_command(
+    a: Annotated[Path, typer.Argument(help="The reference checkpoint (e.g. the base model).", show_default=False)],
+    b: Annotated[Path, typer.Argument(help="The checkpoint compared with it.", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
+    source_a: Annotated[
+        str | None,
+        typer.Option("--source-a", help="Entry of A to compare (e.g. state_dict_ema); default: its raw weights."),
+    ] = None,
+    source_b: Annotated[str | None, typer.Option("--source-b", help="Entry of B to compare.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Settings file for the drift thresholds.")] = None,
+) -> None:
+    """Compare the BatchNorm statistics of two checkpoints layer by layer, across formats and prefixes.
+
+    Reports layers only in one side, channel-count changes and each shared layer's drift (mean shift in std,
+    log variance ratio). Exit codes: 0 the same, 1 beyond the drift thresholds, 2 a file could not be read.
+    """
+    try:
+        thresholds = load_settings(config).thresholds
+    except BncheckError as exc:
+        raise _fail(str(exc)) from None
+    diff = diff_checkpoints(a, b, source_a=source_a, source_b=source_b, thresholds=thresholds)
+    if json_output:
+        sys.stdout.write(render_diff_json(diff) + "\n")
+    else:
+        Console().print(render_diff_text(diff))
+    if diff.error is not None:
+        sys.stderr.write(f"bncheck: {diff.error.message}\n")
+        raise typer.Exit(EXIT_NOT_CHECKED)
+    raise typer.Exit(EXIT_FINDINGS if diff.differs else EXIT_OK)
 
 
 @app.command("recalibrate")

@@ -35,7 +35,7 @@ class Drift:
     log_var_ratio_median: float
     log_var_ratio_worst: float
     log_var_ratio_worst_channel: int
-    samples: int
+    samples: int | None
     # what sampling noise alone can produce with this many samples (the verdict needs drift beyond both)
     noise_mean_shift_median: float
     noise_mean_shift_worst: float
@@ -90,14 +90,15 @@ def measure_drift(
     new_mean: np.ndarray,
     new_var: np.ndarray,
     *,
-    samples: int,
+    samples: int | None,
     eps: float = 1e-5,
     other_var: np.ndarray | None = None,
 ) -> Drift:
     """Compare stored statistics with freshly measured ones.
 
     ``samples`` is the number of independent samples behind the new statistics (not the number of values: the
-    positions of one sequence or image are correlated). ``other_var`` is the same variance under the other
+    positions of one sequence or image are correlated); None when both sides are stored statistics, which carry no
+    sampling noise of the comparison's own. ``other_var`` is the same variance under the other
     convention (pooled vs per-batch average); a stored variance is judged against whichever of the two it is closer
     to, so that the convention alone never makes a healthy layer look stale.
     """
@@ -113,20 +114,20 @@ def measure_drift(
     shift = np.where(np.isfinite(shift), shift, np.inf)
     ratio = np.where(np.isfinite(ratio), ratio, np.inf)
     channels = max(int(shift.size), 1)
-    n = max(samples, 2)
+    n = max(samples, 2) if samples is not None else math.inf
     # Standard errors of a standardised mean (1/sqrt(n)) and of a log variance (sqrt(2/(n-1)) for Gaussian data,
     # doubled for the heavier tails of post-ReLU activations); the worst of C channels reaches about
     # sqrt(2 ln 2C) standard errors by chance, plus a margin for the noise of the stored running average itself.
     worst_factor = math.sqrt(2 * math.log(2 * channels)) + 1
     se_mean = 1 / math.sqrt(n)
-    se_log_var = 2 * math.sqrt(2 / (n - 1))
+    se_log_var = 2 * math.sqrt(2 / (n - 1)) if n != math.inf else 0.0
     return Drift(
-        mean_shift_median=float(np.median(shift)),
-        mean_shift_worst=float(shift.max()),
-        mean_shift_worst_channel=int(shift.argmax()),
-        log_var_ratio_median=float(np.median(ratio)),
-        log_var_ratio_worst=float(ratio.max()),
-        log_var_ratio_worst_channel=int(ratio.argmax()),
+        mean_shift_median=float(np.median(shift)) if shift.size else 0.0,
+        mean_shift_worst=float(shift.max()) if shift.size else 0.0,
+        mean_shift_worst_channel=int(shift.argmax()) if shift.size else 0,
+        log_var_ratio_median=float(np.median(ratio)) if ratio.size else 0.0,
+        log_var_ratio_worst=float(ratio.max()) if ratio.size else 0.0,
+        log_var_ratio_worst_channel=int(ratio.argmax()) if ratio.size else 0,
         samples=samples,
         noise_mean_shift_median=2 * se_mean,
         noise_mean_shift_worst=worst_factor * se_mean,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     ERROR = "error"
     WARNING = "warning"
     INFO = "info"
@@ -118,10 +118,64 @@ class FileReport:
 
 
 @dataclass(frozen=True)
+class LayerDiff:
+    """One layer present in both checkpoints: how far B's statistics are from A's."""
+
+    name_a: str
+    name_b: str
+    channels: int
+    mean_shift_median: float
+    mean_shift_worst: float
+    log_var_ratio_median: float
+    log_var_ratio_worst: float
+    drifted: bool
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """Layer-by-layer comparison of the BatchNorm statistics of two checkpoints."""
+
+    path_a: str
+    path_b: str
+    source_a: str = ""
+    source_b: str = ""
+    format_a: str | None = None
+    format_b: str | None = None
+    error: FileError | None = None
+    only_in_a: tuple[str, ...] = ()
+    only_in_b: tuple[str, ...] = ()
+    channel_changes: tuple[tuple[str, int | None, int | None], ...] = ()
+    layers: tuple[LayerDiff, ...] = ()
+    tool_version: str = ""
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.only_in_a or self.only_in_b or self.channel_changes or any(d.drifted for d in self.layers))
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """A rule's description, carried in the report so that formats such as SARIF can describe every rule."""
+
+    code: str
+    name: str
+    severity: Severity
+    summary: str
+    doc: str
+
+    @property
+    def paragraphs(self) -> tuple[str, ...]:
+        """The doc text re-flowed: one string per paragraph (What, Why, Fix)."""
+        return tuple(" ".join(block.split()) for block in self.doc.split("\n\n") if block.strip())
+
+
+@dataclass(frozen=True)
 class Report:
     files: tuple[FileReport, ...]
     fail_on: Severity = Severity.ERROR
     tool_version: str = ""
+    rules: tuple[RuleInfo, ...] = ()
 
     @property
     def unreadable(self) -> bool:

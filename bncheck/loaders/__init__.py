@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 from bncheck.errors import (
@@ -116,11 +118,17 @@ def shards_named_by(index: Path) -> set[Path]:
         return set()  # opening the index will report what is wrong with it
 
 
-def find_checkpoints(path: os.PathLike[str] | str) -> list[Path]:
+def _excluded(path: Path, root: Path, patterns: Sequence[str]) -> bool:
+    relative = path.relative_to(root).as_posix()
+    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(path.name, p) for p in patterns)
+
+
+def find_checkpoints(path: os.PathLike[str] | str, *, exclude: Sequence[str] = ()) -> list[Path]:
     """The checkpoints a path stands for, in sorted order.
 
     A file is itself (whatever its name). A directory is searched recursively: every shard index is one checkpoint
-    that stands for its shards, and every other file with a checkpoint extension is one checkpoint.
+    that stands for its shards, and every other file with a checkpoint extension is one checkpoint. ``exclude``
+    globs drop files found in directories (matched against the path below the directory, or the file name).
     """
     path = Path(path)
     if not path.is_dir():
@@ -133,4 +141,4 @@ def find_checkpoints(path: os.PathLike[str] | str) -> list[Path]:
     indexes = [p for p in files if p.name.endswith(INDEX_SUFFIX)]
     shards = set().union(*(shards_named_by(index) for index in indexes)) if indexes else set()
     singles = [p for p in files if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.resolve() not in shards]
-    return sorted(indexes + singles)
+    return sorted(p for p in indexes + singles if not _excluded(p, path, exclude))

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-from bncheck.report import FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
+from bncheck.report import DiffReport, FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
 
 SCHEMA_VERSION = 1
 
@@ -130,3 +130,34 @@ def report_document(report: Report) -> dict[str, Any]:
 
 def render_json(report: Report) -> str:
     return json.dumps(report_document(report), indent=2, allow_nan=False)
+
+
+def render_diff_json(diff: DiffReport) -> str:
+    """``bncheck diff --json``: its own document kind, versioned like the report."""
+    document = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "diff",
+        "tool": {"name": "bncheck", "version": diff.tool_version},
+        "a": {"path": diff.path_a, "format": diff.format_a, "source": diff.source_a},
+        "b": {"path": diff.path_b, "format": diff.format_b, "source": diff.source_b},
+        "error": None if diff.error is None else {"code": diff.error.code, "message": diff.error.message},
+        "differs": diff.differs,
+        "only_in_a": list(diff.only_in_a),
+        "only_in_b": list(diff.only_in_b),
+        "channel_changes": [{"layer": name, "a": ca, "b": cb} for name, ca, cb in diff.channel_changes],
+        "layers": [
+            {
+                "name_a": row.name_a,
+                "name_b": row.name_b,
+                "channels": row.channels,
+                "mean_shift_median": _number(row.mean_shift_median),
+                "mean_shift_worst": _number(row.mean_shift_worst),
+                "log_var_ratio_median": _number(row.log_var_ratio_median),
+                "log_var_ratio_worst": _number(row.log_var_ratio_worst),
+                "drifted": row.drifted,
+                "reasons": list(row.reasons),
+            }
+            for row in diff.layers
+        ],
+    }
+    return json.dumps(document, indent=2, allow_nan=False)

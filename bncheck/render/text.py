@@ -14,7 +14,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from bncheck.report import FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
+from bncheck.report import DiffReport, FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
 
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 CHANNELS_SHOWN = 6
@@ -269,3 +269,52 @@ def render_text(report: Report) -> RenderableType:
     if report.fail_on is not Severity.ERROR:
         summary.append(f" (fail on {report.fail_on.value})", style="dim")
     return Group(*(_file(f, report.fail_on) for f in report.files), summary)
+
+
+def render_diff_text(diff: DiffReport) -> RenderableType:
+    """``bncheck diff``: what only one side has, channel-count changes, then every shared layer's drift."""
+    head = Text()
+    head.append(f"A {diff.path_a}", style="bold")
+    head.append(f"  ({diff.format_a or '?'}{', ' + diff.source_a if diff.source_a else ''})\n")
+    head.append(f"B {diff.path_b}", style="bold")
+    head.append(f"  ({diff.format_b or '?'}{', ' + diff.source_b if diff.source_b else ''})")
+    if diff.error is not None:
+        return Group(head, Text(f"NOT COMPARED  {diff.error.message}", style="bold red"))
+    parts: list[RenderableType] = [head, Text()]
+    for label, names in (("only in A", diff.only_in_a), ("only in B", diff.only_in_b)):
+        if names:
+            parts.append(Text(f"{label}: {', '.join(names)}", style="yellow"))
+    for name, ca, cb in diff.channel_changes:
+        parts.append(Text(f"{name}: {ca} channels in A, {cb} in B", style="yellow"))
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        show_edge=False,
+        caption_justify="left",
+        caption="drift of B from A as median / worst channel",
+    )
+    longest = max((len(row.name_a) for row in diff.layers), default=5)
+    table.add_column("layer", overflow="fold", min_width=min(longest, 24))
+    table.add_column("ch", justify="right")
+    table.add_column("mean shift (std)", no_wrap=True)
+    table.add_column("|log var ratio|", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    for row in diff.layers:
+        name = row.name_a if row.name_a == row.name_b else f"{row.name_a} ~ {row.name_b}"
+        table.add_row(
+            Text(name),
+            Text(str(row.channels)),
+            Text(f"{_num(row.mean_shift_median)} / {_num(row.mean_shift_worst)}"),
+            Text(f"{_num(row.log_var_ratio_median)} / {_num(row.log_var_ratio_worst)}"),
+            Text("DRIFTED", "bold red") if row.drifted else Text("same", "green"),
+        )
+    parts.append(table)
+    drifted = sum(1 for row in diff.layers if row.drifted)
+    summary = Text(
+        f"{_plural(len(diff.layers), 'shared layer')}, {drifted} drifted, "
+        f"{len(diff.only_in_a) + len(diff.only_in_b)} on one side only, {len(diff.channel_changes)} resized -> "
+    )
+    summary.append("DIFFERENT" if diff.differs else "SAME", style="bold red" if diff.differs else "bold green")
+    parts.append(summary)
+    return Group(*parts)

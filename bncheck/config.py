@@ -1,0 +1,220 @@
+"""Settings from ``[tool.bncheck]`` in the nearest pyproject.toml (or ``--config FILE``), overridden by flags.
+
+Keys follow ruff's conventions: ``select`` / ``extend-select`` / ``ignore`` take rule codes or prefixes (``BN``,
+``BN00``, ``BN007``); where a code matches both, the more specific entry wins and ``ignore`` wins a tie.
+``per-file-ignores`` maps a glob to codes. Every threshold of the checks is a key of its own (``min-variance``,
+``drift-mean-shift-median``...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+from bncheck.checks import RULES, Thresholds
+from bncheck.drift import DriftThresholds
+from bncheck.errors import BncheckError
+from bncheck.report import Severity
+
+
+class ConfigError(BncheckError):
+    code = "bad-config"
+
+
+def _threshold_keys() -> dict[str, tuple[str | None, str, type]]:
+    """Config key -> (sub-dataclass field or None, field name, type) for every threshold."""
+    keys: dict[str, tuple[str | None, str, type]] = {}
+    for f in dataclasses.fields(Thresholds):
+        if f.name == "drift":
+            for g in dataclasses.fields(DriftThresholds):
+                if g.name != "eps":  # the same eps as the static checks: one key
+                    keys["drift-" + g.name.replace("_", "-")] = ("drift", g.name, float)
+        else:
+            keys[f.name.replace("_", "-")] = (None, f.name, int if f.type in ("int", int) else float)
+    return keys
+
+
+THRESHOLD_KEYS = _threshold_keys()
+LIST_KEYS = ("select", "extend-select", "ignore", "exclude")
+KNOWN_KEYS = frozenset({*LIST_KEYS, "fail-on", "per-file-ignores", *THRESHOLD_KEYS})
+
+
+@dataclass(frozen=True)
+class RuleSelection:
+    """Which rule codes are reported, globally and per file."""
+
+    select: tuple[str, ...] = ("BN",)
+    ignore: tuple[str, ...] = ()
+    per_file_ignores: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    root: Path | None = None  # per-file-ignores globs are relative to this folder (the config file's)
+
+    def _enabled(self, code: str, ignore: Sequence[str]) -> bool:
+        chosen = max((len(p) for p in self.select if code.startswith(p)), default=-1)
+        dropped = max((len(p) for p in ignore if code.startswith(p)), default=-1)
+        return chosen > dropped
+
+    def allows(self, code: str, path: str | None = None) -> bool:
+        extra: list[str] = []
+        if path is not None:
+            for pattern, codes in self.per_file_ignores.items():
+                if _path_matches(path, pattern, self.root):
+                    extra.extend(codes)
+        return self._enabled(code, (*self.ignore, *extra))
+
+
+def _path_matches(path: str, pattern: str, root: Path | None) -> bool:
+    candidates = {PurePath(path).as_posix()}
+    if root is not None:
+        with contextlib.suppress(ValueError):  # the file lies outside the config's folder
+            candidates.add(Path(path).resolve().relative_to(root.resolve()).as_posix())
+    if "/" not in pattern:
+        candidates.add(PurePath(path).name)
+    return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
+
+
+@dataclass(frozen=True)
+class Settings:
+    selection: RuleSelection = field(default_factory=RuleSelection)
+    fail_on: Severity = Severity.ERROR
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    exclude: tuple[str, ...] = ()
+    source: Path | None = None  # the config file these came from
+
+
+def _codes(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a list of rule codes or prefixes, got {value!r}")
+    return tuple(_check_code(key, v) for v in value)
+
+
+def _check_code(key: str, code: str) -> str:
+    code = code.strip().upper()
+    if not code or not any(rule.startswith(code) for rule in RULES):
+        raise ConfigError(f"{key}: {code!r} matches no rule (known: {', '.join(RULES)})")
+    return code
+
+
+def _globs(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} must be a list of glob patterns, got {value!r}")
+    return tuple(value)
+
+
+def _severity(key: str, value: Any) -> Severity:
+    try:
+        return Severity(str(value).lower())
+    except ValueError:
+        raise ConfigError(f"{key} must be one of error, warning, info; got {value!r}") from None
+
+
+def _thresholds(table: Mapping[str, Any]) -> Thresholds:
+    top: dict[str, Any] = {}
+    drift: dict[str, Any] = {}
+    for key, (group, name, kind) in THRESHOLD_KEYS.items():
+        if key not in table:
+            continue
+        value = table[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (kind is int and not isinstance(value, int))
+        ):
+            raise ConfigError(f"{key} must be a {'whole ' if kind is int else ''}number, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{key} must not be negative, got {value!r}")
+        (drift if group == "drift" else top)[name] = kind(value)
+    if "eps" in top:
+        drift["eps"] = top["eps"]
+    return dataclasses.replace(Thresholds(**top), drift=DriftThresholds(**drift))
+
+
+def parse_table(table: Mapping[str, Any], *, source: Path | None = None) -> Settings:
+    """Settings from a ``[tool.bncheck]`` table; an unknown key or a bad value is a ConfigError naming it."""
+    unknown = sorted(set(table) - KNOWN_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in [tool.bncheck] (known: {', '.join(sorted(KNOWN_KEYS))})")
+    per_file: dict[str, tuple[str, ...]] = {}
+    raw_per_file = table.get("per-file-ignores", {})
+    if not isinstance(raw_per_file, dict):
+        raise ConfigError("per-file-ignores must be a table of glob = [codes]")
+    for pattern, codes in raw_per_file.items():
+        per_file[pattern] = _codes(f"per-file-ignores.{pattern!r}", codes)
+    select = _codes("select", table["select"]) if "select" in table else ("BN",)
+    select += _codes("extend-select", table.get("extend-select", []))
+    selection = RuleSelection(
+        select=select,
+        ignore=_codes("ignore", table.get("ignore", [])),
+        per_file_ignores=per_file,
+        root=source.parent if source else None,
+    )
+    return Settings(
+        selection=selection,
+        fail_on=_severity("fail-on", table["fail-on"]) if "fail-on" in table else Severity.ERROR,
+        thresholds=_thresholds(table),
+        exclude=_globs("exclude", table.get("exclude", [])),
+        source=source,
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+
+
+def find_pyproject(start: Path) -> Path | None:
+    """The nearest pyproject.toml with a [tool.bncheck] table, searching upward from ``start``."""
+    for folder in (start.resolve(), *start.resolve().parents):
+        candidate = folder / "pyproject.toml"
+        if candidate.is_file() and "bncheck" in _read_toml(candidate).get("tool", {}):
+            return candidate
+    return None
+
+
+def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Settings:
+    """Settings from ``config`` (a pyproject.toml with [tool.bncheck], or a bncheck.toml holding the keys at top
+    level), else from the nearest pyproject.toml above ``cwd``, else the defaults."""
+    if config is not None:
+        document = _read_toml(config)
+        table = document.get("tool", {}).get("bncheck") if "tool" in document else document
+        if not isinstance(table, dict):
+            raise ConfigError(f"{config} has no [tool.bncheck] table")
+        return parse_table(table, source=config)
+    found = find_pyproject(cwd or Path.cwd())
+    if found is None:
+        return Settings()
+    return parse_table(_read_toml(found)["tool"]["bncheck"], source=found)
+
+
+def with_overrides(
+    settings: Settings,
+    *,
+    select: Sequence[str] | None = None,
+    extend_select: Sequence[str] = (),
+    ignore: Sequence[str] = (),
+    fail_on: Severity | None = None,
+    exclude: Sequence[str] = (),
+) -> Settings:
+    """Command-line flags over the file's settings: --select replaces, --extend-select / --ignore / --exclude add,
+    --fail-on replaces."""
+    current = settings.selection
+    chosen = tuple(_check_code("--select", c) for c in select) if select else current.select
+    chosen += tuple(_check_code("--extend-select", c) for c in extend_select)
+    selection = dataclasses.replace(
+        current, select=chosen, ignore=current.ignore + tuple(_check_code("--ignore", c) for c in ignore)
+    )
+    return dataclasses.replace(
+        settings,
+        selection=selection,
+        fail_on=fail_on or settings.fail_on,
+        exclude=settings.exclude + tuple(exclude),
+    )

@@ -1,0 +1,36 @@
+"""GitHub Actions workflow commands: one ``::error`` / ``::warning`` / ``::notice`` line per finding, which the
+runner turns into annotations on the checkpoint file."""
+
+from __future__ import annotations
+
+from bncheck.report import Report, Severity
+
+COMMAND = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
+
+
+def _data(text: str) -> str:
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _property(text: str) -> str:
+    return _data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def render_github(report: Report) -> str:
+    lines = []
+    for file in report.files:
+        if file.error is not None:
+            lines.append(f"::error file={_property(file.path)},title=bncheck::{_data(file.error.message)}")
+        for finding in file.findings:
+            where = f" {finding.layer or '(root)'}" if finding.layer is not None else ""
+            title = _property(f"{finding.code}{where}")
+            message = _data(f"{finding.message}. Fix: {finding.hint}")
+            lines.append(f"::{COMMAND[finding.severity]} file={_property(file.path)},title={title}::{message}")
+    counts = ", ".join(f"{report.count(s)} {s.value}" for s in Severity)
+    unreadable = sum(1 for f in report.files if f.error is not None)
+    lines.append(
+        f"bncheck: {len(report.files)} files, {report.layer_count} layers: {counts}"
+        + (f", {unreadable} not checked" if unreadable else "")
+        + (" -> PASS" if report.ok else " -> FAIL")
+    )
+    return "\n".join(lines)
