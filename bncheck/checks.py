@@ -303,9 +303,12 @@ def never_updated(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_mean is all 0 and running_var all 1 (their initial values), and num_batches_tracked is 0 or
     absent.
 
-    Why: the layer never saw a train-mode forward pass: the model was saved right after construction, trained with
-    BatchNorm frozen by eval(), or trained with track_running_stats=False set after construction (the layer then
-    normalises with batch statistics in train mode and never updates the stored ones). In eval() mode it then
+    Why: PyTorch updates the stored statistics only in train mode, as running = (1 - momentum) * running +
+    momentum * batch_statistic (momentum, 0.1 by default, weighs the new batch: the opposite of Keras' 0.99), and
+    uses them only in eval() mode. This layer never saw a train-mode forward pass: the model was saved right after
+    construction, trained with BatchNorm frozen by eval(), or trained with track_running_stats=False set after
+    construction (the layer then normalises with batch statistics in train mode and never updates the stored
+    ones). In eval() mode it then
     normalises with mean 0 / variance 1, which is wrong for almost any data. Models converted from Caffe or
     folded by an exporter can legitimately carry identity statistics.
 

@@ -23,23 +23,35 @@ FORMATS = ["text", "json", "sarif", "github"]
 
 def run_in(cwd: Path, *args: object) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "bncheck", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bncheck", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------- formats
 
 
-@pytest.mark.parametrize("paths", [[GOOD], [BAD], [GOOD / "mlp-state-dict.pt", BAD / "BN008-constant-feature.pt"]],
-                         ids=["no-findings", "findings", "mixed"])
+@pytest.mark.parametrize(
+    "paths",
+    [[GOOD], [BAD], [GOOD / "mlp-state-dict.pt", BAD / "BN008-constant-feature.pt"]],
+    ids=["no-findings", "findings", "mixed"],
+)
 def test_every_format_gives_the_same_exit_code(cli, paths: list[Path]) -> None:
     codes = {fmt: cli("inspect", *paths, "--format", fmt).exit_code for fmt in FORMATS}
     assert len(set(codes.values())) == 1, codes
     assert cli("inspect", *paths, "--json").exit_code == codes["json"]
 
 
-@pytest.mark.parametrize("paths", [[GOOD], [BAD], [BAD / "BN001-diverged-nan.pt", Path("missing.pt")]],
-                         ids=["no-findings", "findings", "unreadable"])
+@pytest.mark.parametrize(
+    "paths",
+    [[GOOD], [BAD], [BAD / "BN001-diverged-nan.pt", Path("missing.pt")]],
+    ids=["no-findings", "findings", "unreadable"],
+)
 def test_json_output_matches_the_shipped_schema(cli, paths: list[Path]) -> None:
     document = cli("inspect", *paths, "--json").json()
     jsonschema.Draft202012Validator(SCHEMA).validate(document)
@@ -47,8 +59,15 @@ def test_json_output_matches_the_shipped_schema(cli, paths: list[Path]) -> None:
 
 def test_json_with_recomputation_matches_the_schema(cli) -> None:
     r = FIXTURES / "recompute"
-    document = cli("inspect", r / "averaged-two-runs.pt", "--model", f"{r / 'models.py'}:tabular_mlp", "--data",
-                   r / "sample-original.npy", "--json").json()
+    document = cli(
+        "inspect",
+        r / "averaged-two-runs.pt",
+        "--model",
+        f"{r / 'models.py'}:tabular_mlp",
+        "--data",
+        r / "sample-original.npy",
+        "--json",
+    ).json()
     jsonschema.Draft202012Validator(SCHEMA).validate(document)
     assert document["files"][0]["recompute"]["layers"]
 
@@ -56,15 +75,23 @@ def test_json_with_recomputation_matches_the_schema(cli) -> None:
 def test_schema_rejects_what_the_report_never_writes() -> None:
     validator = jsonschema.Draft202012Validator(SCHEMA)
     assert not validator.is_valid({"schema_version": 2})
-    document = {"schema_version": 1, "tool": {"name": "bncheck", "version": "0"}, "ok": True, "fail_on": "error",
-                "files": [], "summary": {"files": 0, "unreadable": 0, "layers": 0, "errors": 0, "warnings": 0,
-                                         "infos": 0}}
+    document = {
+        "schema_version": 1,
+        "tool": {"name": "bncheck", "version": "0"},
+        "ok": True,
+        "fail_on": "error",
+        "files": [],
+        "summary": {"files": 0, "unreadable": 0, "layers": 0, "errors": 0, "warnings": 0, "infos": 0},
+    }
     assert validator.is_valid(document)
     assert not validator.is_valid({**document, "timestamp": "2026-01-01"})
 
 
-@pytest.mark.parametrize("paths", [[GOOD], [BAD], [BAD / "BN001-diverged-nan.pt", Path("missing.pt")]],
-                         ids=["no-findings", "findings", "unreadable"])
+@pytest.mark.parametrize(
+    "paths",
+    [[GOOD], [BAD], [BAD / "BN001-diverged-nan.pt", Path("missing.pt")]],
+    ids=["no-findings", "findings", "unreadable"],
+)
 def test_sarif_is_valid_sarif_2_1_0(cli, paths: list[Path]) -> None:
     result = cli("inspect", *paths, "--format", "sarif")
     document = json.loads(result.stdout)
@@ -72,10 +99,12 @@ def test_sarif_is_valid_sarif_2_1_0(cli, paths: list[Path]) -> None:
     (run,) = document["runs"]
     assert [rule["id"] for rule in run["tool"]["driver"]["rules"]] == list(RULES)
     assert all(rule["help"]["text"].startswith("What:") for rule in run["tool"]["driver"]["rules"])
-    json_findings = [(f["path"], g["code"]) for f in cli("inspect", *paths, "--json").json()["files"]
-                     for g in f["findings"]]
-    assert [(r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"], r["ruleId"]) for r in run["results"]] \
-        == json_findings
+    json_findings = [
+        (f["path"], g["code"]) for f in cli("inspect", *paths, "--json").json()["files"] for g in f["findings"]
+    ]
+    assert [
+        (r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"], r["ruleId"]) for r in run["results"]
+    ] == json_findings
     assert run["invocations"][0]["executionSuccessful"] is (result.exit_code != 2)
 
 
@@ -93,8 +122,7 @@ def test_github_annotations(cli, tmp_path: Path) -> None:
     lines = cli("inspect", BAD / "BN001-diverged-nan.pt", odd, tmp_path / "gone.pt", "--format", "github").stdout
     lines = lines.splitlines()
     assert lines[0].startswith(f"::error file={BAD / 'BN001-diverged-nan.pt'},title=BN001 net.1::running_mean has 28")
-    assert any(line.startswith("::warning file=") and "a%2Cb%3Ac.pt,title=BN008 input_norm::" in line
-               for line in lines)
+    assert any(line.startswith("::warning file=") and "a%2Cb%3Ac.pt,title=BN008 input_norm::" in line for line in lines)
     assert any(line.startswith("::error file=") and "gone.pt,title=bncheck::no such file" in line for line in lines)
     assert lines[-1].endswith("-> FAIL")
 
@@ -112,8 +140,9 @@ def test_select_ignore_and_prefixes(cli) -> None:
     ignored = set(codes_of(cli("inspect", BAD, "--json", "--ignore", "BN0")))
     assert ignored == {"BN101"}
     # the more specific entry wins: select BN001 beats ignore BN00
-    assert set(codes_of(cli("inspect", BAD, "--json", "--ignore", "BN00", "--extend-select", "BN001",
-                            "--select", "BN013"))) == {"BN001", "BN013"}
+    assert set(
+        codes_of(cli("inspect", BAD, "--json", "--ignore", "BN00", "--extend-select", "BN001", "--select", "BN013"))
+    ) == {"BN001", "BN013"}
 
 
 def test_ignored_findings_do_not_fail_the_run(cli) -> None:
@@ -266,8 +295,14 @@ def test_diff_across_formats_and_prefixes_finds_nothing(cli, tmp_path: Path) -> 
 
 
 def test_diff_ema_against_raw_weights_in_one_file(cli) -> None:
-    result = cli("diff", GOOD / "mlp-ema-timm-style.pth", GOOD / "mlp-ema-timm-style.pth", "--source-b",
-                 "state_dict_ema", "--json")
+    result = cli(
+        "diff",
+        GOOD / "mlp-ema-timm-style.pth",
+        GOOD / "mlp-ema-timm-style.pth",
+        "--source-b",
+        "state_dict_ema",
+        "--json",
+    )
     document = json.loads(result.stdout)
     assert (document["a"]["source"], document["b"]["source"]) == ("state_dict", "state_dict_ema")
     assert len(document["layers"]) == 2
@@ -304,12 +339,14 @@ def test_pre_commit_hook_blocks_a_checkpoint_with_nan_statistics(tmp_path: Path)
     shutil.copy(GOOD / "conv1d.safetensors", repo / "good.safetensors")
     subprocess.run([*git, "add", "good.safetensors"], cwd=repo, check=True)
     env = {**os.environ, "PRE_COMMIT_HOME": str(tmp_path / "cache")}
-    good = subprocess.run(["pre-commit", "try-repo", str(ROOT), "bncheck"], cwd=repo, capture_output=True,
-                          text=True, env=env, check=False)
+    good = subprocess.run(
+        ["pre-commit", "try-repo", str(ROOT), "bncheck"], cwd=repo, capture_output=True, text=True, env=env, check=False
+    )
     assert good.returncode == 0, good.stdout + good.stderr
     shutil.copy(BAD / "BN001-diverged-nan.pt", repo / "diverged.pt")
     subprocess.run([*git, "add", "diverged.pt"], cwd=repo, check=True)
-    bad = subprocess.run(["pre-commit", "try-repo", str(ROOT), "bncheck"], cwd=repo, capture_output=True, text=True,
-                         env=env, check=False)
+    bad = subprocess.run(
+        ["pre-commit", "try-repo", str(ROOT), "bncheck"], cwd=repo, capture_output=True, text=True, env=env, check=False
+    )
     assert bad.returncode == 1
     assert "BN001" in bad.stdout and "diverged.pt" in bad.stdout

@@ -46,3 +46,17 @@ def test_sample_report_is_the_real_output() -> None:
     result = run_process(*shlex.split(command), env=env)
     actual = "\n".join(line.rstrip() for line in result.stdout.strip().splitlines())
     assert actual == shown
+
+
+def test_the_config_example_is_valid() -> None:
+    import tomllib
+
+    from bncheck.config import parse_table
+
+    (block,) = re.findall(r"```toml\n(.*?)\n```", README, flags=re.DOTALL)
+    settings = parse_table(tomllib.loads(block)["tool"]["bncheck"])
+    assert settings.fail_on.value == "warning"
+    assert settings.thresholds.min_variance == 1e-10
+    assert not settings.selection.allows("BN010")
+    assert not settings.selection.allows("BN007", "caffe-imports/resnet.pt")
+    assert settings.selection.allows("BN007", "models/resnet.pt")
