@@ -17,7 +17,7 @@ from bncheck.config import RuleSelection
 from bncheck.discover import find_bn_layers, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, UnsupportedFormatError
-from bncheck.loaders import INDEX_SUFFIX, find_checkpoints, open_checkpoint, shards_named_by
+from bncheck.loaders import INDEX_SUFFIX, find_checkpoints, is_url, open_checkpoint
 from bncheck.recompute import Estimator, Mode
 from bncheck.report import (
     FileError,
@@ -85,14 +85,14 @@ def inspect(
     context = _Context(thresholds or Thresholds(), selection or RuleSelection())
     workload = _workload(recompute, progress) if recompute is not None else None
     path_list = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    units: list[Path | FileReport] = []
+    units: list[Path | str | FileReport] = []
     for path in path_list:
         found = find_checkpoints(path, exclude=exclude)
         if not found:
             error = UnsupportedFormatError("directory holds no checkpoint files")
             units.append(FileReport(path=str(path), format=None, size_bytes=None, error=_error(error)))
         units.extend(found)
-    todo = [unit for unit in units if isinstance(unit, Path)]
+    todo = [unit for unit in units if not isinstance(unit, FileReport)]
     if jobs > 1 and workload is None and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             done = iter(pool.map(_inspect_job, todo, [context] * len(todo), chunksize=max(1, len(todo) // (jobs * 4))))
@@ -120,7 +120,7 @@ class _Context:
     selection: RuleSelection
 
 
-def _inspect_job(path: Path, context: _Context) -> FileReport:
+def _inspect_job(path: Path | str, context: _Context) -> FileReport:
     """A worker process's unit of work (top level, so that it pickles)."""
     return _inspect_unit(path, context, None)
 
@@ -133,15 +133,14 @@ def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None)
     return _Workload(request, model.to(request.device), batches, progress)
 
 
-def _inspect_unit(path: Path, context: _Context, workload: _Workload | None) -> FileReport:
-    size = _size(path)
+def _inspect_unit(path: Path | str, context: _Context, workload: _Workload | None) -> FileReport:
     thresholds = context.thresholds
     try:
         checkpoint = open_checkpoint(path)
         layers = [read_layer(layer) for layer in find_bn_layers(checkpoint.root)]
         recomputed = _recompute(checkpoint.root, layers, workload, thresholds) if workload else None
     except BncheckError as exc:
-        return FileReport(path=str(path), format=None, size_bytes=size, error=_error(exc))
+        return FileReport(path=str(path), format=None, size_bytes=_local_size(path), error=_error(exc))
     drifts, info = recomputed if recomputed else ((), None)
     findings = [
         finding
@@ -151,7 +150,7 @@ def _inspect_unit(path: Path, context: _Context, workload: _Workload | None) -> 
     return FileReport(
         path=str(path),
         format=checkpoint.format,
-        size_bytes=size,
+        size_bytes=checkpoint.size_bytes,
         layers=tuple(_layer_info(data, findings) for data in layers),
         findings=tuple(findings),
         notes=checkpoint.notes + _object_notes(checkpoint.globals) + (() if layers else ("no BatchNorm layers",)),
@@ -228,11 +227,11 @@ def _error(exc: BncheckError) -> FileError:
     return FileError(code=exc.code, message=str(exc))
 
 
-def _size(path: Path) -> int | None:
+def _local_size(path: Path | str) -> int | None:
+    if is_url(path):
+        return None
     try:
-        if path.name.endswith(INDEX_SUFFIX):
-            return sum(shard.stat().st_size for shard in shards_named_by(path) if shard.is_file())
-        return path.stat().st_size if path.is_file() else None
+        return Path(path).stat().st_size if Path(path).is_file() else None
     except OSError:
         return None
 
@@ -293,6 +292,8 @@ def recalibrate(
     from bncheck.recalibrate import WriteError, patch_copy
     from bncheck.recompute import recompute_statistics
 
+    if is_url(checkpoint) or is_url(output):
+        raise WriteError("recalibrate reads and writes local files; download the checkpoint first")
     source, target = Path(checkpoint), Path(output)
     if request.mode != "train":
         raise WriteError("recalibration writes train-mode statistics; --mode eval only measures")

@@ -193,10 +193,11 @@ def _fail(message: str) -> typer.Exit:
 @app.command("inspect")
 def inspect_command(
     paths: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
             help="Checkpoint files (.pt .pth .bin .ckpt .safetensors, any name: the format is read from the bytes), "
-            "shard indexes (*.index.json), or directories to search recursively.",
+            "shard indexes (*.index.json), directories to search recursively, or URLs (https://, s3://, gs://; "
+            "needs bncheck[remote]).",
             show_default=False,
             metavar="PATH",
         ),

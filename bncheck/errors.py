@@ -43,3 +43,9 @@ class TorchRequiredError(BncheckError):
     """The file can only be read by torch itself (legacy format) and torch is not installed."""
 
     code = "needs-torch"
+
+
+class MissingDependencyError(BncheckError):
+    """An optional dependency (fsspec and its backend for URLs) is not installed."""
+
+    code = "missing-dependency"

@@ -8,20 +8,24 @@ import json
 import os
 import struct
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from bncheck.errors import (
-    CheckpointNotFoundError,
-    UnreadableFileError,
-    UnsupportedFormatError,
-)
-from bncheck.loaders.files import read_range
+from bncheck.errors import UnsupportedFormatError
+from bncheck.loaders.files import ByteSource, is_url, open_source
 from bncheck.loaders.interface import Checkpoint, TensorRef
 from bncheck.loaders.safetensors import open_safetensors, open_sharded
 from bncheck.loaders.torch_legacy import open_torch_legacy
 from bncheck.loaders.torch_zip import open_torch_zip
 
-__all__ = ["Checkpoint", "TensorRef", "find_checkpoints", "open_checkpoint", "shards_named_by"]
+__all__ = [
+    "Checkpoint",
+    "TensorRef",
+    "find_checkpoints",
+    "is_url",
+    "open_checkpoint",
+    "open_source_checkpoint",
+    "shards_named_by",
+]
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 INDEX_SUFFIX = ".index.json"
@@ -37,19 +41,19 @@ _EXPECTED_BY_SUFFIX = {
 }
 
 
-def sniff(path: Path) -> str:
+def sniff(source: ByteSource) -> str:
     """The format family of a file from its first bytes: 'safetensors', 'zip', 'legacy' or 'index'."""
-    size = path.stat().st_size
+    size = source.size
     if size == 0:
         raise UnsupportedFormatError("file is empty")
-    head = read_range(path, 0, min(size, 64))
+    head = source.read(0, min(size, 64))
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     if head.startswith(_LEGACY_MAGIC):
         return "legacy"
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
-    if path.name.endswith(INDEX_SUFFIX) or head.lstrip()[:1] == b"{":
+    if source.name.endswith(INDEX_SUFFIX) or head.lstrip()[:1] == b"{":
         return "index"
     if head.startswith(b"\x80"):
         raise UnsupportedFormatError("a plain pickle, not a torch.save checkpoint")
@@ -66,38 +70,40 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
 
 
-def _disagreement(path: Path, family: str) -> tuple[str, ...]:
-    expected = _EXPECTED_BY_SUFFIX.get(path.suffix.lower())
+def _disagreement(name: str, family: str) -> tuple[str, ...]:
+    suffix = PurePosixPath(name).suffix.lower()
+    expected = _EXPECTED_BY_SUFFIX.get(suffix)
     actual = "safetensors" if family == "safetensors" else "torch"
     if family == "index" or expected is None or expected == actual:
         return ()
     described = "a safetensors file" if actual == "safetensors" else "a torch.save file"
-    return (f"named {path.suffix} but its bytes are {described}; read as what the bytes say",)
+    return (f"named {suffix} but its bytes are {described}; read as what the bytes say",)
 
 
 def open_checkpoint(path: os.PathLike[str] | str) -> Checkpoint:
-    """Open one checkpoint: a file, a shard index, or a directory holding one index or one ``model.safetensors``.
+    """Open one checkpoint: a file, a shard index, a directory holding one index or one ``model.safetensors``, or
+    an fsspec URL (``https://``, ``s3://``, ``gs://``) of a file or shard index.
 
     Raises a BncheckError subclass with a one-line reason when the path cannot be read as a checkpoint.
     """
-    path = Path(path)
-    try:
-        if path.is_dir():
-            return open_checkpoint(_checkpoint_in_directory(path))
-        if not path.exists():
-            raise CheckpointNotFoundError("no such file or directory")
-        family = sniff(path)
-    except PermissionError as exc:
-        raise UnreadableFileError(f"permission denied: {exc.filename}") from exc
+    if not is_url(path) and Path(path).is_dir():
+        return open_checkpoint(_checkpoint_in_directory(Path(path)))
+    return open_source_checkpoint(open_source(path))
+
+
+def open_source_checkpoint(source: ByteSource) -> Checkpoint:
+    """Open the checkpoint whose bytes ``source`` gives."""
+    family = sniff(source)
     opener = {
         "safetensors": open_safetensors,
         "zip": open_torch_zip,
         "legacy": open_torch_legacy,
         "index": open_sharded,
     }[family]
-    checkpoint = opener(path)
-    notes = _disagreement(path, family)
-    return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes) if notes else checkpoint
+    checkpoint = opener(source)
+    notes = _disagreement(source.name, family)
+    size = checkpoint.size_bytes if family == "index" else source.size
+    return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes, size_bytes=size)
 
 
 def _checkpoint_in_directory(path: Path) -> Path:
@@ -123,13 +129,15 @@ def _excluded(path: Path, root: Path, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(path.name, p) for p in patterns)
 
 
-def find_checkpoints(path: os.PathLike[str] | str, *, exclude: Sequence[str] = ()) -> list[Path]:
+def find_checkpoints(path: os.PathLike[str] | str, *, exclude: Sequence[str] = ()) -> list[Path | str]:
     """The checkpoints a path stands for, in sorted order.
 
     A file is itself (whatever its name). A directory is searched recursively: every shard index is one checkpoint
     that stands for its shards, and every other file with a checkpoint extension is one checkpoint. ``exclude``
     globs drop files found in directories (matched against the path below the directory, or the file name).
     """
+    if is_url(path):
+        return [str(path)]  # a URL names one file or shard index; object stores are not listed
     path = Path(path)
     if not path.is_dir():
         return [path]
@@ -141,4 +149,4 @@ def find_checkpoints(path: os.PathLike[str] | str, *, exclude: Sequence[str] = (
     indexes = [p for p in files if p.name.endswith(INDEX_SUFFIX)]
     shards = set().union(*(shards_named_by(index) for index in indexes)) if indexes else set()
     singles = [p for p in files if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.resolve() not in shards]
-    return sorted(p for p in indexes + singles if not _excluded(p, path, exclude))
+    return sorted((p for p in indexes + singles if not _excluded(p, path, exclude)), key=str)

@@ -1,20 +1,237 @@
-"""Bounded reads of byte ranges, shared by the loaders."""
+"""Where checkpoint bytes come from: a local file, or a URL read through fsspec with ranged requests.
+
+Every loader reads through a :class:`ByteSource`, asking only for the byte ranges it needs, so a remote checkpoint
+costs its header, its index structures and the BatchNorm tensors, not its size.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import posixpath
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any, cast
 
-from bncheck.errors import CorruptCheckpointError, UnreadableFileError
+from bncheck.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    MissingDependencyError,
+    UnreadableFileError,
+)
 
 
-def read_range(path: Path, offset: int, length: int) -> bytes:
-    """Exactly ``length`` bytes at ``offset``; a short read means the file is truncated."""
+def is_url(location: str | os.PathLike[str]) -> bool:
+    return "://" in str(location)
+
+
+class ByteSource:
+    """Random access to the bytes of one checkpoint file."""
+
+    name: str
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``; a short read means the file is truncated."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CorruptCheckpointError(
+                f"file is truncated: needed {length} bytes at offset {offset}, the file has {self.size}"
+            )
+        data = self._read(offset, length)
+        if len(data) != length:
+            raise CorruptCheckpointError(
+                f"file is truncated: needed {length} bytes at offset {offset}, got {len(data)}"
+            )
+        return data
+
+    def _read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def open(self) -> IO[bytes]:
+        """A seekable binary file object (for zipfile)."""
+        raise NotImplementedError
+
+    def sibling(self, name: str) -> ByteSource:
+        """Another file in the same folder (a shard beside its index)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the open file or connection; a later read opens it again."""
+
+    @property
+    def local_path(self) -> Path | None:
+        return None
+
+
+@dataclass(eq=False)
+class LocalSource(ByteSource):
+    path: Path
+    name: str = ""
+    size: int = 0
+    _handle: IO[bytes] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.name = str(self.path)
+        try:
+            if not self.path.exists():
+                raise CheckpointNotFoundError("no such file or directory")
+            self.size = self.path.stat().st_size
+        except PermissionError as exc:
+            raise UnreadableFileError(f"permission denied: {exc.filename}") from exc
+
+    def _read(self, offset: int, length: int) -> bytes:
+        # one open file for all the reads of a checkpoint: thousands of small tensors cost one open
+        try:
+            if self._handle is None:
+                self._handle = self.path.open("rb")
+            self._handle.seek(offset)
+            return self._handle.read(length)
+        except OSError as exc:
+            raise UnreadableFileError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def open(self) -> IO[bytes]:
+        try:
+            return self.path.open("rb")
+        except OSError as exc:
+            raise UnreadableFileError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
+
+    def sibling(self, name: str) -> ByteSource:
+        return LocalSource(self.path.parent / name)
+
+    @property
+    def local_path(self) -> Path | None:
+        return self.path
+
+
+def _remote_error(url: str, exc: BaseException) -> Exception:
+    """One clear error for everything a remote read can raise."""
+    if isinstance(exc, FileNotFoundError):
+        return CheckpointNotFoundError(f"not found: {url}")
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "range requests" in text.lower():
+        return UnreadableFileError(
+            "the server ignores HTTP Range requests; bncheck reads only the bytes it needs and will not "
+            "download the whole file"
+        )
+    return UnreadableFileError(f"cannot read {url}: {type(exc).__name__}: {text}"[:300])
+
+
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    """What fsspec and its HTTP/cloud backends raise for missing objects, refused ranges and dropped connections
+    (aiohttp's errors are not OSErrors; it is imported only when a URL is read, as it is slow to import)."""
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, TimeoutError)
     try:
-        with path.open("rb") as handle:
+        import aiohttp
+    except ImportError:
+        return errors
+    return (*errors, aiohttp.ClientError)
+
+
+@dataclass(eq=False)
+class RemoteSource(ByteSource):
+    """A file behind an fsspec URL (``https://``, ``s3://``, ``gs://``...), read with exact ranged requests."""
+
+    url: str
+    name: str = ""
+    size: int = 0
+    _fs: Any = field(default=None, repr=False)
+    _path: str = ""
+    _handle: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            import fsspec
+        except ImportError:
+            raise MissingDependencyError("reading URLs needs fsspec: pip install 'bncheck[remote]'") from None
+        self.name = self.url
+        try:
+            self._fs, self._path = fsspec.core.url_to_fs(self.url)
+            info = self._fs.info(self._path)
+        except ImportError as exc:
+            raise MissingDependencyError(f"no fsspec backend for {self.url}: {exc}") from None
+        except _remote_errors() as exc:
+            raise _remote_error(self.url, exc) from exc
+        if info.get("type") == "directory":
+            raise UnreadableFileError(f"{self.url} is a directory; name a checkpoint file or shard index")
+        size = info.get("size")
+        if not isinstance(size, int):
+            raise UnreadableFileError(f"the server does not say how large {self.url} is")
+        self.size = size
+
+    def _file(self) -> Any:
+        if self._handle is None:
+            # no read-ahead cache: every read is one ranged request for exactly the bytes asked for
+            self._handle = self._fs.open(self._path, "rb", cache_type="none", size=self.size)
+        return self._handle
+
+    def _read(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        try:
+            handle = self._file()
             handle.seek(offset)
-            data = handle.read(length)
-    except OSError as exc:
-        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) != length:
-        raise CorruptCheckpointError(f"file is truncated: needed {length} bytes at offset {offset}, got {len(data)}")
-    return data
+            data: bytes = handle.read(length)
+            return data
+        except _remote_errors() as exc:
+            raise _remote_error(self.url, exc) from exc
+
+    def open(self) -> IO[bytes]:
+        return cast(IO[bytes], _RemoteFile(self))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def sibling(self, name: str) -> ByteSource:
+        scheme, sep, rest = self.url.partition("://")
+        return RemoteSource(f"{scheme}{sep}{posixpath.join(posixpath.dirname(rest), name)}")
+
+
+class _RemoteFile(io.RawIOBase):
+    """A seekable file object over a RemoteSource whose reads map one-to-one to ranged requests."""
+
+    def __init__(self, source: RemoteSource) -> None:
+        self._source = source
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._source.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._source.size if size is None or size < 0 else min(self._source.size, self._position + size)
+        length = max(0, end - self._position)
+        data = self._source.read(self._position, length) if length else b""
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def open_source(location: str | os.PathLike[str]) -> ByteSource:
+    """A local file or an fsspec URL."""
+    if is_url(location):
+        return RemoteSource(str(location))
+    return LocalSource(Path(location))

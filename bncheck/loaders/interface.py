@@ -69,3 +69,4 @@ class Checkpoint:
     root: Any
     globals: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    size_bytes: int | None = None

@@ -12,30 +12,27 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from bncheck.errors import CorruptCheckpointError, UnreadableFileError
+from bncheck.errors import CheckpointNotFoundError, CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE, SAFETENSORS_DTYPES, bytes_to_array
-from bncheck.loaders.files import read_range
+from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
 
 # A header is a few bytes per tensor; anything this large is corrupt or hostile, and parsing it would cost memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
+def read_header(source: ByteSource) -> tuple[dict[str, Any], int]:
     """The parsed JSON header and the absolute offset where tensor data starts."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    size = source.size
     if size < 8:
         raise CorruptCheckpointError("safetensors file is shorter than its 8-byte header length")
-    (header_len,) = struct.unpack("<Q", read_range(path, 0, 8))
+    (header_len,) = struct.unpack("<Q", source.read(0, 8))
     if header_len > min(size - 8, MAX_HEADER_BYTES):
         raise CorruptCheckpointError(
             f"safetensors header claims {header_len} bytes but the file has {size - 8} after the length field"
         )
     try:
-        header = json.loads(read_range(path, 8, header_len))
+        header = json.loads(source.read(8, header_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpointError(f"safetensors header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -43,7 +40,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + header_len
 
 
-def _tensor_ref(path: Path, name: str, entry: Any, data_start: int, data_size: int) -> TensorRef:
+def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data_size: int) -> TensorRef:
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"safetensors entry {name!r} is not an object")
     raw_dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -68,60 +65,64 @@ def _tensor_ref(path: Path, name: str, entry: Any, data_start: int, data_size: i
         )
 
     def read() -> Any:
-        return bytes_to_array(read_range(path, data_start + begin, end - begin), dtype).reshape(shape_t)
+        return bytes_to_array(source.read(data_start + begin, end - begin), dtype).reshape(shape_t)
 
     strides = tuple(math.prod(shape_t[i + 1 :]) for i in range(len(shape_t)))
-    location = ByteLocation(path=path, member=None, offset=data_start + begin, strides=strides)
+    path = source.local_path
+    location = ByteLocation(path, None, data_start + begin, strides) if path is not None else None
     return TensorRef(dtype=dtype, shape=shape_t, reader=read, location=location)
 
 
-def tensors_of(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+def tensors_of(source: ByteSource) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Every tensor of one safetensors file, in header order, and its ``__metadata__``."""
-    header, data_start = read_header(path)
-    data_size = path.stat().st_size - data_start
+    header, data_start = read_header(source)
+    data_size = source.size - data_start
     metadata = header.pop("__metadata__", None) or {}
-    refs = {name: _tensor_ref(path, name, entry, data_start, data_size) for name, entry in header.items()}
+    refs = {name: _tensor_ref(source, name, entry, data_start, data_size) for name, entry in header.items()}
     return refs, metadata if isinstance(metadata, dict) else {}
 
 
-def open_safetensors(path: Path) -> Checkpoint:
-    refs, _ = tensors_of(path)
+def open_safetensors(source: ByteSource) -> Checkpoint:
+    refs, _ = tensors_of(source)
     return Checkpoint(format="safetensors", root=refs)
 
 
-def open_sharded(index_path: Path) -> Checkpoint:
+def open_sharded(index: ByteSource) -> Checkpoint:
     """A sharded checkpoint from its ``*.index.json`` (Hugging Face layout: ``weight_map`` name -> shard file).
 
     Shards are opened with whichever loader their bytes call for, so ``pytorch_model.bin.index.json`` works too.
     """
-    from bncheck.loaders import open_checkpoint  # the shards may be of any format
+    from bncheck.loaders import open_source_checkpoint  # the shards may be of any format
 
+    if index.size > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(f"shard index of {index.size} bytes is too large to be one")
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UnreadableFileError(f"cannot read {index_path}: {exc.strerror or exc}") from exc
+        document = json.loads(index.read(0, index.size))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptCheckpointError(f"shard index is not valid JSON: {exc}") from exc
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError("shard index has no 'weight_map' of tensor name -> shard file")
     shards: dict[str, dict[str, Any]] = {}
     formats: set[str] = set()
+    total = 0
     root: dict[str, Any] = {}
     for name, shard_name in weight_map.items():
         if shard_name not in shards:
-            shard_path = index_path.parent / shard_name
-            if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts:
+            if Path(shard_name).is_absolute() or ".." in Path(shard_name).parts or "://" in shard_name:
                 raise CorruptCheckpointError(f"shard index names a file outside its folder: {shard_name!r}")
-            if not shard_path.is_file():
-                raise CorruptCheckpointError(f"shard {shard_name} listed in the index is missing")
-            shard = open_checkpoint(shard_path)
+            try:
+                shard_source = index.sibling(shard_name)
+            except CheckpointNotFoundError:
+                raise CorruptCheckpointError(f"shard {shard_name} listed in the index is missing") from None
+            shard = open_source_checkpoint(shard_source)
             if not isinstance(shard.root, dict):
                 raise CorruptCheckpointError(f"shard {shard_name} does not hold a flat dict of tensors")
             shards[shard_name] = shard.root
             formats.add(shard.format)
+            total += shard.size_bytes or 0
         if name not in shards[shard_name]:
             raise CorruptCheckpointError(f"tensor {name!r} is not in shard {shard_name} as the index says")
         root[name] = shards[shard_name][name]
     kind = "/".join(sorted(formats)) or "empty"
-    return Checkpoint(format=f"{kind}, {len(shards)} shards", root=root)
+    return Checkpoint(format=f"{kind}, {len(shards)} shards", root=root, size_bytes=total)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pickle
 import re
-from pathlib import Path
 from typing import Any
 
-from bncheck.errors import CorruptCheckpointError, TorchRequiredError
+from bncheck.errors import CorruptCheckpointError, TorchRequiredError, UnreadableFileError
+from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import Checkpoint, in_memory
 
 
@@ -24,7 +24,10 @@ def _to_refs(obj: Any, torch: Any) -> Any:
     return obj
 
 
-def open_torch_legacy(path: Path) -> Checkpoint:
+def open_torch_legacy(source: ByteSource) -> Checkpoint:
+    path = source.local_path
+    if path is None:
+        raise UnreadableFileError("legacy torch.save files can only be read from a local path (torch reads them whole)")
     try:
         import torch
     except ImportError:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 import struct
 import zipfile
-from pathlib import Path
 
 import numpy as np
 
 from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
-from bncheck.loaders.files import read_range
+from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
 from bncheck.loaders.restricted_pickle import StorageRef, unpickle
 
@@ -31,8 +30,8 @@ def _find_prefix(names: list[str]) -> str:
 
 
 class _Archive:
-    def __init__(self, path: Path, archive: zipfile.ZipFile) -> None:
-        self.path = path
+    def __init__(self, source: ByteSource, archive: zipfile.ZipFile) -> None:
+        self.source = source
         self.archive = archive
         self.prefix = _find_prefix(archive.namelist())
         self.big_endian = self._byteorder() == "big"
@@ -64,17 +63,15 @@ class _Archive:
         if info.compress_type != zipfile.ZIP_STORED:
             # Re-zipped with compression (torch never does this): inflate the member, then slice.
             try:
-                with zipfile.ZipFile(self.path) as archive:
+                with self.source.open() as handle, zipfile.ZipFile(handle) as archive:
                     return archive.read(info)[start : start + length]
             except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
                 raise CorruptCheckpointError(f"cannot read archive member {info.filename}: {exc}") from exc
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack(
-            read_range(self.path, info.header_offset, _LOCAL_HEADER.size)
-        )
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack(self.source.read(info.header_offset, _LOCAL_HEADER.size))
         if signature != b"PK\x03\x04":
             raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
         data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-        return read_range(self.path, data_start + start, length)
+        return self.source.read(data_start + start, length)
 
     def make_tensor(
         self, storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
@@ -105,19 +102,23 @@ class _Archive:
             )
             return np.array(view)
 
-        location = ByteLocation(self.path, info.filename, offset * itemsize, stride, self.big_endian)
+        path = self.source.local_path
+        location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
         return TensorRef(dtype=dtype, shape=size, reader=read, location=location)
 
 
-def open_torch_zip(path: Path) -> Checkpoint:
+def open_torch_zip(source: ByteSource) -> Checkpoint:
+    handle = source.open()
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(handle)
     except zipfile.BadZipFile as exc:
+        handle.close()
         raise CorruptCheckpointError(f"broken zip archive: {exc}") from exc
     except OSError as exc:
-        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    with archive:
-        reader = _Archive(path, archive)
+        handle.close()
+        raise UnreadableFileError(f"cannot read {source.name}: {exc.strerror or exc}") from exc
+    with handle, archive:
+        reader = _Archive(source, archive)
         root, untrusted = unpickle(reader.read_member("data.pkl"), reader.make_tensor)
         names = archive.namelist()
     is_script = any(n.startswith(reader.prefix + "code/") for n in names)

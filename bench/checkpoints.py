@@ -1,0 +1,109 @@
+"""Large and many-small checkpoints for the benchmarks and the remote-read tests, generated once and cached.
+
+The large one is the state dict of ``nn.Sequential(*[Linear(1024, 1024), BatchNorm1d(1024), ReLU()] * 400)``:
+1.7 GB of linear weights around 6.6 MB of BatchNorm tensors. ``scale=2`` doubles every linear weight (so the
+non-BatchNorm bytes double and the BatchNorm layers and tensor count stay the same).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+LAYERS = 400
+WIDTH = 1024
+
+
+def cache_dir() -> Path:
+    folder = Path(os.environ.get("BNCHECK_BENCH_CACHE", Path.home() / ".cache" / "bncheck-bench"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def big_state_dict(*, layers: int = LAYERS, width: int = WIDTH, scale: int = 1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    state: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        linear, norm = 3 * i, 3 * i + 1
+        # zeros cost nothing to make; bncheck and every baseline read only the BatchNorm tensors' values
+        state[f"{linear}.weight"] = torch.zeros(width, width * scale)
+        state[f"{linear}.bias"] = torch.zeros(width)
+        state[f"{norm}.weight"] = torch.ones(width)
+        state[f"{norm}.bias"] = torch.zeros(width)
+        state[f"{norm}.running_mean"] = torch.randn(width, generator=generator) * 0.1
+        state[f"{norm}.running_var"] = torch.rand(width, generator=generator) + 0.5
+        state[f"{norm}.num_batches_tracked"] = torch.tensor(1000)
+    return state
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 4) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for k in range(shards):
+        shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n] for n in names[k * per : (k + 1) * per]}, str(folder / shard))
+        weight_map.update(dict.fromkeys(names[k * per : (k + 1) * per], shard))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def big_checkpoints(
+    folder: Path | None = None, *, scale: int = 1, formats: tuple[str, ...] = ("pt", "safetensors", "sharded")
+) -> dict[str, Path]:
+    """The large checkpoint in each format, written on first use."""
+    folder = folder or cache_dir()
+    tag = "" if scale == 1 else f"-x{scale}"
+    paths = {
+        "pt": folder / f"big{tag}.pt",
+        "safetensors": folder / f"big{tag}.safetensors",
+        "sharded": folder / f"big{tag}-sharded" / "model.safetensors.index.json",
+    }
+    wanted = {name: paths[name] for name in formats}
+    if all(path.exists() for path in wanted.values()):
+        return wanted
+    state = big_state_dict(scale=scale)
+    for name, path in wanted.items():
+        if path.exists():
+            continue
+        temp = path.with_name(path.name + ".partial")
+        if name == "pt":
+            torch.save(state, temp)
+            temp.replace(path)
+        elif name == "safetensors":
+            save_file(state, str(temp))
+            temp.replace(path)
+        else:
+            save_sharded(state, path.parent)
+    return wanted
+
+
+def small_checkpoints(folder: Path | None = None, count: int = 200) -> Path:
+    """``count`` small checkpoints (a few BatchNorm MLPs, a few saving styles) in one folder."""
+    target = (folder or cache_dir()) / f"small-{count}"
+    if target.exists() and len(list(target.iterdir())) == count:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    for i in range(count):
+        width = 16 + 8 * (i % 5)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(10, width),
+            torch.nn.BatchNorm1d(width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.BatchNorm1d(width),
+        )
+        model.train()
+        model(torch.randn(32, 10))
+        if i % 2:
+            save_file(model.state_dict(), str(target / f"model-{i:03d}.safetensors"))
+        else:
+            torch.save({"model": model.state_dict(), "epoch": i}, target / f"model-{i:03d}.pt")
+    return target

@@ -1,0 +1,97 @@
+"""A loopback HTTP server for the remote-checkpoint tests: serves files from a folder, honours (or, on request,
+ignores) Range headers, can drop connections, and counts every byte of body it sends."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class RangeServer:
+    def __init__(self, root: Path, *, honour_range: bool = True, drop_after_requests: int | None = None) -> None:
+        self.root = root
+        self.honour_range = honour_range
+        self.drop_after_requests = drop_after_requests
+        self.bytes_served = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as two writes; no 40 ms delayed-ACK stalls
+
+            def log_message(self, *args: object) -> None:  # keep test output clean
+                pass
+
+            def _file(self) -> Path | None:
+                path = (server.root / self.path.lstrip("/").split("?")[0]).resolve()
+                return path if path.is_file() and server.root.resolve() in path.parents else None
+
+            def do_HEAD(self) -> None:
+                path = self._file()
+                if path is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(path.stat().st_size))
+                self.send_header("Accept-Ranges", "bytes" if server.honour_range else "none")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                with server._lock:
+                    server.requests += 1
+                    dropping = server.drop_after_requests is not None and server.requests > server.drop_after_requests
+                path = self._file()
+                if path is None:
+                    self.send_error(404)
+                    return
+                if dropping:  # the peer goes away mid-conversation
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                size = path.stat().st_size
+                match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if match and server.honour_range:
+                    start = int(match.group(1))
+                    end = min(int(match.group(2)) if match.group(2) else size - 1, size - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                else:
+                    start, end = 0, size - 1
+                    self.send_response(200)
+                length = end - start + 1
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                with path.open("rb") as handle:
+                    handle.seek(start)
+                    remaining = length
+                    try:
+                        while remaining:
+                            chunk = handle.read(min(remaining, 1 << 20))
+                            self.wfile.write(chunk)
+                            with server._lock:
+                                server.bytes_served += len(chunk)
+                            remaining -= len(chunk)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return  # the client stopped reading (a refused full download)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> RangeServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

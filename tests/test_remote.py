@@ -1,0 +1,84 @@
+"""Checkpoints behind URLs: only the needed byte ranges travel, and every network failure is one clean line."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BAD, GOOD, ROOT, run_process
+from range_server import RangeServer
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+@pytest.fixture(scope="session")
+def big_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The benchmark's 1.7 GB checkpoint as .pt and .safetensors (written once per test session)."""
+    from checkpoints import big_checkpoints
+
+    folder = tmp_path_factory.mktemp("big")
+    big_checkpoints(folder, formats=("pt", "safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["big.pt", "big.safetensors"])
+def test_a_remote_1_7_gb_checkpoint_costs_under_1_percent_of_its_bytes(cli, big_folder: Path, name: str) -> None:
+    size = (big_folder / name).stat().st_size
+    assert size > 1.6e9
+    with RangeServer(big_folder) as server:
+        result = cli("inspect", f"{server.url}/{name}", "--json")
+        served = server.bytes_served
+    assert result.exit_code == 0, result.stdout + result.stderr
+    (file,) = result.json()["files"]
+    assert (len(file["layers"]), file["size_bytes"]) == (400, size)
+    assert served < 0.01 * size, f"read {served} of {size} bytes ({served / size:.2%})"
+
+
+def test_remote_results_equal_local_ones(cli, tmp_path: Path) -> None:
+    for path in [*sorted(GOOD.glob("*.p*")), *sorted(BAD.iterdir())]:
+        shutil.copy(path, tmp_path / path.name)
+    shutil.copytree(GOOD / "conv1d-sharded", tmp_path / "conv1d-sharded")
+    names = [p.name for p in sorted(tmp_path.iterdir()) if p.is_file() and "legacy" not in p.name]
+    names.append("conv1d-sharded/model.safetensors.index.json")
+    with RangeServer(tmp_path) as server:
+        for name in names:
+            remote = cli("inspect", f"{server.url}/{name}", "--json").json()["files"][0]
+            local = cli("inspect", tmp_path / name, "--json").json()["files"][0]
+            for key in ("format", "size_bytes", "error", "layers", "findings"):
+                assert remote[key] == local[key], (name, key)
+
+
+def test_a_server_that_ignores_range_is_refused(tmp_path: Path) -> None:
+    shutil.copy(GOOD / "mlp-state-dict.pt", tmp_path / "m.pt")
+    with RangeServer(tmp_path, honour_range=False) as server:
+        result = run_process("inspect", f"{server.url}/m.pt")
+        served = server.bytes_served
+    assert result.returncode == 2
+    assert "ignores HTTP Range requests" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    assert served <= 2 * (GOOD / "mlp-state-dict.pt").stat().st_size
+
+
+def test_a_dropped_connection_and_a_404_are_one_line_errors(tmp_path: Path) -> None:
+    shutil.copy(GOOD / "conv1d.safetensors", tmp_path / "c.safetensors")
+    with RangeServer(tmp_path, drop_after_requests=1) as server:
+        dropped = run_process("inspect", f"{server.url}/c.safetensors", "--json")
+    with RangeServer(tmp_path) as server:
+        missing = run_process("inspect", f"{server.url}/nothing.pt", "--json")
+    for result in (dropped, missing):
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert "not found" in missing.stderr
+    assert "cannot read" in dropped.stderr
+
+
+def test_urls_need_the_remote_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bncheck.errors import MissingDependencyError
+    from bncheck.loaders import open_checkpoint
+
+    monkeypatch.setitem(sys.modules, "fsspec", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'bncheck\[remote\]'"):
+        open_checkpoint("https://example.invalid/model.safetensors")
