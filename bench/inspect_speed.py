@@ -145,7 +145,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    bncheck = shutil.which("bncheck")
+    # the console script beside this interpreter (not a shell shim in front of it), else the one on PATH
+    beside = Path(sys.executable).with_name("bncheck")
+    bncheck = str(beside) if beside.exists() else shutil.which("bncheck")
     if bncheck is None:
         parser.error("install bncheck first: pip install -e '.[test]'")
     py = sys.executable

@@ -7,12 +7,9 @@ import sys
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from bncheck import __version__
 from bncheck.api import RecomputeRequest, rule_infos
@@ -21,7 +18,9 @@ from bncheck.api import recalibrate as recalibrate_path
 from bncheck.config import load_settings, with_overrides
 from bncheck.diff import diff_checkpoints
 from bncheck.errors import BncheckError
-from bncheck.render import render_diff_json, render_diff_text, render_github, render_json, render_sarif, render_text
+from bncheck.render.github import render_github
+from bncheck.render.json import render_diff_json, render_json
+from bncheck.render.sarif import render_sarif
 from bncheck.report import Report, Severity
 
 EXIT_OK = 0
@@ -178,11 +177,18 @@ def _progress(enabled: bool) -> Iterator[Callable[[int], None] | None]:
         SpinnerColumn(),
         TextColumn("running the model: {task.completed} samples"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=_console(stderr=True),
         transient=True,
     ) as bar:
         task = bar.add_task("recompute", total=None)
         yield lambda samples: bar.advance(task, samples)
+
+
+def _console(*, stderr: bool = False) -> Any:
+    """A rich console, imported only when something is printed for people (JSON and SARIF never load rich)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -325,7 +331,9 @@ def inspect_command(
     except BncheckError as exc:
         raise _fail(str(exc)) from None
     if fmt is OutputFormat.TEXT:
-        Console().print(render_text(report))
+        from bncheck.render.text import render_text
+
+        _console().print(render_text(report))
     else:
         renderer = {
             OutputFormat.JSON: render_json,
@@ -347,13 +355,16 @@ def _split(values: list[str] | None) -> list[str]:
 @app.command("rules")
 def rules_command() -> None:
     """List every rule: code, severity and what it finds."""
+    from rich.table import Table
+    from rich.text import Text
+
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
     grid.add_column()
     for rule in rule_infos():
         grid.add_row(rule.code, Text(rule.severity.value, style=_SEVERITY_STYLE[rule.severity]), Text(rule.summary))
-    Console().print(grid)
+    _console().print(grid)
 
 
 @app.command("explain")
@@ -365,7 +376,9 @@ def explain_command(
     rule = next((r for r in rule_infos() if r.code == wanted), None)
     if rule is None:
         raise _fail(f"unknown rule {code!r}; bncheck rules lists them")
-    console = Console()
+    from rich.text import Text
+
+    console = _console()
     console.print(Text(f"{rule.code} ({rule.severity.value}): {rule.summary}", style="bold"))
     for paragraph in rule.paragraphs:
         console.print()
@@ -397,7 +410,9 @@ def diff_command(
     if json_output:
         sys.stdout.write(render_diff_json(diff) + "\n")
     else:
-        Console().print(render_diff_text(diff))
+        from bncheck.render.text import render_diff_text
+
+        _console().print(render_diff_text(diff))
     if diff.error is not None:
         sys.stderr.write(f"bncheck: {diff.error.message}\n")
         raise typer.Exit(EXIT_NOT_CHECKED)
@@ -442,8 +457,12 @@ def recalibrate_command(
             report = recalibrate_path(checkpoint, output, request, force=force, progress=progress)
     except BncheckError as exc:
         raise _fail(str(exc)) from None
-    Console(stderr=True).print(Text(f"wrote {output}"))
-    Console().print(render_text(Report(files=(report,), tool_version=__version__)))
+    from rich.text import Text
+
+    from bncheck.render.text import render_text
+
+    _console(stderr=True).print(Text(f"wrote {output}"))
+    _console().print(render_text(Report(files=(report,), tool_version=__version__)))
     raise typer.Exit(exit_code(Report(files=(report,))))
 
 

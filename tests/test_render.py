@@ -7,7 +7,7 @@ import io
 import pytest
 from rich.console import Console
 
-from bncheck.render import render_text
+from bncheck.render.text import render_text
 from bncheck.report import FileError, FileReport, Finding, LayerInfo, Report, Severity, Summary
 
 
