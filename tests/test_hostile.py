@@ -103,7 +103,7 @@ def test_the_shipped_hostile_fixture_is_flagged_and_checked(cli) -> None:
     assert len(file["layers"]) == 2
 
 
-def test_payload_in_a_legacy_file_is_refused_not_run(cli, tmp_path: Path) -> None:
+def test_payload_in_a_legacy_file_is_flagged_not_run(cli, tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     path = tmp_path / "legacy.pt"
     torch.save(
@@ -113,10 +113,8 @@ def test_payload_in_a_legacy_file_is_refused_not_run(cli, tmp_path: Path) -> Non
     )
     result = cli("inspect", path, "--json")
     assert not marker.exists()
-    assert result.exit_code == 2
-    error = result.json()["files"][0]["error"]
-    assert error["code"] == "corrupt"
-    assert error["message"] == (
-        "legacy torch.save file holds the global posix.system, which torch's weights-only loader refuses; "
-        "bncheck does not run its pickle"
-    )
+    (file,) = result.json()["files"]
+    assert file["format"] == "torch legacy"
+    assert [f["code"] for f in file["findings"]] == ["BN101"]
+    assert "posix.system" in file["findings"][0]["message"]
+    assert [layer["name"] for layer in file["layers"]] == ["1"]

@@ -245,12 +245,31 @@ def test_format_comes_from_the_bytes_and_a_mismatch_is_noted(tmp_path: Path) -> 
     assert open_checkpoint(GOOD / "conv1d.safetensors").notes == ()
 
 
-def test_legacy_file_without_torch_asks_for_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
-    with pytest.raises(BncheckError) as info:
-        open_checkpoint(GOOD / "conv1d-legacy.pt")
-    assert info.value.code == "needs-torch"
-    assert "pip install 'bncheck[torch]'" in str(info.value)
+def test_legacy_files_are_read_without_torch(tmp_path: Path) -> None:
+    base = torch.arange(20.0).reshape(4, 5)
+    tensors = {
+        "view": base[1:3],
+        "transposed": base.t(),
+        "count": torch.tensor(3),
+        "half": torch.rand(3).half(),
+        "bf16": torch.rand(4).bfloat16(),
+        "bn": torch.nn.BatchNorm1d(3).state_dict(),
+    }
+    path = tmp_path / "legacy.pt"
+    torch.save(tensors, path, _use_new_zipfile_serialization=False)
+    expected = torch.load(path, weights_only=True)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from bncheck.loaders import open_checkpoint\n"
+        f"root = open_checkpoint({str(path)!r}).root\n"
+        "print(root['view'].read().tolist(), root['bn']['running_var'].read().tolist())"
+    )
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"{expected['view'].tolist()} {expected['bn']['running_var'].tolist()}"
+    assert assert_same_tree(open_checkpoint(path).root, expected) == 10
+    assert open_checkpoint(GOOD / "conv1d-legacy.pt").format == "torch legacy"
 
 
 BROKEN_INPUTS = {

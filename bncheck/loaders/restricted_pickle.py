@@ -16,7 +16,7 @@ import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 import numpy as np
 
@@ -112,11 +112,16 @@ class TorchDType:
 
 @dataclass(frozen=True)
 class StorageRef:
-    """A persistent id ``('storage', type, key, location, numel)``: the bytes live in archive member data/<key>."""
+    """A persistent id ``('storage', type, key, location, numel)``: the bytes live in archive member data/<key>.
+
+    Legacy files add a sixth element, ``(view_key, offset, size)`` for a view into the root storage ``key``;
+    ``element_offset`` is that offset.
+    """
 
     key: str
     dtype: str
     numel: int
+    element_offset: int = 0
 
 
 TensorFactory = Callable[[StorageRef, int, tuple[int, ...], tuple[int, ...], str], TensorRef]
@@ -131,9 +136,10 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles torch's ``data.pkl`` with stand-ins for every global; see the module docstring."""
 
-    def __init__(self, data: bytes, make_tensor: TensorFactory) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, data: bytes | IO[bytes], make_tensor: TensorFactory) -> None:
+        super().__init__(io.BytesIO(data) if isinstance(data, bytes) else data)
         self._make_tensor = make_tensor
+        self.storages: dict[str, StorageRef] = {}
         self._placeholders: dict[str, type[Placeholder]] = {}
         self.untrusted_globals: list[str] = []
         self._safe: dict[str, Any] = {
@@ -182,13 +188,22 @@ class RestrictedUnpickler(pickle.Unpickler):
             self.untrusted_globals.append(full)
         return self._placeholders[full]
 
-    def persistent_load(self, pid: Any) -> StorageRef:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":
+            return pid[1]  # legacy files name a pickled module's class (and its source) this way
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r:.80}")
-        _, storage_type, key, _location, numel = pid
+        _, storage_type, key, _location, numel, *view = pid
         if not isinstance(storage_type, StorageType) or not isinstance(key, str) or type(numel) is not int:
             raise CorruptCheckpointError(f"malformed storage record {pid!r:.80}")
-        return StorageRef(key=key, dtype=storage_type.dtype, numel=numel)
+        offset = 0
+        if view and view[0] is not None:
+            if not (isinstance(view[0], tuple) and len(view[0]) == 3 and type(view[0][1]) is int):
+                raise CorruptCheckpointError(f"malformed storage view {pid!r:.80}")
+            offset = view[0][1]
+        storage = StorageRef(key=key, dtype=storage_type.dtype, numel=numel, element_offset=offset)
+        self.storages.setdefault(key, storage)
+        return storage
 
     def _tensor(self, storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None) -> TensorRef:
         if not isinstance(storage, StorageRef) or type(offset) is not int:
@@ -263,11 +278,19 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
-def unpickle(data: bytes, make_tensor: TensorFactory) -> tuple[Any, tuple[str, ...]]:
-    """The object tree of a torch pickle and the untrusted globals it named; nothing in it is executed."""
+def unpickle(
+    data: bytes | IO[bytes], make_tensor: TensorFactory, *, storages: dict[str, StorageRef] | None = None
+) -> tuple[Any, tuple[str, ...]]:
+    """The object tree of a torch pickle and the untrusted globals it named; nothing in it is executed.
+
+    ``data`` may be a file object positioned at the pickle; it is left just after the pickle's STOP. ``storages``
+    receives every storage record by key.
+    """
     unpickler = RestrictedUnpickler(data, make_tensor)
     try:
         root = unpickler.load()
     except PICKLE_ERRORS as exc:
         raise CorruptCheckpointError(f"cannot parse pickle: {type(exc).__name__}: {exc}"[:300]) from exc
+    if storages is not None:
+        storages.update(unpickler.storages)
     return root, tuple(unpickler.untrusted_globals)

@@ -1,48 +1,92 @@
-"""Legacy (pre-1.6, non-zip) ``torch.save`` files: only torch can read them, with its restricted unpickler."""
+"""Legacy ``torch.save`` files (before PyTorch 1.6, or ``_use_new_zipfile_serialization=False``), read without torch.
+
+The file is a sequence of pickles: torch's magic number, a protocol version, a dict of system information, the
+object tree (tensors point at storages by key, as in zip archives), and the sorted list of storage keys. The
+storages follow, in that order, each as an int64 element count and its raw little-endian bytes.
+"""
 
 from __future__ import annotations
 
-import pickle
-import re
+import struct
 from typing import Any
 
-from bncheck.errors import CorruptCheckpointError, TorchRequiredError, UnreadableFileError
+import numpy as np
+
+from bncheck.errors import CorruptCheckpointError
+from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
-from bncheck.loaders.interface import Checkpoint, in_memory
+from bncheck.loaders.interface import Checkpoint, TensorRef
+from bncheck.loaders.restricted_pickle import PICKLE_ERRORS, StorageRef, unpickle
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
 
 
-def _to_refs(obj: Any, torch: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        dtype = str(obj.dtype).removeprefix("torch.")
-        tensor = obj.detach().cpu()
-        array = tensor.float().numpy() if dtype == "bfloat16" else tensor.numpy()
-        return in_memory(array, dtype)
-    if isinstance(obj, dict):
-        return type(obj)((key, _to_refs(value, torch)) for key, value in obj.items())
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_refs(value, torch) for value in obj)
-    return obj
+def _plain(handle: Any, what: str) -> Any:
+    """One of the small header pickles, which hold only ints, strings and dicts."""
+
+    def no_tensors(*_: Any) -> TensorRef:
+        raise CorruptCheckpointError(f"unexpected tensor in the {what} record")
+
+    value, untrusted = unpickle(handle, no_tensors)
+    if untrusted:
+        raise CorruptCheckpointError(f"the {what} record names {untrusted[0]}: not a torch.save file")
+    return value
 
 
 def open_torch_legacy(source: ByteSource) -> Checkpoint:
-    path = source.local_path
-    if path is None:
-        raise UnreadableFileError("legacy torch.save files can only be read from a local path (torch reads them whole)")
-    try:
-        import torch
-    except ImportError:
-        raise TorchRequiredError(
-            "legacy (pre-1.6) torch.save format, which only torch can read: pip install 'bncheck[torch]'"
-        ) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        named = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f"the global {named.group(1)}" if named else "objects"
-        raise CorruptCheckpointError(
-            f"legacy torch.save file holds {what}, which torch's weights-only loader refuses; "
-            "bncheck does not run its pickle"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CorruptCheckpointError(f"torch cannot read this legacy file: {str(exc)[:200]}") from exc
-    return Checkpoint(format="torch legacy", root=_to_refs(obj, torch))
+    offsets: dict[str, int] = {}  # storage key -> absolute offset of its bytes, known once the pickles are read
+    sizes: dict[str, int] = {}
+
+    def make_tensor(
+        storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
+    ) -> TensorRef:
+        itemsize = ITEMSIZE.get(dtype)
+        if itemsize is None or len(size) != len(stride) or offset < 0 or any(v < 0 for v in size + stride):
+            raise CorruptCheckpointError(f"malformed tensor record: {dtype}, size {size}, stride {stride}")
+        start = storage.element_offset + offset
+        numel = int(np.prod(size)) if size else 1
+        span = 0 if numel == 0 else 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+
+        def read() -> np.ndarray:
+            if storage.key not in offsets:
+                raise CorruptCheckpointError(f"storage {storage.key} is missing from the file")
+            if (start + span) * itemsize > sizes[storage.key]:
+                raise CorruptCheckpointError(f"tensor of size {size} reaches past its storage {storage.key}")
+            flat = bytes_to_array(source.read(offsets[storage.key] + start * itemsize, span * itemsize), dtype)
+            if numel == 0:
+                return flat.reshape(size)
+            view = np.lib.stride_tricks.as_strided(
+                flat, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
+            )
+            return np.array(view)
+
+        return TensorRef(dtype=dtype, shape=size, reader=read)  # no ByteLocation: recalibrate writes zip files
+
+    handle = source.open()
+    with handle:
+        try:
+            if _plain(handle, "magic number") != MAGIC_NUMBER:
+                raise CorruptCheckpointError("not a torch.save file: wrong magic number")
+            if _plain(handle, "protocol version") != PROTOCOL_VERSION:
+                raise CorruptCheckpointError("unsupported legacy torch.save protocol version")
+            _plain(handle, "system information")
+            storages: dict[str, StorageRef] = {}
+            root, untrusted = unpickle(handle, make_tensor, storages=storages)
+            keys = _plain(handle, "storage key list")
+        except PICKLE_ERRORS as exc:
+            raise CorruptCheckpointError(f"cannot parse legacy torch.save file: {exc}"[:300]) from exc
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise CorruptCheckpointError("malformed storage key list")
+        position = handle.tell()
+    for key in keys:
+        (count,) = struct.unpack("<q", source.read(position, 8))
+        if key not in storages:
+            raise CorruptCheckpointError(f"storage {key} is listed but no tensor or storage record names it")
+        itemsize = ITEMSIZE.get(storages[key].dtype, 1)
+        if count < 0 or position + 8 + count * itemsize > source.size:
+            raise CorruptCheckpointError(f"storage {key} claims {count} elements, more than the file holds")
+        offsets[key] = position + 8
+        sizes[key] = count * itemsize
+        position += 8 + count * itemsize
+    return Checkpoint(format="torch legacy", root=root, globals=untrusted)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -19,7 +20,9 @@ from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
 from bncheck.loaders.restricted_pickle import StorageRef, unpickle
 
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), file name length, extra field length
+_LOCAL_HEADER = struct.Struct("<4s22xHH")
+# data.pkl is a few hundred bytes per tensor; a member declaring more is corrupt or a decompression bomb.
+MAX_PICKLE_BYTES = 512 * 1024 * 1024  # signature, (skipped fields), file name length, extra field length
 
 
 def _find_prefix(names: list[str]) -> str:
@@ -43,10 +46,20 @@ class _Archive:
             raise CorruptCheckpointError(f"archive member {self.prefix + name} is missing") from None
 
     def read_member(self, name: str) -> bytes:
+        return self.read_full(self.member(name))
+
+    def read_full(self, info: zipfile.ZipInfo | str) -> bytes:
+        """A whole (small) member: pickles and records, never tensor storages."""
+        info = self.archive.getinfo(info) if isinstance(info, str) else info
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise CorruptCheckpointError(f"archive member {info.filename} declares {info.file_size} bytes: too large")
         try:
-            return self.archive.read(self.member(name))
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            raise CorruptCheckpointError(f"cannot read archive member {self.prefix + name}: {exc}") from exc
+            data = self.archive.read(info)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+            raise CorruptCheckpointError(f"cannot read archive member {info.filename}: {exc}") from exc
+        if len(data) != info.file_size:
+            raise CorruptCheckpointError(f"archive member {info.filename} is not the size its entry declares")
+        return data
 
     def _byteorder(self) -> str:
         if self.prefix + "byteorder" not in self.archive.NameToInfo:
@@ -118,8 +131,24 @@ def open_torch_zip(source: ByteSource) -> Checkpoint:
         handle.close()
         raise UnreadableFileError(f"cannot read {source.name}: {exc.strerror or exc}") from exc
     with handle, archive:
+        names = archive.namelist()
+        if len(set(names)) != len(names):
+            raise CorruptCheckpointError("zip archive has duplicate member names: which one torch reads is ambiguous")
         reader = _Archive(source, archive)
         root, untrusted = unpickle(reader.read_member("data.pkl"), reader.make_tensor)
-        names = archive.namelist()
+        # TorchScript keeps more pickles (constants.pkl, debug info); their globals are checked too, tensors unread
+        for name in names:
+            if name.endswith((".pkl", ".debug_pkl")) and name != reader.prefix + "data.pkl":
+                _, more = unpickle(reader.read_full(name), _unread_tensor)
+                untrusted += tuple(g for g in more if g not in untrusted)
     is_script = any(n.startswith(reader.prefix + "code/") for n in names)
     return Checkpoint(format="torchscript" if is_script else "torch zip", root=root, globals=untrusted)
+
+
+def _unread_tensor(
+    storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
+) -> TensorRef:
+    def refuse() -> np.ndarray:
+        raise CorruptCheckpointError("tensors of this pickle are not read")
+
+    return TensorRef(dtype=dtype, shape=size, reader=refuse)
