@@ -13,6 +13,8 @@ import _compat_pickle
 import collections
 import io
 import pickle
+import pickletools
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -278,6 +280,31 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
+_LONG_BINPUT = re.compile(rb"r(....)", re.DOTALL)
+_PUT = re.compile(rb"p(\d{7,})\n")
+
+
+def check_memo_indices(data: bytes) -> None:
+    """Refuse a pickle that stores into an absurd memo slot: the C unpickler would grow its memo to that index
+    (gigabytes, touched page by page) before anything else could stop it.
+
+    A memo index can never exceed the pickle's length. The byte scan is a cheap over-approximation; only when it
+    finds a candidate are the opcodes decoded to confirm.
+    """
+    limit = len(data)
+    suspicious = any(struct.unpack("<I", m.group(1))[0] > limit for m in _LONG_BINPUT.finditer(data)) or any(
+        int(m.group(1)) > limit for m in _PUT.finditer(data)
+    )
+    if not suspicious:
+        return
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("LONG_BINPUT", "PUT", "BINPUT") and isinstance(argument, int) and argument > limit:
+                raise CorruptCheckpointError(f"pickle stores into memo slot {argument}, beyond any real pickle")
+    except (ValueError, TypeError) as exc:  # undecodable opcodes: the unpickler itself will report them
+        del exc
+
+
 def unpickle(
     data: bytes | IO[bytes], make_tensor: TensorFactory, *, storages: dict[str, StorageRef] | None = None
 ) -> tuple[Any, tuple[str, ...]]:
@@ -286,6 +313,8 @@ def unpickle(
     ``data`` may be a file object positioned at the pickle; it is left just after the pickle's STOP. ``storages``
     receives every storage record by key.
     """
+    if isinstance(data, bytes):
+        check_memo_indices(data)
     unpickler = RestrictedUnpickler(data, make_tensor)
     try:
         root = unpickler.load()

@@ -6,6 +6,7 @@ Layout: an 8-byte little-endian header length N, N bytes of JSON mapping each te
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -79,6 +80,10 @@ def tensors_of(source: ByteSource) -> tuple[dict[str, TensorRef], dict[str, str]
     data_size = source.size - data_start
     metadata = header.pop("__metadata__", None) or {}
     refs = {name: _tensor_ref(source, name, entry, data_start, data_size) for name, entry in header.items()}
+    spans = sorted((entry["data_offsets"][0], entry["data_offsets"][1], name) for name, entry in header.items())
+    for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
+        if begin < end:
+            raise CorruptCheckpointError(f"tensors {first!r} and {second!r} overlap in the data section")
     return refs, metadata if isinstance(metadata, dict) else {}
 
 

@@ -74,7 +74,12 @@ class _Archive:
         if start + length > info.file_size:
             raise CorruptCheckpointError(f"tensor reaches past the end of its storage {info.filename}")
         if info.compress_type != zipfile.ZIP_STORED:
-            # Re-zipped with compression (torch never does this): inflate the member, then slice.
+            # Re-zipped with compression (torch never does this): inflate the member, then slice, unless it
+            # would expand into a decompression bomb.
+            if info.file_size > MAX_PICKLE_BYTES or info.file_size > 1000 * max(info.compress_size, 1):
+                raise CorruptCheckpointError(
+                    f"compressed member {info.filename} would expand {info.compress_size} bytes to {info.file_size}"
+                )
             try:
                 with self.source.open() as handle, zipfile.ZipFile(handle) as archive:
                     return archive.read(info)[start : start + length]
@@ -84,6 +89,8 @@ class _Archive:
         if signature != b"PK\x03\x04":
             raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
         data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if data_start + info.file_size > self.archive.start_dir:
+            raise CorruptCheckpointError(f"archive member {info.filename} declares more bytes than it holds")
         return self.source.read(data_start + start, length)
 
     def make_tensor(

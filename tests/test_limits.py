@@ -1,0 +1,174 @@
+"""Crafted and broken files end in one clean error with bounded memory and time, never a crash."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GOOD
+from torch import nn
+
+from bncheck.errors import BncheckError
+from bncheck.loaders import open_checkpoint
+
+
+def error_of(path: Path, cli) -> dict:
+    result = cli("inspect", path, "--json")
+    assert result.exit_code == 2, result.stdout
+    error = result.json()["files"][0]["error"]
+    assert error is not None and "\n" not in error["message"]
+    return error
+
+
+def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def bn_header(dtype: str = "F32", offsets: tuple[int, int] = (0, 12), var_offsets: tuple[int, int] = (12, 24)) -> dict:
+    return {
+        "bn.running_mean": {"dtype": dtype, "shape": [3], "data_offsets": list(offsets)},
+        "bn.running_var": {"dtype": "F32", "shape": [3], "data_offsets": list(var_offsets)},
+    }
+
+
+def test_safetensors_header_longer_than_the_file(cli, tmp_path: Path) -> None:
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**6) + b"{}")
+    assert "header claims" in error_of(path, cli)["message"]
+
+
+def test_safetensors_header_over_100_mb_is_refused_without_reading_it(cli, tmp_path: Path) -> None:
+    path = tmp_path / "huge.safetensors"
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", 200 * 2**20) + b"{")
+        handle.truncate(300 * 2**20)  # sparse: costs no disk
+    start = time.perf_counter()
+    assert "header claims" in error_of(path, cli)["message"]
+    assert time.perf_counter() - start < 5
+
+
+def test_safetensors_offsets_that_overlap_or_run_past_the_end(cli, tmp_path: Path) -> None:
+    data = bytes(24)
+    overlap = tmp_path / "overlap.safetensors"
+    overlap.write_bytes(safetensors_bytes(bn_header(offsets=(0, 12), var_offsets=(8, 20)), data))
+    assert "overlap" in error_of(overlap, cli)["message"]
+    past = tmp_path / "past.safetensors"
+    past.write_bytes(safetensors_bytes(bn_header(offsets=(0, 12), var_offsets=(12, 4000)), data))
+    assert "outside" in error_of(past, cli)["message"]
+
+
+def test_unknown_dtype_of_a_batchnorm_tensor(cli, tmp_path: Path) -> None:
+    path = tmp_path / "dtype.safetensors"
+    path.write_bytes(safetensors_bytes(bn_header(dtype="Q42"), bytes(24)))
+    assert error_of(path, cli)["code"] == "unsupported-dtype"
+
+
+def test_element_count_that_overflows(cli, tmp_path: Path) -> None:
+    path = tmp_path / "overflow.safetensors"
+    header = bn_header()
+    header["bn.running_mean"]["shape"] = [2**40, 2**40]
+    path.write_bytes(safetensors_bytes(header, bytes(24)))
+    assert "needs" in error_of(path, cli)["message"]
+
+
+def torch_zip(tmp_path: Path) -> Path:
+    path = tmp_path / "clean.pt"
+    torch.save(nn.BatchNorm1d(4).state_dict(), path)
+    return path
+
+
+def rewrite(source: Path, target: Path, edit) -> Path:
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            edit(dst, info, src.read(info))
+    return target
+
+
+def test_zip_member_smaller_than_declared(cli, tmp_path: Path) -> None:
+    data = bytearray(torch_zip(tmp_path).read_bytes())
+    with zipfile.ZipFile(tmp_path / "clean.pt") as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data/3"))
+        cd_start = archive.start_dir
+    # find this member's central-directory entry and inflate its declared size
+    name = info.filename.encode()
+    entry = data.index(b"PK\x01\x02" + data[cd_start + 4 : cd_start + 4], cd_start)
+    while data[entry + 46 : entry + 46 + len(name)] != name:
+        entry = data.index(b"PK\x01\x02", entry + 1)
+    struct.pack_into("<II", data, entry + 20, 10**6, 10**6)
+    path = tmp_path / "declared.pt"
+    path.write_bytes(bytes(data))
+    error = error_of(path, cli)
+    assert error["code"] == "corrupt"
+
+
+def test_zip_bomb_member_is_refused(cli, tmp_path: Path) -> None:
+    def bomb(dst: zipfile.ZipFile, info: zipfile.ZipInfo, data: bytes) -> None:
+        if info.filename.endswith("data/0"):  # a storage re-zipped as 8 MB of zeros that deflate to almost nothing
+            dst.writestr(info.filename, data + bytes(8 * 2**20), compress_type=zipfile.ZIP_DEFLATED)
+        else:
+            dst.writestr(info, data)
+
+    path = rewrite(torch_zip(tmp_path), tmp_path / "bomb.pt", bomb)
+    assert "would expand" in error_of(path, cli)["message"]
+
+
+def test_duplicate_member_names(cli, tmp_path: Path) -> None:
+    def duplicate(dst: zipfile.ZipFile, info: zipfile.ZipInfo, data: bytes) -> None:
+        dst.writestr(info, data)
+        if info.filename.endswith("data.pkl"):
+            with pytest.warns(UserWarning):
+                dst.writestr(info, data)
+
+    path = rewrite(torch_zip(tmp_path), tmp_path / "dup.pt", duplicate)
+    assert "duplicate member names" in error_of(path, cli)["message"]
+
+
+def replace_pickle(tmp_path: Path, pickle_bytes: bytes) -> Path:
+    def edit(dst: zipfile.ZipFile, info: zipfile.ZipInfo, data: bytes) -> None:
+        dst.writestr(info.filename, pickle_bytes if info.filename.endswith("data.pkl") else data)
+
+    return rewrite(torch_zip(tmp_path), tmp_path / "crafted.pt", edit)
+
+
+def test_absurd_memo_index_is_refused_quickly(cli, tmp_path: Path) -> None:
+    crafted = b"\x80\x02}r\xf0\xff\xff\x0f."  # EMPTY_DICT, LONG_BINPUT 268 million, STOP
+    start = time.perf_counter()
+    assert "memo slot" in error_of(replace_pickle(tmp_path, crafted), cli)["message"]
+    assert time.perf_counter() - start < 5
+
+
+def test_deeply_nested_pickle_is_a_report_not_a_crash(cli, tmp_path: Path) -> None:
+    deep = b"\x80\x02" + b"]" * 200_000 + b"a" * 199_999 + b"."  # 200k nested lists
+    result = cli("inspect", replace_pickle(tmp_path, deep), "--json")
+    assert result.exit_code == 0
+    assert result.json()["files"][0]["notes"] == ["no BatchNorm layers"]
+
+
+def test_tensor_reaching_past_its_storage(cli, tmp_path: Path) -> None:
+    state = nn.BatchNorm1d(4).state_dict()
+    path = tmp_path / "view.pt"
+    torch.save(state, path)
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    # the weight's record is (storage, offset 0, size (4,), ...): give it offset 3 in its 4-element storage
+    crafted = pickled.replace(b"K\x00K\x04\x85q", b"K\x03K\x04\x85q", 1)
+    assert crafted != pickled
+    assert "reaches past" in error_of(replace_pickle(tmp_path, crafted), cli)["message"]
+
+
+def test_open_checkpoint_raises_only_bncheck_errors_on_truncations(tmp_path: Path) -> None:
+    data = (GOOD / "mlp-full-module.pt").read_bytes()
+    for cut in range(0, len(data), max(1, len(data) // 200)):
+        path = tmp_path / "cut.pt"
+        path.write_bytes(data[:cut])
+        try:
+            checkpoint = open_checkpoint(path)
+        except BncheckError:
+            continue
+        assert checkpoint.format
