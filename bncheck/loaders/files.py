@@ -184,7 +184,7 @@ class RemoteSource(ByteSource):
             raise _remote_error(self.url, exc) from exc
 
     def open(self) -> IO[bytes]:
-        return cast(IO[bytes], _RemoteFile(self))
+        return cast(IO[bytes], SourceFile(self))
 
     def close(self) -> None:
         if self._handle is not None:
@@ -196,10 +196,11 @@ class RemoteSource(ByteSource):
         return RemoteSource(f"{scheme}{sep}{posixpath.join(posixpath.dirname(rest), name)}")
 
 
-class _RemoteFile(io.RawIOBase):
-    """A seekable file object over a RemoteSource whose reads map one-to-one to ranged requests."""
+class SourceFile(io.RawIOBase):
+    """A seekable file object over any ByteSource: every read maps to one ``source.read`` and never asks for more
+    than the file holds (a crafted length field cannot make it allocate gigabytes)."""
 
-    def __init__(self, source: RemoteSource) -> None:
+    def __init__(self, source: ByteSource) -> None:
         self._source = source
         self._position = 0
 

@@ -7,31 +7,53 @@ storages follow, in that order, each as an int64 element count and its raw littl
 
 from __future__ import annotations
 
+import pickletools
 import struct
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
 from bncheck.errors import CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
-from bncheck.loaders.files import ByteSource
+from bncheck.loaders.files import ByteSource, SourceFile
 from bncheck.loaders.interface import Checkpoint, TensorRef
-from bncheck.loaders.restricted_pickle import PICKLE_ERRORS, StorageRef, unpickle
+from bncheck.loaders.restricted_pickle import StorageRef, unpickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
-def _plain(handle: Any, what: str) -> Any:
-    """One of the small header pickles, which hold only ints, strings and dicts."""
+class _Pickles:
+    """The consecutive pickles at the start of the file, each located by decoding its opcodes before it is
+    unpickled, so that it is unpickled from bytes whose size is known (and checked like any other pickle)."""
 
-    def no_tensors(*_: Any) -> TensorRef:
-        raise CorruptCheckpointError(f"unexpected tensor in the {what} record")
+    def __init__(self, source: ByteSource) -> None:
+        self.source = source
+        self.position = 0
 
-    value, untrusted = unpickle(handle, no_tensors)
-    if untrusted:
-        raise CorruptCheckpointError(f"the {what} record names {untrusted[0]}: not a torch.save file")
-    return value
+    def next_bytes(self) -> bytes:
+        stream = SourceFile(self.source)
+        stream.seek(self.position)
+        try:
+            for _ in pickletools.genops(cast(IO[bytes], stream)):
+                pass  # decoding every opcode up to STOP validates lengths and finds where the pickle ends
+            end = stream.tell()
+        except (ValueError, TypeError, EOFError, OverflowError, struct.error, UnicodeDecodeError) as exc:
+            raise CorruptCheckpointError(f"cannot parse legacy torch.save file: {exc}"[:300]) from exc
+        data = self.source.read(self.position, end - self.position)
+        self.position = end
+        return data
+
+    def plain(self, what: str) -> Any:
+        """One of the small header pickles, which hold only ints, strings and dicts."""
+
+        def no_tensors(*_: Any) -> TensorRef:
+            raise CorruptCheckpointError(f"unexpected tensor in the {what} record")
+
+        value, untrusted = unpickle(self.next_bytes(), no_tensors)
+        if untrusted:
+            raise CorruptCheckpointError(f"the {what} record names {untrusted[0]}: not a torch.save file")
+        return value
 
 
 def open_torch_legacy(source: ByteSource) -> Checkpoint:
@@ -63,22 +85,18 @@ def open_torch_legacy(source: ByteSource) -> Checkpoint:
 
         return TensorRef(dtype=dtype, shape=size, reader=read)  # no ByteLocation: recalibrate writes zip files
 
-    handle = source.open()
-    with handle:
-        try:
-            if _plain(handle, "magic number") != MAGIC_NUMBER:
-                raise CorruptCheckpointError("not a torch.save file: wrong magic number")
-            if _plain(handle, "protocol version") != PROTOCOL_VERSION:
-                raise CorruptCheckpointError("unsupported legacy torch.save protocol version")
-            _plain(handle, "system information")
-            storages: dict[str, StorageRef] = {}
-            root, untrusted = unpickle(handle, make_tensor, storages=storages)
-            keys = _plain(handle, "storage key list")
-        except PICKLE_ERRORS as exc:
-            raise CorruptCheckpointError(f"cannot parse legacy torch.save file: {exc}"[:300]) from exc
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise CorruptCheckpointError("malformed storage key list")
-        position = handle.tell()
+    pickles = _Pickles(source)
+    if pickles.plain("magic number") != MAGIC_NUMBER:
+        raise CorruptCheckpointError("not a torch.save file: wrong magic number")
+    if pickles.plain("protocol version") != PROTOCOL_VERSION:
+        raise CorruptCheckpointError("unsupported legacy torch.save protocol version")
+    pickles.plain("system information")
+    storages: dict[str, StorageRef] = {}
+    root, untrusted = unpickle(pickles.next_bytes(), make_tensor, storages=storages)
+    keys = pickles.plain("storage key list")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CorruptCheckpointError("malformed storage key list")
+    position = pickles.position
     for key in keys:
         (count,) = struct.unpack("<q", source.read(position, 8))
         if key not in storages:

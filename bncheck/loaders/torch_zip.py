@@ -21,6 +21,21 @@ from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
 from bncheck.loaders.restricted_pickle import StorageRef, unpickle
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
+# What zipfile raises for archives it cannot handle: corrupt structures, undecodable names, encrypted members,
+# unsupported compression methods.
+ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    NotImplementedError,
+    RuntimeError,
+    UnicodeDecodeError,
+    ValueError,
+    EOFError,
+    OSError,
+    zlib.error,
+    struct.error,
+    OverflowError,
+)
 # data.pkl is a few hundred bytes per tensor; a member declaring more is corrupt or a decompression bomb.
 MAX_PICKLE_BYTES = 512 * 1024 * 1024  # signature, (skipped fields), file name length, extra field length
 
@@ -51,11 +66,11 @@ class _Archive:
     def read_full(self, info: zipfile.ZipInfo | str) -> bytes:
         """A whole (small) member: pickles and records, never tensor storages."""
         info = self.archive.getinfo(info) if isinstance(info, str) else info
-        if info.file_size > MAX_PICKLE_BYTES:
+        if info.file_size > MAX_PICKLE_BYTES or info.compress_size > self.source.size:
             raise CorruptCheckpointError(f"archive member {info.filename} declares {info.file_size} bytes: too large")
         try:
             data = self.archive.read(info)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
+        except ZIP_ERRORS as exc:
             raise CorruptCheckpointError(f"cannot read archive member {info.filename}: {exc}") from exc
         if len(data) != info.file_size:
             raise CorruptCheckpointError(f"archive member {info.filename} is not the size its entry declares")
@@ -71,6 +86,8 @@ class _Archive:
 
     def read_bytes(self, info: zipfile.ZipInfo, start: int, length: int) -> bytes:
         """``length`` bytes from ``start`` within a member, read in place when the member is stored."""
+        if info.flag_bits & 0x1:
+            raise CorruptCheckpointError(f"archive member {info.filename} is encrypted")
         if start + length > info.file_size:
             raise CorruptCheckpointError(f"tensor reaches past the end of its storage {info.filename}")
         if info.compress_type != zipfile.ZIP_STORED:
@@ -83,7 +100,7 @@ class _Archive:
             try:
                 with self.source.open() as handle, zipfile.ZipFile(handle) as archive:
                     return archive.read(info)[start : start + length]
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            except ZIP_ERRORS as exc:
                 raise CorruptCheckpointError(f"cannot read archive member {info.filename}: {exc}") from exc
         signature, name_len, extra_len = _LOCAL_HEADER.unpack(self.source.read(info.header_offset, _LOCAL_HEADER.size))
         if signature != b"PK\x03\x04":
@@ -131,12 +148,11 @@ def open_torch_zip(source: ByteSource) -> Checkpoint:
     handle = source.open()
     try:
         archive = zipfile.ZipFile(handle)
-    except zipfile.BadZipFile as exc:
+    except ZIP_ERRORS as exc:
         handle.close()
-        raise CorruptCheckpointError(f"broken zip archive: {exc}") from exc
-    except OSError as exc:
-        handle.close()
-        raise UnreadableFileError(f"cannot read {source.name}: {exc.strerror or exc}") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, zipfile.BadZipFile):
+            raise UnreadableFileError(f"cannot read {source.name}: {exc.strerror or exc}") from exc
+        raise CorruptCheckpointError(f"broken zip archive: {type(exc).__name__}: {exc}"[:300]) from exc
     with handle, archive:
         names = archive.namelist()
         if len(set(names)) != len(names):
