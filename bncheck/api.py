@@ -224,7 +224,8 @@ def _recompute(
 
 
 def _error(exc: BncheckError) -> FileError:
-    return FileError(code=exc.code, message=str(exc))
+    # messages may quote bytes from the file; a report line must stay one line
+    return FileError(code=exc.code, message=" ".join(str(exc).split()))
 
 
 def _local_size(path: Path | str) -> int | None:

@@ -51,7 +51,8 @@ def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data
     )
     if not isinstance(raw_dtype, str) or not valid_shape or not valid_offsets:
         raise CorruptCheckpointError(f"safetensors entry {name!r} lacks a valid dtype, shape or data_offsets")
-    dtype = SAFETENSORS_DTYPES.get(raw_dtype, raw_dtype.lower())
+    known = SAFETENSORS_DTYPES.get(raw_dtype)
+    dtype = known or (raw_dtype.lower() if raw_dtype.isidentifier() else repr(raw_dtype)[:40])
     shape_t: tuple[int, ...] = tuple(shape)  # type: ignore[arg-type]  # validated above
     begin, end = offsets  # type: ignore[misc]
     if not begin <= end <= data_size:
