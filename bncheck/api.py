@@ -18,6 +18,7 @@ from bncheck.discover import find_bn_layers, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, UnsupportedFormatError
 from bncheck.loaders import INDEX_SUFFIX, find_checkpoints, is_url, open_checkpoint
+from bncheck.loaders.restricted_pickle import Placeholder
 from bncheck.recompute import Estimator, Mode
 from bncheck.report import (
     FileError,
@@ -153,7 +154,9 @@ def _inspect_unit(path: Path | str, context: _Context, workload: _Workload | Non
         size_bytes=checkpoint.size_bytes,
         layers=tuple(_layer_info(data, findings) for data in layers),
         findings=tuple(findings),
-        notes=checkpoint.notes + _object_notes(checkpoint.globals) + (() if layers else ("no BatchNorm layers",)),
+        notes=checkpoint.notes
+        + _object_notes(checkpoint.root, checkpoint.globals)
+        + (() if layers else ("no BatchNorm layers",)),
         recompute=info,
     )
 
@@ -237,8 +240,13 @@ def _local_size(path: Path | str) -> int | None:
         return None
 
 
-def _object_notes(globals_named: Sequence[str]) -> tuple[str, ...]:
+def _object_notes(root: Any, globals_named: Sequence[str]) -> tuple[str, ...]:
     """Say which pickled objects were recorded rather than built (not TorchScript's own classes)."""
+    if isinstance(root, Placeholder) and not root.global_name.startswith("__torch__."):
+        return (
+            f"contains code objects of class {root.global_name} (a fully pickled model); its tensors were read "
+            "without running it",
+        )
     objects = [g for g in globals_named if not g.startswith("__torch__.") and not is_dangerous_global(g)]
     if not objects:
         return ()
@@ -249,11 +257,21 @@ def _object_notes(globals_named: Sequence[str]) -> tuple[str, ...]:
 def _summary(values: np.ndarray | None) -> Summary | None:
     if values is None:
         return None
+    with np.errstate(all="ignore"):
+        return _finite_summary(values)
+
+
+def _finite_summary(values: np.ndarray) -> Summary:
     finite = values[np.isfinite(values)]
     nonfinite = int(values.size - finite.size)
     if finite.size == 0:
         return Summary(None, None, None, nonfinite)
     return Summary(float(finite.min()), float(finite.max()), float(finite.mean()), nonfinite)
+
+
+def _quiet_floats(data: LayerData, name: str) -> np.ndarray | None:
+    with np.errstate(all="ignore"):
+        return data.floats(name)
 
 
 def _layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
@@ -268,8 +286,8 @@ def _layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
         num_features=layer.num_features,
         dtype=data.dtype("running_var") or data.dtype("running_mean"),
         num_batches_tracked=data.count(),
-        running_mean=_summary(data.floats("running_mean")),
-        running_var=_summary(data.floats("running_var")),
+        running_mean=_summary(_quiet_floats(data, "running_mean")),
+        running_var=_summary(_quiet_floats(data, "running_var")),
         codes=tuple(codes),
     )
 

@@ -686,6 +686,13 @@ def run_checks(
     """Every finding of every rule: file rules first, then per layer in file order (layer, model and recompute
     rules)."""
     t = thresholds or Thresholds()
+    with np.errstate(all="ignore"):  # the rules look at non-finite values themselves; numpy need not warn
+        return _run_checks(layers, globals_named, drifts, t)
+
+
+def _run_checks(
+    layers: Sequence[LayerData], globals_named: Sequence[str], drifts: Sequence[LayerDrift], t: Thresholds
+) -> list[Finding]:
     findings = [_finding(r, hit, t) for r in RULES.values() if r.scope == "file" for hit in r.check(globals_named, t)]
     per_layer: dict[int, list[Finding]] = {id(data): [] for data in layers}
     by_layer = {id(data.layer): data for data in layers}

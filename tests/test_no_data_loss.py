@@ -29,16 +29,36 @@ def test_no_command_modifies_its_inputs(tmp_path: Path) -> None:
     run_process("inspect", GOOD, BAD, "--format", "sarif", "-j", "2")
     run_process("inspect", R / "averaged-two-runs.pt", "--model", MODEL, "--data", R / "sample-original.npy")
     run_process("diff", GOOD / "mlp-state-dict.pt", GOOD / "mlp-fp16.pt")
-    run_process("recalibrate", R / "stale-untracked-finetune.safetensors", "--model", MODEL, "--data",
-                R / "sample-shifted.npy", "-o", tmp_path / "out.safetensors")
+    run_process(
+        "recalibrate",
+        R / "stale-untracked-finetune.safetensors",
+        "--model",
+        MODEL,
+        "--data",
+        R / "sample-shifted.npy",
+        "-o",
+        tmp_path / "out.safetensors",
+    )
     assert digests(inputs) == before
 
 
 def test_a_killed_recalibration_never_leaves_a_partial_output(tmp_path: Path) -> None:
     source = R / "pruned-after-stats.pth"
     out = tmp_path / "out.pth"
-    command = [sys.executable, "-m", "bncheck", "recalibrate", str(source), "--model", MODEL, "--data",
-               str(R / "sample-original.npy"), "-o", str(out), "--force"]
+    command = [
+        sys.executable,
+        "-m",
+        "bncheck",
+        "recalibrate",
+        str(source),
+        "--model",
+        MODEL,
+        "--data",
+        str(R / "sample-original.npy"),
+        "-o",
+        str(out),
+        "--force",
+    ]
     # how long an uninterrupted run takes, to spread the kills across it
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
