@@ -172,3 +172,18 @@ def test_open_checkpoint_raises_only_bncheck_errors_on_truncations(tmp_path: Pat
         except BncheckError:
             continue
         assert checkpoint.format
+
+
+@pytest.mark.parametrize(
+    "crafted",
+    [
+        b"\x80\x05\x96" + (2**60).to_bytes(8, "little") + b".",  # BYTEARRAY8 of an exabyte
+        b"\x80\x04\x95" + (2**62).to_bytes(8, "little") + b"N.",  # FRAME larger than the pickle
+        b"\x80\x02B" + (2**31).to_bytes(4, "little") + b".",  # BINBYTES of 2 GiB
+    ],
+    ids=["bytearray8", "frame", "binbytes"],
+)
+def test_lengths_beyond_the_pickle_are_refused_before_allocation(cli, tmp_path: Path, crafted: bytes) -> None:
+    start = time.perf_counter()
+    assert error_of(replace_pickle(tmp_path, crafted), cli)["code"] == "corrupt"
+    assert time.perf_counter() - start < 5

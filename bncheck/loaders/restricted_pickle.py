@@ -280,20 +280,26 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
-_LONG_BINPUT = re.compile(rb"r(....)", re.DOTALL)
+# Opcodes followed by a size the C unpickler acts on before checking it against the data: memo slots it grows
+# its memo to, and lengths it allocates (FRAME, BINBYTES8, BINUNICODE8, BYTEARRAY8; BINBYTES, BINUNICODE,
+# BINSTRING, LONG4).
+_SIZE_8 = re.compile(rb"[\x8d\x8e\x95\x96](.{8})", re.DOTALL)
+_SIZE_4 = re.compile(rb"[rBXT\x8b](.{4})", re.DOTALL)
 _PUT = re.compile(rb"p(\d{7,})\n")
 
 
-def check_memo_indices(data: bytes) -> None:
-    """Refuse a pickle that stores into an absurd memo slot: the C unpickler would grow its memo to that index
-    (gigabytes, touched page by page) before anything else could stop it.
+def check_sizes(data: bytes) -> None:
+    """Refuse a pickle whose memo slots or lengths exceed the pickle itself: the C unpickler would allocate them
+    (gigabytes, touched page by page) before noticing that the data cannot hold them.
 
-    A memo index can never exceed the pickle's length. The byte scan is a cheap over-approximation; only when it
-    finds a candidate are the opcodes decoded to confirm.
+    The byte scan over-approximates (any such byte followed by a large number); only when it finds a candidate are
+    the opcodes decoded to confirm.
     """
     limit = len(data)
-    suspicious = any(struct.unpack("<I", m.group(1))[0] > limit for m in _LONG_BINPUT.finditer(data)) or any(
-        int(m.group(1)) > limit for m in _PUT.finditer(data)
+    suspicious = (
+        any(struct.unpack("<Q", m.group(1))[0] > limit for m in _SIZE_8.finditer(data))
+        or any(struct.unpack("<I", m.group(1))[0] > limit for m in _SIZE_4.finditer(data))
+        or any(int(m.group(1)) > limit for m in _PUT.finditer(data))
     )
     if not suspicious:
         return
@@ -301,8 +307,8 @@ def check_memo_indices(data: bytes) -> None:
         for opcode, argument, _ in pickletools.genops(data):
             if opcode.name in ("LONG_BINPUT", "PUT", "BINPUT") and isinstance(argument, int) and argument > limit:
                 raise CorruptCheckpointError(f"pickle stores into memo slot {argument}, beyond any real pickle")
-    except (ValueError, TypeError) as exc:  # undecodable opcodes: the unpickler itself will report them
-        del exc
+    except (ValueError, TypeError, EOFError, OverflowError, struct.error, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"cannot parse pickle: {exc}"[:300]) from exc
 
 
 def unpickle(
@@ -314,7 +320,7 @@ def unpickle(
     receives every storage record by key.
     """
     if isinstance(data, bytes):
-        check_memo_indices(data)
+        check_sizes(data)
     unpickler = RestrictedUnpickler(data, make_tensor)
     try:
         root = unpickler.load()
