@@ -16,9 +16,11 @@ from bncheck.checks import RULES, LayerData, LayerDrift, Thresholds, is_dangerou
 from bncheck.config import RuleSelection
 from bncheck.discover import find_bn_layers, find_state_dicts
 from bncheck.drift import measure_drift
-from bncheck.errors import BncheckError, UnsupportedFormatError
+from bncheck.errors import BncheckError, CorruptCheckpointError, UnsupportedDtypeError, UnsupportedFormatError
 from bncheck.loaders import INDEX_SUFFIX, find_checkpoints, is_url, open_checkpoint
+from bncheck.loaders.interface import Checkpoint
 from bncheck.loaders.restricted_pickle import Placeholder
+from bncheck.loaders.unsafe import open_with_torch
 from bncheck.recompute import Estimator, Mode
 from bncheck.report import (
     FileError,
@@ -72,6 +74,7 @@ def inspect(
     jobs: int = 1,
     recompute: RecomputeRequest | None = None,
     progress: Callable[[int], None] | None = None,
+    unsafe_load: bool = False,
 ) -> Report:
     """Inspect checkpoints (files, shard indexes, directories searched recursively) and return the report.
 
@@ -79,11 +82,13 @@ def inspect(
     chooses which rule codes are reported (all by default), ``exclude`` drops files found in directories by glob,
     and ``jobs`` > 1 inspects files in that many processes (same order, same result). With ``recompute``, the model
     is run over the sample data for every checkpoint (BN012); a model or data spec that cannot be loaded raises
-    ModelError / DataError, since no file could be checked with it.
+    ModelError / DataError, since no file could be checked with it. ``unsafe_load`` lets torch unpickle (running
+    its code) the local files that bncheck's own reader cannot read or finds no BatchNorm layers in; never use it
+    on files you do not trust.
     """
     from bncheck import __version__
 
-    context = _Context(thresholds or Thresholds(), selection or RuleSelection())
+    context = _Context(thresholds or Thresholds(), selection or RuleSelection(), unsafe_load)
     workload = _workload(recompute, progress) if recompute is not None else None
     path_list = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
     units: list[Path | str | FileReport] = []
@@ -119,11 +124,25 @@ def inspect_file(
 class _Context:
     thresholds: Thresholds
     selection: RuleSelection
+    unsafe_load: bool = False
 
 
 def _inspect_job(path: Path | str, context: _Context) -> FileReport:
     """A worker process's unit of work (top level, so that it pickles)."""
     return _inspect_unit(path, context, None)
+
+
+def _open(path: Path | str, unsafe_load: bool) -> Checkpoint:
+    """bncheck's own reader; with ``unsafe_load``, torch's unpickler for what it cannot read."""
+    try:
+        checkpoint = open_checkpoint(path)
+    except (CorruptCheckpointError, UnsupportedDtypeError):
+        if not unsafe_load or is_url(path):
+            raise
+        return open_with_torch(Path(path))
+    if unsafe_load and checkpoint.globals and not find_bn_layers(checkpoint.root) and not is_url(path):
+        return open_with_torch(Path(path))
+    return checkpoint
 
 
 def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None) -> _Workload:
@@ -137,7 +156,7 @@ def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None)
 def _inspect_unit(path: Path | str, context: _Context, workload: _Workload | None) -> FileReport:
     thresholds = context.thresholds
     try:
-        checkpoint = open_checkpoint(path)
+        checkpoint = _open(path, context.unsafe_load)
         layers = [read_layer(layer) for layer in find_bn_layers(checkpoint.root)]
         recomputed = _recompute(checkpoint.root, layers, workload, thresholds) if workload else None
     except BncheckError as exc:

@@ -272,6 +272,14 @@ def inspect_command(
         int,
         typer.Option("-j", "--jobs", min=1, help="Inspect files in this many processes (same output, same exit code)."),
     ] = 1,
+    unsafe_load: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-load",
+            help="For trusted files only: let torch unpickle what bncheck's own reader cannot read (this RUNS the "
+            "pickle's code). Never the default.",
+        ),
+    ] = False,
     model: ModelOption = None,
     data: DataOption = None,
     model_kwargs: ModelKwargsOption = None,
@@ -308,6 +316,10 @@ def inspect_command(
     """
     request = _request(model, data, model_kwargs, batch_size, max_samples, mode, estimator, device, source, skip_layer)
     fmt = OutputFormat.JSON if json_output else output_format
+    if unsafe_load:
+        from bncheck.loaders.unsafe import WARNING
+
+        sys.stderr.write(f"bncheck: warning: {WARNING}\n")
     try:
         settings = with_overrides(
             load_settings(config),
@@ -327,6 +339,7 @@ def inspect_command(
                 jobs=jobs,
                 recompute=request,
                 progress=progress,
+                unsafe_load=unsafe_load,
             )
     except BncheckError as exc:
         raise _fail(str(exc)) from None

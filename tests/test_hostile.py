@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import os
 import pickle
 import subprocess
@@ -118,3 +119,22 @@ def test_payload_in_a_legacy_file_is_flagged_not_run(cli, tmp_path: Path) -> Non
     assert [f["code"] for f in file["findings"]] == ["BN101"]
     assert "posix.system" in file["findings"][0]["message"]
     assert [layer["name"] for layer in file["layers"]] == ["1"]
+
+
+def test_unsafe_load_is_opt_in_and_warns(tmp_path: Path) -> None:
+    import numpy as np
+    from conftest import run_process
+
+    # running statistics stored as numpy arrays: bncheck's reader records them as objects, torch rebuilds them
+    path = tmp_path / "numpy-stats.pt"
+    torch.save({"bn.running_mean": np.zeros(3, np.float32), "bn.running_var": -np.ones(3, np.float32)}, path)
+    safe = run_process("inspect", path, "--json")
+    assert safe.returncode == 0
+    assert json.loads(safe.stdout)["files"][0]["layers"] == []
+    assert "warning" not in safe.stderr
+    unsafe = run_process("inspect", path, "--json", "--unsafe-load")
+    assert unsafe.stderr.startswith("bncheck: warning: --unsafe-load runs the code inside the checkpoint's pickle")
+    file = json.loads(unsafe.stdout)["files"][0]
+    assert file["format"] == "torch (unsafe load)"
+    assert [f["code"] for f in file["findings"]] == ["BN002", "BN010"]
+    assert unsafe.returncode == 1
