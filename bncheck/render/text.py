@@ -181,6 +181,20 @@ def _findings_table(findings: tuple[Finding, ...]) -> Table:
     return grid
 
 
+def _drift_columns(caption: str, names: list[str], *, with_channels: bool) -> Table:
+    """The table shared by recomputation and diff: layer, [channels,] both drift measures, verdict."""
+    table = Table(
+        box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False, caption_justify="left", caption=caption
+    )
+    table.add_column("layer", overflow="fold", min_width=min(max((len(n) for n in names), default=5), 24))
+    if with_channels:
+        table.add_column("ch", justify="right")
+    table.add_column("mean shift (std)", no_wrap=True)
+    table.add_column("|log var ratio|", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    return table
+
+
 def _drift_table(info: RecomputeInfo) -> RenderableType:
     head = Text(
         f"recomputed in {info.mode} mode on {_plural(info.samples, 'sample')} "
@@ -191,19 +205,11 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
     parts: list[RenderableType] = [head]
     if info.too_few_samples:
         parts.append(Text(f"too few samples to judge small drift ({info.samples}); use more with --data", "yellow"))
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        pad_edge=False,
-        show_edge=False,
-        caption_justify="left",
-        caption="drift as median / worst channel; stale = beyond the practical limit and the sampling noise",
+    table = _drift_columns(
+        "drift as median / worst channel; stale = beyond the practical limit and the sampling noise",
+        [row.name for row in info.layers],
+        with_channels=False,
     )
-    longest = max((len(row.name) for row in info.layers), default=5)
-    table.add_column("layer", overflow="fold", min_width=min(longest, 24))
-    table.add_column("mean shift (std)", no_wrap=True)
-    table.add_column("|log var ratio|", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
     for row in info.layers:
         verdict = (
             Text("stale (silenced)", "dim")
@@ -286,20 +292,9 @@ def render_diff_text(diff: DiffReport) -> RenderableType:
             parts.append(Text(f"{label}: {', '.join(names)}", style="yellow"))
     for name, ca, cb in diff.channel_changes:
         parts.append(Text(f"{name}: {ca} channels in A, {cb} in B", style="yellow"))
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        pad_edge=False,
-        show_edge=False,
-        caption_justify="left",
-        caption="drift of B from A as median / worst channel",
+    table = _drift_columns(
+        "drift of B from A as median / worst channel", [row.name_a for row in diff.layers], with_channels=True
     )
-    longest = max((len(row.name_a) for row in diff.layers), default=5)
-    table.add_column("layer", overflow="fold", min_width=min(longest, 24))
-    table.add_column("ch", justify="right")
-    table.add_column("mean shift (std)", no_wrap=True)
-    table.add_column("|log var ratio|", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
     for row in diff.layers:
         name = row.name_a if row.name_a == row.name_b else f"{row.name_a} ~ {row.name_b}"
         table.add_row(
