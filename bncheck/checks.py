@@ -88,11 +88,6 @@ class LayerDrift:
     silenced: bool = False
 
 
-LayerRule = Callable[[LayerData, Thresholds], Iterable[Hit]]
-ModelRule = Callable[[Sequence[LayerData], Thresholds], Iterable[tuple[LayerData, Hit]]]
-FileRule = Callable[[Sequence[str], Thresholds], Iterable[Hit]]
-
-
 @dataclass(frozen=True)
 class Rule:
     code: str

@@ -52,7 +52,13 @@ class Drift:
                 self.noise_mean_shift_median,
                 "std",
             ),
-            ("worst mean shift", self.mean_shift_worst, limits.mean_shift_worst, self.noise_mean_shift_worst, "std"),
+            (
+                f"worst mean shift (channel {self.mean_shift_worst_channel})",
+                self.mean_shift_worst,
+                limits.mean_shift_worst,
+                self.noise_mean_shift_worst,
+                "std",
+            ),
             (
                 "median |log var ratio|",
                 self.log_var_ratio_median,
@@ -61,7 +67,7 @@ class Drift:
                 "",
             ),
             (
-                "worst |log var ratio|",
+                f"worst |log var ratio| (channel {self.log_var_ratio_worst_channel})",
                 self.log_var_ratio_worst,
                 limits.log_var_ratio_worst,
                 self.noise_log_var_ratio_worst,
