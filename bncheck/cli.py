@@ -203,7 +203,7 @@ def inspect_command(
         typer.Argument(
             help="Checkpoint files (.pt .pth .bin .ckpt .safetensors, any name: the format is read from the bytes), "
             "shard indexes (*.index.json), directories to search recursively, or URLs (https://, s3://, gs://; "
-            "needs bncheck[remote]).",
+            "needs bncheck\\[remote]).",
             show_default=False,
             metavar="PATH",
         ),
@@ -225,7 +225,7 @@ def inspect_command(
         typer.Option(
             "--fail-on",
             case_sensitive=False,
-            help="Lowest severity that makes the exit code 1 [default: error, or fail-on in the config].",
+            help="Lowest severity that makes the exit code 1 (default: error, or fail-on in the config).",
             show_default=False,
             rich_help_panel=_RULES,
         ),
@@ -254,8 +254,8 @@ def inspect_command(
         Path | None,
         typer.Option(
             "--config",
-            help="Settings file (a pyproject.toml with [tool.bncheck], or a TOML file of the "
-            "same keys) [default: the nearest pyproject.toml with [tool.bncheck]].",
+            help="Settings file (a pyproject.toml with \\[tool.bncheck], or a TOML file of the "
+            "same keys); default: the nearest pyproject.toml with \\[tool.bncheck].",
             show_default=False,
             rich_help_panel=_RULES,
         ),
@@ -308,7 +308,7 @@ def inspect_command(
 ) -> None:
     """Check every BatchNorm layer's running_mean, running_var and num_batches_tracked.
 
-    Reads only the BatchNorm tensors, never imports torch for zip or safetensors files, never runs pickle code.
+    Reads only the BatchNorm tensors, needs no torch to do it, and never runs pickle code.
 
     With --model and --data it also reruns the model on sample data and flags stale statistics (BN012).
 
@@ -400,8 +400,10 @@ def explain_command(
 
 @app.command("diff")
 def diff_command(
-    a: Annotated[Path, typer.Argument(help="The reference checkpoint (e.g. the base model).", show_default=False)],
-    b: Annotated[Path, typer.Argument(help="The checkpoint compared with it.", show_default=False)],
+    a: Annotated[
+        Path, typer.Argument(help="The reference checkpoint (e.g. the base model).", show_default=False, metavar="A")
+    ],
+    b: Annotated[Path, typer.Argument(help="The checkpoint compared with it.", show_default=False, metavar="B")],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
     source_a: Annotated[
         str | None,
@@ -435,7 +437,8 @@ def diff_command(
 @app.command("recalibrate")
 def recalibrate_command(
     checkpoint: Annotated[
-        Path, typer.Argument(help="The checkpoint to recalibrate (a single file).", show_default=False)
+        Path,
+        typer.Argument(help="The checkpoint to recalibrate (a single file).", show_default=False, metavar="CHECKPOINT"),
     ],
     model: ModelOption = None,
     data: DataOption = None,

@@ -158,3 +158,11 @@ def test_inputs_are_never_modified(cli, tmp_path: Path) -> None:
     cli("inspect", BAD, "--json")
     cli("inspect", BAD)
     assert before == {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(BAD.iterdir())}
+
+
+def test_help_texts_lose_no_bracketed_words() -> None:
+    """typer renders help through rich markup, where an unescaped [word] silently disappears."""
+    env = {**os.environ, "COLUMNS": "200"}
+    text = " ".join(run_process("inspect", "--help", env=env).stdout.split())
+    assert "bncheck[remote]" in text
+    assert "pyproject.toml with [tool.bncheck]" in text

@@ -26,7 +26,7 @@ def render_github(report: Report) -> str:
             title = _property(f"{finding.code}{where}")
             message = _data(f"{finding.message}. Fix: {finding.hint}")
             lines.append(f"::{COMMAND[finding.severity]} file={_property(file.path)},title={title}::{message}")
-    counts = ", ".join(f"{report.count(s)} {s.value}" for s in Severity)
+    counts = ", ".join(f"{report.count(s)} {s.value}{'' if report.count(s) == 1 else 's'}" for s in Severity)
     unreadable = sum(1 for f in report.files if f.error is not None)
     lines.append(
         f"bncheck: {len(report.files)} files, {report.layer_count} layers: {counts}"
