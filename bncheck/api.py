@@ -146,11 +146,17 @@ def _open(path: Path | str, unsafe_load: bool) -> Checkpoint:
 
 
 def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None) -> _Workload:
-    from bncheck.model_data import load_batches, load_model
+    from bncheck.model_data import ModelError, load_batches, load_model
 
     batches = load_batches(request.data, batch_size=request.batch_size, max_samples=request.max_samples)
     model = load_model(request.model, kwargs=request.model_kwargs)
-    return _Workload(request, model.to(request.device), batches, progress)
+    try:
+        model = model.to(request.device)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # no such device, or torch built without it
+        raise ModelError(
+            f"cannot use device {request.device!r}: {str(exc).splitlines()[0] if str(exc) else exc}"
+        ) from exc
+    return _Workload(request, model, batches, progress)
 
 
 def _inspect_unit(path: Path | str, context: _Context, workload: _Workload | None) -> FileReport:

@@ -220,6 +220,7 @@ BAD_ARGUMENTS = {
     "model without data": (["--model", MODEL], "--model and --data go together"),
     "not a module spec": (["--model", "justaword", "--data", ORIGINAL], "neither module:factory"),
     "importing fails": (["--model", "no_such_package_xyz:make", "--data", ORIGINAL], "importing no_such_package_xyz"),
+    "unknown device": (["--model", MODEL, "--data", ORIGINAL, "--device", "gpu9"], "cannot use device 'gpu9'"),
 }
 
 
