@@ -45,7 +45,7 @@ def python_code(marker: Path) -> str:
 
 PAYLOADS: dict[str, Callable[[Path], object]] = {
     "os.system": lambda m: Reduce(os.system, shell(m)),
-    "subprocess.Popen": lambda m: Reduce(subprocess.check_call, ["touch", str(m)]),
+    "subprocess.check_call": lambda m: Reduce(subprocess.check_call, ["touch", str(m)]),
     "builtins.exec": lambda m: Reduce(builtins.exec, python_code(m)),
     "builtins.eval": lambda m: Reduce(builtins.eval, python_code(m)),
     "builtins.getattr": lambda m: Reduce(
