@@ -12,6 +12,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import math
 import pickle
 import pickletools
 import struct
@@ -126,6 +127,27 @@ class StorageRef:
 
 
 TensorFactory = Callable[[StorageRef, int, tuple[int, ...], tuple[int, ...], str], TensorRef]
+
+
+def view_span(offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str) -> tuple[int, int]:
+    """Check a tensor record's view of its storage; return the dtype's item size and the number of storage
+    elements from the first to the last one the view touches (0 for an empty tensor)."""
+    itemsize = ITEMSIZE.get(dtype)
+    if itemsize is None or len(size) != len(stride) or offset < 0 or any(v < 0 for v in size + stride):
+        raise CorruptCheckpointError(f"malformed tensor record: {dtype}, size {size}, stride {stride}")
+    if math.prod(size) == 0:
+        return itemsize, 0
+    return itemsize, 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+
+
+def strided_copy(flat: np.ndarray, size: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
+    """The tensor a record describes, from the storage elements its view spans."""
+    if math.prod(size) == 0:
+        return flat.reshape(size)
+    view = np.lib.stride_tricks.as_strided(
+        flat, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
+    )
+    return np.array(view)
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:

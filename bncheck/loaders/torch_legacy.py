@@ -17,7 +17,7 @@ from bncheck.errors import CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource, SourceFile
 from bncheck.loaders.interface import Checkpoint, TensorRef
-from bncheck.loaders.restricted_pickle import StorageRef, unpickle
+from bncheck.loaders.restricted_pickle import StorageRef, strided_copy, unpickle, view_span
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -63,12 +63,8 @@ def open_torch_legacy(source: ByteSource) -> Checkpoint:
     def make_tensor(
         storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
     ) -> TensorRef:
-        itemsize = ITEMSIZE.get(dtype)
-        if itemsize is None or len(size) != len(stride) or offset < 0 or any(v < 0 for v in size + stride):
-            raise CorruptCheckpointError(f"malformed tensor record: {dtype}, size {size}, stride {stride}")
+        itemsize, span = view_span(offset, size, stride, dtype)
         start = storage.element_offset + offset
-        numel = int(np.prod(size)) if size else 1
-        span = 0 if numel == 0 else 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
 
         def read() -> np.ndarray:
             if storage.key not in offsets:
@@ -76,12 +72,7 @@ def open_torch_legacy(source: ByteSource) -> Checkpoint:
             if (start + span) * itemsize > sizes[storage.key]:
                 raise CorruptCheckpointError(f"tensor of size {size} reaches past its storage {storage.key}")
             flat = bytes_to_array(source.read(offsets[storage.key] + start * itemsize, span * itemsize), dtype)
-            if numel == 0:
-                return flat.reshape(size)
-            view = np.lib.stride_tricks.as_strided(
-                flat, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
-            )
-            return np.array(view)
+            return strided_copy(flat, size, stride)
 
         return TensorRef(dtype=dtype, shape=size, reader=read)  # no ByteLocation: recalibrate writes zip files
 

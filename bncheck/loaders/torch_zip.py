@@ -7,7 +7,6 @@ The archive holds ``<name>/data.pkl`` (the object tree, whose tensors point at s
 
 from __future__ import annotations
 
-import math
 import struct
 import zipfile
 import zlib
@@ -18,7 +17,7 @@ from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
-from bncheck.loaders.restricted_pickle import StorageRef, unpickle
+from bncheck.loaders.restricted_pickle import StorageRef, strided_copy, unpickle, view_span
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")
 # What zipfile raises for archives it cannot handle: corrupt structures, undecodable names, encrypted members,
@@ -113,31 +112,17 @@ class _Archive:
     def make_tensor(
         self, storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
     ) -> TensorRef:
-        if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
-            raise CorruptCheckpointError(f"malformed tensor record: size {size}, stride {stride}")
-        itemsize = ITEMSIZE.get(dtype)
-        if itemsize is None:
-            raise CorruptCheckpointError(f"unknown tensor dtype {dtype}")
+        itemsize, span = view_span(offset, size, stride, dtype)
         info = self.member(f"data/{storage.key}")
-        numel = math.prod(size)
-        # elements from the first to the last one the view touches, inclusive
-        span = 0 if numel == 0 else 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         storage_bytes = storage.numel * ITEMSIZE.get(storage.dtype, 1)
-        if numel and (offset + span) * itemsize > storage_bytes:
+        if span and (offset + span) * itemsize > storage_bytes:
             raise CorruptCheckpointError(
                 f"tensor of size {size} at offset {offset} reaches past its {storage_bytes}-byte storage"
             )
 
         def read() -> np.ndarray:
-            flat = bytes_to_array(
-                self.read_bytes(info, offset * itemsize, span * itemsize), dtype, big_endian=self.big_endian
-            )
-            if numel == 0:
-                return flat.reshape(size)
-            view = np.lib.stride_tricks.as_strided(
-                flat, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
-            )
-            return np.array(view)
+            raw = self.read_bytes(info, offset * itemsize, span * itemsize)
+            return strided_copy(bytes_to_array(raw, dtype, big_endian=self.big_endian), size, stride)
 
         path = self.source.local_path
         location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
