@@ -41,11 +41,16 @@ class BNLayer:
 
     @property
     def num_features(self) -> int | None:
-        for key in ("running_mean", "running_var", "weight", "bias"):
-            ref = self.tensors.get(key)
-            if ref is not None and len(ref.shape) == 1:
-                return ref.shape[0]
-        return None
+        return _width(self.tensors)
+
+
+def _width(tensors: Mapping[str, TensorRef]) -> int | None:
+    """A layer's channel count: the length of its first 1-D statistic or affine parameter."""
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        ref = tensors.get(key)
+        if ref is not None and len(ref.shape) == 1:
+            return ref.shape[0]
+    return None
 
 
 @dataclass
@@ -199,8 +204,7 @@ def _layers_of(container: StateDict) -> Iterator[BNLayer]:
         if prefix in container.classes:
             kind, inferred = container.classes[prefix], False
         else:
-            width = BNLayer(prefix, source, averaged, "BatchNorm", False, tensors).num_features
-            guess = _infer_kind(prefix, container.tensors, width)
+            guess = _infer_kind(prefix, container.tensors, _width(tensors))
             kind, inferred = (guess, True) if guess else ("BatchNorm", False)
         yield BNLayer(prefix, source, averaged, kind, inferred, tensors)
 
