@@ -64,9 +64,12 @@ class _LayerAccumulator:
 
     def add(self, count: int, samples: int, mean: np.ndarray, m2: np.ndarray) -> None:
         self.pooled.merge(count, mean, m2)
-        batch_var = m2 / (count - 1) if count > 1 else np.full_like(m2, np.nan)
+        self.add_batch(samples, mean, m2 / (count - 1) if count > 1 else np.full_like(m2, np.nan))
+
+    def add_batch(self, samples: int, mean: np.ndarray, var: np.ndarray) -> None:
+        """One batch's mean and unbiased variance, for the per-batch average (all a TorchScript model gives)."""
         self.batch_mean_sum = mean if self.batch_mean_sum is None else self.batch_mean_sum + mean
-        self.batch_var_sum = batch_var if self.batch_var_sum is None else self.batch_var_sum + batch_var
+        self.batch_var_sum = var if self.batch_var_sum is None else self.batch_var_sum + var
         self.batches += 1
         self.samples += samples
 
@@ -267,7 +270,7 @@ def _recompute_scripted(
     if mode != "train":
         raise BncheckError("eval mode needs each layer's input, which a TorchScript model does not expose")
     modules = batchnorm_modules(model)
-    sums: dict[str, list[np.ndarray]] = {}
+    accumulators = {name: _LayerAccumulator() for name in modules}
     used = skipped = samples = 0
     preserved = _Preserved(model, modules)
     try:
@@ -289,6 +292,7 @@ def _recompute_scripted(
                         raise
                     skipped += 1
                     continue
+                size = _batch_size(args, kwargs)
                 for name, module in modules.items():
                     buffers = dict(module.named_buffers(recurse=False))
                     if int(buffers["num_batches_tracked"]) == 0:
@@ -297,13 +301,7 @@ def _recompute_scripted(
                     factor = 1.0 if momentum is None else float(momentum)
                     mean = buffers["running_mean"].double().cpu().numpy() / factor
                     var = buffers["running_var"].double().cpu().numpy() / factor
-                    if name in sums:
-                        sums[name][0] += mean
-                        sums[name][1] += var
-                        sums[name][2] += 1
-                    else:
-                        sums[name] = [mean, var, np.array(1)]
-                size = _batch_size(args, kwargs)
+                    accumulators[name].add_batch(size, mean, var)
                 used += 1
                 samples += size
                 if on_batch is not None:
@@ -311,9 +309,10 @@ def _recompute_scripted(
     finally:
         preserved.restore()
     layers = {}
-    for name, (mean_sum, var_sum, count) in sums.items():
-        mean, var = mean_sum / int(count), var_sum / int(count)
-        layers[name] = LayerStatistics(name, mean, var, mean, var, samples, 0, int(count))
+    for name, acc in accumulators.items():
+        if acc.batches and acc.batch_mean_sum is not None and acc.batch_var_sum is not None:
+            mean, var = acc.batch_mean_sum / acc.batches, acc.batch_var_sum / acc.batches
+            layers[name] = LayerStatistics(name, mean, var, mean, var, acc.samples, 0, acc.batches)
     return RecomputeResult(layers, used, skipped, samples, mode, pooled=False)
 
 
