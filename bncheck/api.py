@@ -14,14 +14,14 @@ import numpy as np
 
 from bncheck.checks import RULES, LayerData, LayerDrift, Thresholds, is_dangerous_global, read_layer, run_checks
 from bncheck.config import RuleSelection
-from bncheck.discover import find_bn_layers, find_state_dicts
+from bncheck.discover import StateDict, find_bn_layers, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, CorruptCheckpointError, UnsupportedDtypeError, UnsupportedFormatError
 from bncheck.loaders import INDEX_SUFFIX, find_checkpoints, is_url, open_checkpoint
 from bncheck.loaders.interface import Checkpoint
 from bncheck.loaders.restricted_pickle import Placeholder
 from bncheck.loaders.unsafe import open_with_torch
-from bncheck.recompute import Estimator, Mode
+from bncheck.recompute import Estimator, Mode, RecomputeResult
 from bncheck.report import (
     FileError,
     FileReport,
@@ -153,9 +153,8 @@ def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None)
     try:
         model = model.to(request.device)
     except (RuntimeError, AssertionError, ValueError) as exc:  # no such device, or torch built without it
-        raise ModelError(
-            f"cannot use device {request.device!r}: {str(exc).splitlines()[0] if str(exc) else exc}"
-        ) from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot use device {request.device!r}: {reason}") from exc
     return _Workload(request, model, batches, progress)
 
 
@@ -186,18 +185,27 @@ def _inspect_unit(path: Path | str, context: _Context, workload: _Workload | Non
     )
 
 
-def _recompute(
-    root: Any, layers: Sequence[LayerData], workload: _Workload, thresholds: Thresholds
-) -> tuple[list[LayerDrift], RecomputeInfo]:
-    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift."""
+def _run_model(root: Any, workload: _Workload, mode: Mode) -> tuple[StateDict, str, RecomputeResult]:
+    """Load the checkpoint's state dict that fits the model into it, then rerun the model on the sample data."""
     from bncheck.model_data import load_state_into
-    from bncheck.recompute import VARIANCE_CONVENTIONS, recompute_statistics
+    from bncheck.recompute import recompute_statistics
 
     request = workload.request
     state, prefix = load_state_into(workload.model, find_state_dicts(root), source=request.source)
     result = recompute_statistics(
-        workload.model, workload.batches, mode=request.mode, device=request.device, on_batch=workload.progress
+        workload.model, workload.batches, mode=mode, device=request.device, on_batch=workload.progress
     )
+    return state, prefix, result
+
+
+def _recompute(
+    root: Any, layers: Sequence[LayerData], workload: _Workload, thresholds: Thresholds
+) -> tuple[list[LayerDrift], RecomputeInfo]:
+    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift."""
+    from bncheck.recompute import VARIANCE_CONVENTIONS
+
+    request = workload.request
+    state, prefix, result = _run_model(root, workload, request.mode)
     by_name = {(data.layer.source, data.layer.name): data for data in layers}
     drifts: list[LayerDrift] = []
     rows: list[LayerDriftInfo] = []
@@ -282,21 +290,13 @@ def _object_notes(root: Any, globals_named: Sequence[str]) -> tuple[str, ...]:
 def _summary(values: np.ndarray | None) -> Summary | None:
     if values is None:
         return None
-    with np.errstate(all="ignore"):
-        return _finite_summary(values)
-
-
-def _finite_summary(values: np.ndarray) -> Summary:
     finite = values[np.isfinite(values)]
     nonfinite = int(values.size - finite.size)
     if finite.size == 0:
         return Summary(None, None, None, nonfinite)
-    return Summary(float(finite.min()), float(finite.max()), float(finite.mean()), nonfinite)
-
-
-def _quiet_floats(data: LayerData, name: str) -> np.ndarray | None:
-    with np.errstate(all="ignore"):
-        return data.floats(name)
+    with np.errstate(over="ignore"):  # the mean of values near the float64 limit overflows to inf, as it should
+        mean = float(finite.mean())
+    return Summary(float(finite.min()), float(finite.max()), mean, nonfinite)
 
 
 def _layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
@@ -311,8 +311,8 @@ def _layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
         num_features=layer.num_features,
         dtype=data.dtype("running_var") or data.dtype("running_mean"),
         num_batches_tracked=data.count(),
-        running_mean=_summary(_quiet_floats(data, "running_mean")),
-        running_var=_summary(_quiet_floats(data, "running_var")),
+        running_mean=_summary(data.floats("running_mean")),
+        running_var=_summary(data.floats("running_var")),
         codes=tuple(codes),
     )
 
@@ -332,9 +332,7 @@ def recalibrate(
     number of batches used); every other byte is kept. The copy is inspected before it is renamed into place.
     Returns the report of the written file; raises BncheckError when nothing could be written.
     """
-    from bncheck.model_data import load_state_into
     from bncheck.recalibrate import WriteError, patch_copy
-    from bncheck.recompute import recompute_statistics
 
     if is_url(checkpoint) or is_url(output):
         raise WriteError("recalibrate reads and writes local files; download the checkpoint first")
@@ -350,10 +348,7 @@ def recalibrate(
     t = thresholds or Thresholds()
     workload = _workload(request, progress)
     root = open_checkpoint(source).root
-    state, prefix = load_state_into(workload.model, find_state_dicts(root), source=request.source)
-    result = recompute_statistics(
-        workload.model, workload.batches, mode="train", device=request.device, on_batch=progress
-    )
+    state, prefix, result = _run_model(root, workload, "train")
     layers = {layer.name: layer for layer in find_bn_layers(root) if layer.source == state.source}
     patches = {}
     for module, stats in result.layers.items():

@@ -56,7 +56,8 @@ class LayerData:
         array = self.arrays.get(name)
         if array is None or self.dtype(name) not in FLOATING:
             return None
-        return np.asarray(array, dtype=np.float64)
+        with np.errstate(all="ignore"):  # a mislabelled or crafted array may not cast cleanly; rules see NaN
+            return np.asarray(array, dtype=np.float64)
 
     def count(self) -> int | None:
         """num_batches_tracked when it is a valid integer scalar."""
@@ -681,13 +682,6 @@ def run_checks(
     """Every finding of every rule: file rules first, then per layer in file order (layer, model and recompute
     rules)."""
     t = thresholds or Thresholds()
-    with np.errstate(all="ignore"):  # the rules look at non-finite values themselves; numpy need not warn
-        return _run_checks(layers, globals_named, drifts, t)
-
-
-def _run_checks(
-    layers: Sequence[LayerData], globals_named: Sequence[str], drifts: Sequence[LayerDrift], t: Thresholds
-) -> list[Finding]:
     findings = [_finding(r, hit, t) for r in RULES.values() if r.scope == "file" for hit in r.check(globals_named, t)]
     per_layer: dict[int, list[Finding]] = {id(data): [] for data in layers}
     by_layer = {id(data.layer): data for data in layers}
