@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bncheck.errors import BncheckError, CorruptCheckpointError
+from bncheck.errors import BncheckError
 from bncheck.loaders.dtypes import ITEMSIZE, array_to_bytes
+from bncheck.loaders.files import LocalSource
 from bncheck.loaders.interface import ByteLocation, TensorRef
+from bncheck.loaders.torch_zip import member_data_start
 
 
 class WriteError(BncheckError):
@@ -37,16 +39,6 @@ def _element_offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.nda
     for size, stride in zip(shape, strides, strict=True):
         offsets = (offsets[:, None] + np.arange(size, dtype=np.int64)[None, :] * stride).reshape(-1)
     return offsets
-
-
-def _local_data_start(handle: object, info: zipfile.ZipInfo) -> int:
-    assert hasattr(handle, "seek") and hasattr(handle, "read")
-    handle.seek(info.header_offset)
-    header = handle.read(30)
-    if header[:4] != b"PK\x03\x04":
-        raise CorruptCheckpointError(f"bad local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return int(info.header_offset + 30 + name_len + extra_len)
 
 
 def _write_elements(handle: object, base: int, ref: TensorRef, location: ByteLocation, values: np.ndarray) -> None:
@@ -65,17 +57,16 @@ def _write_elements(handle: object, base: int, ref: TensorRef, location: ByteLoc
         handle.write(encoded[index * itemsize : (index + 1) * itemsize])
 
 
-def _fix_zip_crcs(path: Path, members: set[str]) -> None:
+def _fix_zip_crcs(path: Path, infos: Mapping[str, zipfile.ZipInfo], starts: Mapping[str, int]) -> None:
     """Recompute the CRC-32 of patched members wherever the archive records it."""
     with zipfile.ZipFile(path) as archive:
-        infos = {info.filename: info for info in archive.infolist() if info.filename in members}
         cd_offset = archive.start_dir
     with path.open("r+b") as handle:
         new_crcs: dict[str, int] = {}
         for name, info in infos.items():
             if info.compress_type != zipfile.ZIP_STORED:
                 raise WriteError(f"cannot patch compressed archive member {name}")
-            start = _local_data_start(handle, info)
+            start = starts[name]
             handle.seek(start)
             crc = zlib.crc32(handle.read(info.file_size)) & 0xFFFFFFFF
             new_crcs[name] = crc
@@ -90,7 +81,6 @@ def _fix_zip_crcs(path: Path, members: set[str]) -> None:
                 handle.seek(at)
                 handle.write(struct.pack("<I", crc))
         # central directory: 46-byte entries followed by name, extra field and comment
-        handle.seek(cd_offset)
         position = cd_offset
         while True:
             handle.seek(position)
@@ -128,12 +118,14 @@ def patch_copy(
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
             shutil.copyfileobj(src, out, length=1024 * 1024)
         members = {loc.member for loc in locations.values() if loc.member is not None}
+        infos: dict[str, zipfile.ZipInfo] = {}
+        if members:
+            with zipfile.ZipFile(temp) as archive:
+                infos = {name: archive.getinfo(name) for name in members}
+        copy = LocalSource(temp)
+        starts = {name: member_data_start(copy, info) for name, info in infos.items()}
+        copy.close()
         with temp.open("r+b") as handle:
-            starts: dict[str, int] = {}
-            if members:
-                with zipfile.ZipFile(temp) as archive:
-                    for name in members:
-                        starts[name] = _local_data_start(handle, archive.getinfo(name))
             for ref, values in patches.items():
                 location = locations[ref]
                 if math.prod(ref.shape) != np.asarray(values).size:
@@ -143,7 +135,7 @@ def patch_copy(
             handle.flush()
             os.fsync(handle.fileno())
         if members:
-            _fix_zip_crcs(temp, members)
+            _fix_zip_crcs(temp, infos, starts)
             with zipfile.ZipFile(temp) as archive:
                 broken = archive.testzip()
             if broken is not None:

@@ -39,6 +39,15 @@ ZIP_ERRORS = (
 MAX_PICKLE_BYTES = 512 * 1024 * 1024  # signature, (skipped fields), file name length, extra field length
 
 
+def member_data_start(source: ByteSource, info: zipfile.ZipInfo) -> int:
+    """Where a member's bytes begin: after its local header, whose extra field (torch's alignment padding) can
+    differ in length from the central directory's."""
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(source.read(info.header_offset, _LOCAL_HEADER.size))
+    if signature != b"PK\x03\x04":
+        raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
+    return int(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+
+
 def _find_prefix(names: list[str]) -> str:
     candidates = sorted((n for n in names if n.endswith("data.pkl") and n.count("/") <= 1), key=len)
     if not candidates:
@@ -101,10 +110,7 @@ class _Archive:
                     return archive.read(info)[start : start + length]
             except ZIP_ERRORS as exc:
                 raise CorruptCheckpointError(f"cannot read archive member {info.filename}: {exc}") from exc
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack(self.source.read(info.header_offset, _LOCAL_HEADER.size))
-        if signature != b"PK\x03\x04":
-            raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
-        data_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        data_start = member_data_start(self.source, info)
         if data_start + info.file_size > self.archive.start_dir:
             raise CorruptCheckpointError(f"archive member {info.filename} declares more bytes than it holds")
         return self.source.read(data_start + start, length)
