@@ -4,10 +4,34 @@
 >>> report.ok
 """
 
-from bncheck.api import inspect
-from bncheck.checks import Thresholds
-from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bncheck.api import inspect
+    from bncheck.checks import Thresholds
+    from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity
 
 __version__ = "0.1.0"
 
 __all__ = ["FileReport", "Finding", "LayerInfo", "Report", "Severity", "Thresholds", "__version__", "inspect"]
+
+# The public names are imported on first use, so that `bncheck --version` and `--help` do not load numpy and the
+# readers.
+_HOME = {
+    "inspect": "bncheck.api",
+    "Thresholds": "bncheck.checks",
+    "FileReport": "bncheck.report",
+    "Finding": "bncheck.report",
+    "LayerInfo": "bncheck.report",
+    "Report": "bncheck.report",
+    "Severity": "bncheck.report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'bncheck' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOME[name]), name)

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from bncheck.cli import app
+from bncheck.cli import run
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -37,13 +38,14 @@ class CliResult:
 @pytest.fixture
 def cli():
     """Run the CLI in-process (fast); stdout and stderr kept apart."""
-    runner = CliRunner()
 
-    def run(*args: str | Path) -> CliResult:
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        return CliResult(result.exit_code, result.stdout, result.stderr)
+    def invoke(*args: str | Path) -> CliResult:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run([str(a) for a in args])
+        return CliResult(code, out.getvalue(), err.getvalue())
 
-    return run
+    return invoke
 
 
 def run_process(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -40,10 +40,22 @@ def test_exit_2_when_a_path_cannot_be_read_and_every_path_is_still_checked(cli, 
     assert result.stderr.strip() == f"bncheck: {missing}: no such file or directory"
 
 
-def test_exit_2_for_usage_errors() -> None:
-    assert run_process("inspect").returncode == 2
-    assert run_process("inspect", CLEAN_FILE, "--fail-on", "sometimes").returncode == 2
-    assert run_process("frobnicate").returncode == 2
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["inspect"], "Missing argument 'PATH...'"),
+        (["inspect", str(CLEAN_FILE), "--fail-on", "sometimes"], "'sometimes' is not one of 'error', 'warning'"),
+        (["inspect", str(CLEAN_FILE), "-j", "0"], "0 is not in the range x>=1"),
+        (["inspect", str(CLEAN_FILE), "--frobnicate"], "--frobnicate"),
+        (["frobnicate"], "'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], fragment: str) -> None:
+    result = run_process(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("bncheck: error: "), result.stderr
+    assert fragment in result.stderr and "--help" in result.stderr
 
 
 def test_json_document_shape(cli) -> None:
@@ -129,7 +141,7 @@ def test_unexpected_exception_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyP
     def explode(*_args, **_kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(cli_module, "inspect_paths", explode)
+    monkeypatch.setattr("bncheck.api.inspect", explode)
     monkeypatch.setattr("sys.argv", ["bncheck", "inspect", str(CLEAN_FILE)])
     with pytest.raises(SystemExit) as info:
         cli_module.main()
@@ -161,7 +173,7 @@ def test_inputs_are_never_modified(cli, tmp_path: Path) -> None:
 
 
 def test_help_texts_lose_no_bracketed_words() -> None:
-    """typer renders help through rich markup, where an unescaped [word] silently disappears."""
+    """Help must never go through rich markup, where an unescaped [word] silently disappears."""
     env = {**os.environ, "COLUMNS": "200"}
     text = " ".join(run_process("inspect", "--help", env=env).stdout.split())
     assert "bncheck[remote]" in text

@@ -1,4 +1,5 @@
-"""Inspecting safetensors and zip checkpoints must not import torch (it costs seconds and is optional)."""
+"""Inspecting safetensors and zip checkpoints must not import torch (it costs seconds and is optional), and
+--version / --help load nothing heavy."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ from conftest import BAD, GOOD
 
 PROBE = """
 import sys
-from bncheck.cli import main
-sys.argv = ["bncheck", *sys.argv[1:]]
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code
+from bncheck.cli import run
+code = run(sys.argv[1:])
 assert "torch" not in sys.modules, "torch was imported"
-print("exit", code)
+print("exit", code, *sorted(name for name in ("numpy", "rich", "bncheck.api") if name in sys.modules))
 """
 
 
@@ -35,8 +32,10 @@ def test_inspect_safetensors_zip_and_torchscript_without_torch() -> None:
         GOOD / "mlp-full-module.pt",
         BAD / "BN101-os-system-payload.pt",
     ]
-    assert run_probe("inspect", "--json", *map(str, files)) == "exit 1"
+    assert run_probe("inspect", "--json", *map(str, files)) == "exit 1 bncheck.api numpy"
 
 
-def test_version_without_torch() -> None:
+def test_version_and_help_load_neither_torch_nor_the_library() -> None:
     assert run_probe("--version") == "exit 0"
+    assert run_probe("--help") == "exit 0"
+    assert run_probe("inspect", "--help") == "exit 0"
