@@ -5,10 +5,9 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,8 +19,6 @@ from bncheck.errors import BncheckError, CorruptCheckpointError, UnsupportedDtyp
 from bncheck.loaders import INDEX_SUFFIX, find_checkpoints, is_url, open_checkpoint
 from bncheck.loaders.interface import Checkpoint
 from bncheck.loaders.restricted_pickle import Placeholder
-from bncheck.loaders.unsafe import open_with_torch
-from bncheck.recompute import Estimator, Mode, RecomputeResult
 from bncheck.report import (
     FileError,
     FileReport,
@@ -34,6 +31,9 @@ from bncheck.report import (
     Severity,
     Summary,
 )
+
+if TYPE_CHECKING:  # recomputation, worker processes and torch are loaded only when asked for
+    from bncheck.recompute import Estimator, Mode, RecomputeResult
 
 PathLike = str | os.PathLike[str]
 
@@ -100,6 +100,8 @@ def inspect(
         units.extend(found)
     todo = [unit for unit in units if not isinstance(unit, FileReport)]
     if jobs > 1 and workload is None and len(todo) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             done = iter(pool.map(_inspect_job, todo, [context] * len(todo), chunksize=max(1, len(todo) // (jobs * 4))))
     else:
@@ -139,10 +141,16 @@ def _open(path: Path | str, unsafe_load: bool) -> Checkpoint:
     except (CorruptCheckpointError, UnsupportedDtypeError):
         if not unsafe_load or is_url(path):
             raise
-        return open_with_torch(Path(path))
+        return _open_with_torch(path)
     if unsafe_load and checkpoint.globals and not find_bn_layers(checkpoint.root) and not is_url(path):
-        return open_with_torch(Path(path))
+        return _open_with_torch(path)
     return checkpoint
+
+
+def _open_with_torch(path: Path | str) -> Checkpoint:
+    from bncheck.loaders.unsafe import open_with_torch
+
+    return open_with_torch(Path(path))
 
 
 def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None) -> _Workload:

@@ -301,10 +301,29 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
-# opcode byte -> (argument size as pickletools encodes it, name); sizes < 0 are newline-terminated (-1) or counted
-# by a 1-, 4- (signed), 4- or 8-byte length (-2, -3, -4, -5).
-_OPCODES = {op.code.encode("latin-1")[0]: (op.arg.n if op.arg else 0, op.name) for op in pickletools.opcodes}
-_COUNT_WIDTH = {-2: (1, False), -3: (4, True), -4: (4, False), -5: (8, False)}
+# What follows each opcode byte: a fixed number of argument bytes (>= 0), or one of these kinds.
+_UNKNOWN, _STOP, _LONG_BINPUT, _FRAME, _LINE, _PUT_LINE, _TWO_LINES = -1, -2, -3, -4, -5, -6, -7
+_COUNTED = {-10: (1, False), -11: (4, True), -12: (4, False), -13: (8, False)}  # length width and signedness
+_PICKLETOOLS_COUNTS = {-2: -10, -3: -11, -4: -12, -5: -13}  # pickletools' n for counted arguments -> our kind
+
+
+def _opcode_kinds() -> list[int]:
+    kinds = [_UNKNOWN] * 256
+    special = {"STOP": _STOP, "LONG_BINPUT": _LONG_BINPUT, "FRAME": _FRAME, "PUT": _PUT_LINE}
+    for op in pickletools.opcodes:
+        size = op.arg.n if op.arg else 0
+        if op.name in special:
+            kind = special[op.name]
+        elif op.name in ("GLOBAL", "INST"):  # module and name: two lines
+            kind = _TWO_LINES
+        else:
+            kind = _LINE if size == -1 else _PICKLETOOLS_COUNTS.get(size, size)
+        kinds[op.code.encode("latin-1")[0]] = kind
+    return kinds
+
+
+_KINDS = _opcode_kinds()
+_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}  # for the error messages
 
 
 def check_sizes(data: bytes) -> None:
@@ -312,42 +331,48 @@ def check_sizes(data: bytes) -> None:
     memo to that slot or allocate that length (gigabytes, touched page by page) before noticing that the data
     cannot hold it. A memo slot can never exceed the pickle's length, nor a length what is left of it.
 
-    Walks the opcodes without building their arguments (several times faster than pickletools.genops); stops at
-    STOP or at the first byte it cannot decode, which the unpickler itself then refuses.
+    Walks the opcodes without building their arguments (a torch pickle is mostly fixed-size opcodes, skipped with
+    one table lookup); stops at STOP or at the first byte it cannot decode, which the unpickler itself then refuses.
     """
+    kinds = _KINDS
     end = len(data)
     position = 0
     while position < end:
-        spec = _OPCODES.get(data[position])
+        opcode = data[position]
+        kind = kinds[opcode]
         position += 1
-        if spec is None:
-            return
-        size, name = spec
-        if size >= 0:
-            if name in ("LONG_BINPUT", "FRAME"):
-                value = int.from_bytes(data[position : position + size], "little")
-                if value > (end if name == "LONG_BINPUT" else end - position - size):
-                    raise CorruptCheckpointError(f"pickle {name} of {value} exceeds the pickle")
-            position += size
-        elif size == -1:
-            line_end = data.find(b"\n", position)
-            if line_end < 0:
-                return
-            if name == "PUT" and data[position:line_end].isdigit() and int(data[position:line_end]) > end:
-                raise CorruptCheckpointError("pickle stores into a memo slot beyond any real pickle")
-            if name in ("GLOBAL", "INST"):  # module and name: two lines
-                line_end = data.find(b"\n", line_end + 1)
-                if line_end < 0:
-                    return
-            position = line_end + 1
-        else:
-            width, signed = _COUNT_WIDTH[size]
+        if kind >= 0:
+            position += kind
+        elif kind == _LONG_BINPUT:  # the commonest opcode of a large torch pickle
+            value = int.from_bytes(data[position : position + 4], "little")
+            position += 4
+            if value > end:
+                raise CorruptCheckpointError(f"pickle LONG_BINPUT of {value} exceeds the pickle")
+        elif kind <= -10:
+            width, signed = _COUNTED[kind]
             length = int.from_bytes(data[position : position + width], "little", signed=signed)
             position += width
             if length < 0 or length > end - position:
-                raise CorruptCheckpointError(f"pickle {name} declares {length} bytes, more than the pickle holds")
+                raise CorruptCheckpointError(
+                    f"pickle {_NAMES[opcode]} declares {length} bytes, more than the pickle holds"
+                )
             position += length
-        if name == "STOP":
+        elif kind == _FRAME:
+            value = int.from_bytes(data[position : position + 8], "little")
+            position += 8
+            if value > end - position:
+                raise CorruptCheckpointError(f"pickle FRAME of {value} exceeds the pickle")
+        elif kind in (_LINE, _PUT_LINE, _TWO_LINES):
+            line_end = data.find(b"\n", position)
+            if kind == _TWO_LINES and line_end >= 0:
+                line_end = data.find(b"\n", line_end + 1)
+            if line_end < 0:
+                return
+            line = data[position:line_end]
+            if kind == _PUT_LINE and line.isdigit() and int(line) > end:
+                raise CorruptCheckpointError("pickle stores into a memo slot beyond any real pickle")
+            position = line_end + 1
+        else:  # STOP, or a byte that is no opcode
             return
 
 
