@@ -9,6 +9,7 @@ the readers.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -505,5 +506,16 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> NoReturn:
-    """Console-script entry point."""
-    sys.exit(run())
+    """Console-script entry point.
+
+    Once the output is flushed, the process ends without the interpreter's teardown (freeing every module and
+    object one by one costs about 20 ms after numpy, a tenth of an inspection); nothing is left to clean up, since
+    every file and worker pool was closed by its ``with`` block.
+    """
+    code = run()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # e.g. the reader of a pipe has gone: let the normal exit report it
+        sys.exit(code)
+    os._exit(code)

@@ -142,10 +142,7 @@ def test_unexpected_exception_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyP
         raise RuntimeError("simulated bug")
 
     monkeypatch.setattr("bncheck.api.inspect", explode)
-    monkeypatch.setattr("sys.argv", ["bncheck", "inspect", str(CLEAN_FILE)])
-    with pytest.raises(SystemExit) as info:
-        cli_module.main()
-    assert info.value.code == 2
+    assert cli_module.run(["inspect", str(CLEAN_FILE)]) == 2
     assert capsys.readouterr().err == "bncheck: internal error: RuntimeError: simulated bug\n"
 
 

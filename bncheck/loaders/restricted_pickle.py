@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import gc
 import io
 import math
 import pickle
@@ -387,10 +388,15 @@ def unpickle(
     if isinstance(data, bytes):
         check_sizes(data)
     unpickler = RestrictedUnpickler(data, make_tensor)
+    collecting = gc.isenabled()
+    gc.disable()  # a pickle builds a tree of many small objects: cycle collections during the load are wasted work
     try:
         root = unpickler.load()
     except PICKLE_ERRORS as exc:
         raise CorruptCheckpointError(f"cannot parse pickle: {type(exc).__name__}: {exc}"[:300]) from exc
+    finally:
+        if collecting:
+            gc.enable()
     if storages is not None:
         storages.update(unpickler.storages)
     return root, tuple(unpickler.untrusted_globals)
