@@ -154,7 +154,8 @@ def _open_with_torch(path: Path | str) -> Checkpoint:
 
 
 def _workload(request: RecomputeRequest, progress: Callable[[int], None] | None) -> _Workload:
-    from bncheck.model_data import ModelError, load_batches, load_model
+    from bncheck.errors import ModelError
+    from bncheck.model_data import load_batches, load_model
 
     batches = load_batches(request.data, batch_size=request.batch_size, max_samples=request.max_samples)
     model = load_model(request.model, kwargs=request.model_kwargs)

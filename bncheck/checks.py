@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -52,12 +53,20 @@ class LayerData:
         return ref.dtype if ref is not None else None
 
     def floats(self, name: str) -> np.ndarray | None:
-        """A floating tensor as float64, or None when absent or not floating."""
-        array = self.arrays.get(name)
-        if array is None or self.dtype(name) not in FLOATING:
-            return None
+        """A floating tensor as float64 (read-only, converted once for all the rules), or None when absent or not
+        floating."""
+        return self._float64.get(name)
+
+    @cached_property
+    def _float64(self) -> dict[str, np.ndarray]:
+        converted = {}
         with np.errstate(all="ignore"):  # a mislabelled or crafted array may not cast cleanly; rules see NaN
-            return np.asarray(array, dtype=np.float64)
+            for name, array in self.arrays.items():
+                if self.dtype(name) in FLOATING:
+                    values = np.array(array, dtype=np.float64)
+                    values.setflags(write=False)
+                    converted[name] = values
+        return converted
 
     def count(self) -> int | None:
         """num_batches_tracked when it is a valid integer scalar."""

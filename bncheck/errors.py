@@ -49,3 +49,15 @@ class MissingDependencyError(BncheckError):
     """An optional dependency (fsspec and its backend for URLs) is not installed."""
 
     code = "missing-dependency"
+
+
+class ModelError(BncheckError):
+    """The model spec cannot be turned into a module, the checkpoint does not fit it, or it fails on the data."""
+
+    code = "bad-model"
+
+
+class DataError(BncheckError):
+    """The data spec cannot be turned into batches."""
+
+    code = "bad-data"

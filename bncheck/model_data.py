@@ -19,23 +19,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.discover import StateDict
-from bncheck.errors import BncheckError, TorchRequiredError
+from bncheck.errors import BncheckError, DataError, ModelError, TorchRequiredError
 from bncheck.recompute import Batch
 
 if TYPE_CHECKING:
     import torch
-
-
-class ModelError(BncheckError):
-    """The model spec cannot be turned into a module, or the checkpoint does not fit it."""
-
-    code = "bad-model"
-
-
-class DataError(BncheckError):
-    """The data spec cannot be turned into batches."""
-
-    code = "bad-data"
 
 
 def require_torch() -> Any:
@@ -146,7 +134,8 @@ def _tensor_file(path: Path) -> dict[str, np.ndarray]:
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(array))
+    # torch wants writable memory; the checkpoint reader's arrays are read-only views, so those are copied
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
 
 
 def _sliced(arrays: dict[str, np.ndarray], batch_size: int, max_samples: int | None) -> Iterator[Batch]:
@@ -245,7 +234,6 @@ def load_state_into(
 
     Without ``source`` the state dict that fits the model best is used, raw weights before averaged ones.
     """
-    import torch
 
     if source is not None:
         state_dicts = [sd for sd in state_dicts if sd.source == source]
@@ -274,7 +262,7 @@ def load_state_into(
     state = {}
     for key in model_keys:
         array = chosen.tensors[prefix + key].read()
-        state[key] = torch.from_numpy(np.ascontiguousarray(array))
+        state[key] = _to_tensor(array)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shapes that differ; torch lists them one per line after a heading

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from bncheck.errors import ModelError
+
 if TYPE_CHECKING:
     import torch
 
@@ -230,6 +232,8 @@ def recompute_statistics(
                     continue
                 except _StopForward:
                     pass
+                except Exception as exc:  # the model's own code failed on this data
+                    raise _model_failed(exc) from exc
                 if expected_calls is None:
                     expected_calls = dict(calls)
                 for name, (count, batch_samples, mean, m2) in pending.items():
@@ -287,9 +291,9 @@ def _recompute_scripted(
                 kwargs = {k: _to_device(v, device) for k, v in batch.kwargs.items()}
                 try:
                     model(*args, **kwargs)
-                except (RuntimeError, ValueError) as exc:
+                except Exception as exc:
                     if "more than 1 value per channel" not in str(exc):
-                        raise
+                        raise _model_failed(exc) from exc
                     skipped += 1
                     continue
                 size = _batch_size(args, kwargs)
@@ -346,3 +350,8 @@ def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return 0
+
+
+def _model_failed(exc: Exception) -> ModelError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return ModelError(f"the model failed on the sample data: {type(exc).__name__}: {first}".rstrip(": "))

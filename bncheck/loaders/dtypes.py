@@ -99,7 +99,7 @@ def bytes_to_array(buffer: bytes, dtype: str, *, big_endian: bool = False) -> np
     if code is None:
         raise UnsupportedDtypeError(f"tensors of dtype {dtype} cannot be read without torch")
     raw = np.frombuffer(buffer, dtype=np.dtype(code).newbyteorder(">" if big_endian else "<"))
-    native = raw.astype(raw.dtype.newbyteorder("="))
+    native = raw.astype(raw.dtype.newbyteorder("="), copy=False)  # a read-only view when already native
     if dtype == "bfloat16":
         return (native.astype(np.uint32) << 16).view(np.float32)
     return native

@@ -143,12 +143,20 @@ def view_span(offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype
 
 def strided_copy(flat: np.ndarray, size: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
     """The tensor a record describes, from the storage elements its view spans."""
-    if math.prod(size) == 0:
-        return flat.reshape(size)
+    if math.prod(size) == 0 or stride == _contiguous_strides(size):
+        return flat[: math.prod(size)].reshape(size)
     view = np.lib.stride_tricks.as_strided(
         flat, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
     )
     return np.array(view)
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
