@@ -134,11 +134,11 @@ def view_span(offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype
     """Check a tensor record's view of its storage; return the dtype's item size and the number of storage
     elements from the first to the last one the view touches (0 for an empty tensor)."""
     itemsize = ITEMSIZE.get(dtype)
-    if itemsize is None or len(size) != len(stride) or offset < 0 or any(v < 0 for v in size + stride):
+    if itemsize is None or len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
         raise CorruptCheckpointError(f"malformed tensor record: {dtype}, size {size}, stride {stride}")
-    if math.prod(size) == 0:
+    if 0 in size:
         return itemsize, 0
-    return itemsize, 1 + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    return itemsize, 1 + sum([(n - 1) * s for n, s in zip(size, stride, strict=True)])  # per tensor: no generator
 
 
 def strided_copy(flat: np.ndarray, size: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:

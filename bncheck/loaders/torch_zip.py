@@ -60,6 +60,8 @@ class _Archive:
         self.source = source
         self.archive = archive
         self.prefix = _find_prefix(archive.namelist())
+        self.storage_prefix = self.prefix + "data/"
+        self.local_path = source.local_path
         self.big_endian = self._byteorder() == "big"
 
     def member(self, name: str) -> zipfile.ZipInfo:
@@ -119,7 +121,9 @@ class _Archive:
         self, storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
     ) -> TensorRef:
         itemsize, span = view_span(offset, size, stride, dtype)
-        info = self.member(f"data/{storage.key}")
+        info = self.archive.NameToInfo.get(self.storage_prefix + storage.key)
+        if info is None:
+            raise CorruptCheckpointError(f"archive member {self.storage_prefix + storage.key} is missing")
         storage_bytes = storage.numel * ITEMSIZE.get(storage.dtype, 1)
         if span and (offset + span) * itemsize > storage_bytes:
             raise CorruptCheckpointError(
@@ -130,9 +134,9 @@ class _Archive:
             raw = self.read_bytes(info, offset * itemsize, span * itemsize)
             return strided_copy(bytes_to_array(raw, dtype, big_endian=self.big_endian), size, stride)
 
-        path = self.source.local_path
+        path = self.local_path
         location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
-        return TensorRef(dtype=dtype, shape=size, reader=read, location=location)
+        return TensorRef(dtype, size, read, location)
 
 
 def open_torch_zip(source: ByteSource) -> Checkpoint:
