@@ -204,6 +204,11 @@ def _fail(message: str) -> int:
     return EXIT_NOT_CHECKED
 
 
+def _pretty() -> bool:
+    """JSON is indented for a person at a terminal, one line for a pipe or a file (`jq .` indents it)."""
+    return sys.stdout.isatty()
+
+
 def _split(values: Sequence[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
@@ -357,12 +362,18 @@ def _print_report(report: Report, fmt: str) -> None:
         _console().print(render_text(report))
         return
     if fmt == "json":
-        from bncheck.render.json import render_json as render
+        from bncheck.render.json import render_json
+
+        text = render_json(report, pretty=_pretty())
     elif fmt == "sarif":
-        from bncheck.render.sarif import render_sarif as render
+        from bncheck.render.sarif import render_sarif
+
+        text = render_sarif(report, pretty=_pretty())
     else:
-        from bncheck.render.github import render_github as render
-    sys.stdout.write(render(report) + "\n")
+        from bncheck.render.github import render_github
+
+        text = render_github(report)
+    sys.stdout.write(text + "\n")
     if fmt != "github":  # github lines already carry the errors
         for file in report.files:
             if file.error is not None:
@@ -435,7 +446,7 @@ def diff_command(
     if json_output:
         from bncheck.render.json import render_diff_json
 
-        sys.stdout.write(render_diff_json(diff) + "\n")
+        sys.stdout.write(render_diff_json(diff, pretty=_pretty()) + "\n")
     else:
         from bncheck.render.text import render_diff_text
 

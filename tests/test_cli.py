@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -175,3 +177,21 @@ def test_help_texts_lose_no_bracketed_words() -> None:
     text = " ".join(run_process("inspect", "--help", env=env).stdout.split())
     assert "bncheck[remote]" in text
     assert "pyproject.toml with [tool.bncheck]" in text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_is_one_line_for_pipes_and_indented_at_a_terminal() -> None:
+    from bncheck.cli import run
+
+    documents = {}
+    for name, stream in (("pipe", io.StringIO()), ("terminal", _Terminal())):
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(io.StringIO()):
+            assert run(["inspect", str(NAN_FILE), "--json"]) == 1
+        documents[name] = stream.getvalue()
+    assert documents["pipe"].count("\n") == 1  # the document, then its newline
+    assert documents["terminal"].startswith('{\n  "schema_version": 1,')
+    assert json.loads(documents["pipe"]) == json.loads(documents["terminal"])

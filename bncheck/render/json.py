@@ -1,6 +1,6 @@
 """The ``--json`` document (schema_version 1).
 
-Keys never depend on options or verbosity; there is no timestamp, so the same input gives the same bytes.
+Keys never depend on options or verbosity; there is no timestamp, so the same input gives the same document.
 Non-finite numbers are written as the strings "nan", "inf" and "-inf", and ``allow_nan=False`` makes any that slip
 through fail loudly instead of producing invalid JSON.
 """
@@ -128,11 +128,18 @@ def report_document(report: Report) -> dict[str, Any]:
     }
 
 
-def render_json(report: Report) -> str:
-    return json.dumps(report_document(report), indent=2, allow_nan=False)
+def dump(document: Any, *, pretty: bool) -> str:
+    """JSON text of a document: indented for people, or on one line (about four times faster to write)."""
+    if pretty:
+        return json.dumps(document, indent=2, allow_nan=False)
+    return json.dumps(document, separators=(",", ":"), allow_nan=False)
 
 
-def render_diff_json(diff: DiffReport) -> str:
+def render_json(report: Report, *, pretty: bool = True) -> str:
+    return dump(report_document(report), pretty=pretty)
+
+
+def render_diff_json(diff: DiffReport, *, pretty: bool = True) -> str:
     """``bncheck diff --json``: its own document kind, versioned like the report."""
     document = {
         "schema_version": SCHEMA_VERSION,
@@ -160,4 +167,4 @@ def render_diff_json(diff: DiffReport) -> str:
             for row in diff.layers
         ],
     }
-    return json.dumps(document, indent=2, allow_nan=False)
+    return dump(document, pretty=pretty)

@@ -5,10 +5,10 @@ notifications, so a run that could not check everything is marked unsuccessful."
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from bncheck.render.json import dump
 from bncheck.report import FileReport, Finding, Report, RuleInfo, Severity
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -57,7 +57,7 @@ def _result(file: FileReport, finding: Finding, index: Mapping[str, int]) -> dic
     }
 
 
-def render_sarif(report: Report) -> str:
+def render_sarif(report: Report, *, pretty: bool = True) -> str:
     index = {rule.code: i for i, rule in enumerate(report.rules)}
     results = [_result(file, finding, index) for file in report.files for finding in file.findings]
     notifications = [
@@ -90,4 +90,4 @@ def render_sarif(report: Report) -> str:
             }
         ],
     }
-    return json.dumps(document, indent=2, allow_nan=False)
+    return dump(document, pretty=pretty)
