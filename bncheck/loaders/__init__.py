@@ -6,15 +6,12 @@ import dataclasses
 import fnmatch
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from bncheck.errors import UnsupportedFormatError
 from bncheck.loaders.files import ByteSource, is_url, open_source
 from bncheck.loaders.interface import Checkpoint, TensorRef
-from bncheck.loaders.safetensors import open_safetensors, open_sharded
-from bncheck.loaders.torch_legacy import open_torch_legacy
-from bncheck.loaders.torch_zip import open_torch_zip
 
 __all__ = [
     "Checkpoint",
@@ -93,16 +90,25 @@ def open_checkpoint(path: os.PathLike[str] | str) -> Checkpoint:
 def open_source_checkpoint(source: ByteSource) -> Checkpoint:
     """Open the checkpoint whose bytes ``source`` gives."""
     family = sniff(source)
-    opener = {
-        "safetensors": open_safetensors,
-        "zip": open_torch_zip,
-        "legacy": open_torch_legacy,
-        "index": open_sharded,
-    }[family]
-    checkpoint = opener(source)
+    checkpoint = _reader(family)(source)
     notes = _disagreement(source.name, family)
     size = checkpoint.size_bytes if family == "index" else source.size
     return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes, size_bytes=size)
+
+
+def _reader(family: str) -> Callable[[ByteSource], Checkpoint]:
+    """The reader of one format, imported when a file of that format is first opened."""
+    if family == "zip":
+        from bncheck.loaders.torch_zip import open_torch_zip
+
+        return open_torch_zip
+    if family == "legacy":
+        from bncheck.loaders.torch_legacy import open_torch_legacy
+
+        return open_torch_legacy
+    from bncheck.loaders.safetensors import open_safetensors, open_sharded
+
+    return open_sharded if family == "index" else open_safetensors
 
 
 def _checkpoint_in_directory(path: Path) -> Path:
