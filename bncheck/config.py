@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -162,20 +161,37 @@ def parse_table(table: Mapping[str, Any], *, source: Path | None = None) -> Sett
     )
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+
+
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
+    import tomllib  # only when there is a config to read: most runs have none
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    return _parse_toml(path, _read_text(path))
 
 
 def find_pyproject(start: Path) -> Path | None:
     """The nearest pyproject.toml with a [tool.bncheck] table, searching upward from ``start``."""
     for folder in (start.resolve(), *start.resolve().parents):
         candidate = folder / "pyproject.toml"
-        if candidate.is_file() and "bncheck" in _read_toml(candidate).get("tool", {}):
+        if not candidate.is_file():
+            continue
+        text = _read_text(candidate)
+        # a table for bncheck, however it is spelled, names bncheck: the others need no parsing
+        if "bncheck" in text and "bncheck" in _parse_toml(candidate, text).get("tool", {}):
             return candidate
     return None
 

@@ -350,3 +350,15 @@ def test_pre_commit_hook_blocks_a_checkpoint_with_nan_statistics(tmp_path: Path)
     )
     assert bad.returncode == 1
     assert "BN001" in bad.stdout and "diverged.pt" in bad.stdout
+
+
+def test_only_a_pyproject_that_names_bncheck_is_read(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(GOOD / "mlp-state-dict.pt", project / "model.pt")
+    (project / "pyproject.toml").write_text("[project\nname = 'unrelated, and not valid TOML'\n")
+    assert run_in(project, "inspect", "model.pt").returncode == 0  # someone else's file, never parsed
+    (project / "pyproject.toml").write_text("[tool.bncheck\nfail-on = 'info'\n")
+    result = run_in(project, "inspect", "model.pt")
+    assert result.returncode == 2
+    assert "is not valid TOML" in result.stderr
