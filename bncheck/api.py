@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bncheck.checks import RULES, LayerData, LayerDrift, Thresholds, is_dangerous_global, read_layer, run_checks
+from bncheck.checks import RULES, LayerData, LayerDrift, Thresholds, is_dangerous_global, read_layers, run_checks
 from bncheck.config import RuleSelection
 from bncheck.discover import StateDict, find_bn_layers, find_state_dicts
 from bncheck.drift import measure_drift
@@ -171,7 +171,7 @@ def _inspect_unit(path: Path | str, context: _Context, workload: _Workload | Non
     thresholds = context.thresholds
     try:
         checkpoint = _open(path, context.unsafe_load)
-        layers = [read_layer(layer) for layer in find_bn_layers(checkpoint.root)]
+        layers = read_layers(find_bn_layers(checkpoint.root))
         recomputed = _recompute(checkpoint.root, layers, workload, thresholds) if workload else None
     except BncheckError as exc:
         return FileReport(path=str(path), format=None, size_bytes=_local_size(path), error=_error(exc))

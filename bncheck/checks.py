@@ -17,6 +17,7 @@ import numpy as np
 
 from bncheck.discover import BNLayer
 from bncheck.drift import Drift, DriftThresholds
+from bncheck.loaders import prefetch
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.report import Finding, RuleInfo, Severity
 
@@ -79,6 +80,12 @@ class LayerData:
 def read_layer(layer: BNLayer) -> LayerData:
     """Read a layer's tensors (and nothing else) from the file."""
     return LayerData(layer, {name: ref.read() for name, ref in layer.tensors.items()})
+
+
+def read_layers(layers: Sequence[BNLayer]) -> list[LayerData]:
+    """Read every layer's tensors; the bytes of a remote file are fetched together first."""
+    prefetch(ref for layer in layers for ref in layer.tensors.values())
+    return [read_layer(layer) for layer in layers]
 
 
 @dataclass(frozen=True)

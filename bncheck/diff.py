@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from bncheck.checks import LayerData, Thresholds, read_layer
+from bncheck.checks import LayerData, Thresholds, read_layers
 from bncheck.discover import BNLayer, find_bn_layers
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError
@@ -27,7 +27,7 @@ def _layers(path: Path, source: str | None) -> tuple[str, str, dict[str, LayerDa
     elif source not in sources:
         raise BncheckError(f"{path}: no BatchNorm layers under entry {source!r} (entries: {', '.join(sources)})")
     chosen: list[BNLayer] = [layer for layer in layers if layer.source == source]
-    return checkpoint.format, source, {layer.name: read_layer(layer) for layer in chosen}
+    return checkpoint.format, source, {data.layer.name: data for data in read_layers(chosen)}
 
 
 def _prefixes(a: list[str], b: list[str]) -> tuple[str, str]:

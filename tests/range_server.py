@@ -1,18 +1,23 @@
 """A loopback HTTP server for the remote-checkpoint tests: serves files from a folder, honours (or, on request,
-ignores) Range headers, can drop connections, and counts every byte of body it sends."""
+ignores) Range headers, can drop connections, can answer slowly, and counts every request and byte of body it
+sends."""
 
 from __future__ import annotations
 
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
 class RangeServer:
-    def __init__(self, root: Path, *, honour_range: bool = True, drop_after_requests: int | None = None) -> None:
+    def __init__(
+        self, root: Path, *, honour_range: bool = True, drop_after_requests: int | None = None, latency: float = 0.0
+    ) -> None:
         self.root = root
+        self.latency = latency  # seconds before each GET is answered, like an object store's first byte
         self.honour_range = honour_range
         self.drop_after_requests = drop_after_requests
         self.bytes_served = 0
@@ -42,6 +47,7 @@ class RangeServer:
                 self.end_headers()
 
             def do_GET(self) -> None:
+                time.sleep(server.latency)
                 with server._lock:
                     server.requests += 1
                     dropping = server.drop_after_requests is not None and server.requests > server.drop_after_requests

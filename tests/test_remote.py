@@ -29,11 +29,13 @@ def test_a_remote_1_7_gb_checkpoint_costs_under_1_percent_of_its_bytes(cli, big_
     assert size > 1.6e9
     with RangeServer(big_folder) as server:
         result = cli("inspect", f"{server.url}/{name}", "--json")
-        served = server.bytes_served
+        served, requests = server.bytes_served, server.requests
     assert result.exit_code == 0, result.stdout + result.stderr
     (file,) = result.json()["files"]
     assert (len(file["layers"]), file["size_bytes"]) == (400, size)
     assert served < 0.01 * size, f"read {served} of {size} bytes ({served / size:.2%})"
+    # the 2,000 BatchNorm tensors arrive in about one prefetched block per layer, not one request per tensor
+    assert requests < 450, requests
 
 
 def test_remote_results_equal_local_ones(cli, tmp_path: Path) -> None:
@@ -82,3 +84,27 @@ def test_urls_need_the_remote_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "fsspec", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'bncheck\[remote\]'"):
         open_checkpoint("https://example.invalid/model.safetensors")
+
+
+def test_merge_ranges_joins_nearby_ranges_and_caps_blocks() -> None:
+    from bncheck.loaders.files import merge_ranges
+
+    ranges = [(100, 10), (0, 10), (15, 5), (5, 20), (1000, 0), (5000, 100)]
+    assert merge_ranges(ranges, max_gap=0, max_block=1 << 20) == [(0, 25), (100, 110), (5000, 5100)]
+    assert merge_ranges(ranges, max_gap=100, max_block=1 << 20) == [(0, 110), (5000, 5100)]
+    assert merge_ranges(ranges, max_gap=10_000, max_block=50) == [(0, 25), (100, 110), (5000, 5100)]
+
+
+def test_reads_outside_the_prefetched_blocks_still_reach_the_server(tmp_path: Path) -> None:
+    from bncheck.loaders.files import open_source
+
+    shutil.copy(GOOD / "conv1d.safetensors", tmp_path / "c.safetensors")
+    data = (tmp_path / "c.safetensors").read_bytes()
+    with RangeServer(tmp_path) as server:
+        source = open_source(f"{server.url}/c.safetensors")
+        source.prefetch([(8, 16), (40, 8)])
+        before = server.requests
+        assert source.read(10, 10) == data[10:20]  # inside the first block: no request
+        assert server.requests == before
+        assert source.read(30, 20) == data[30:50]  # reaches past the block: one request
+        assert server.requests == before + 1

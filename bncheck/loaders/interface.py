@@ -12,11 +12,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bncheck.errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    from bncheck.loaders.files import ByteSource
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class TensorRef:
     shape: tuple[int, ...]
     reader: Callable[[], np.ndarray] = field(repr=False)
     location: ByteLocation | None = field(default=None, repr=False)
+    # the (source, offset, length) that reading needs, when known before reading: remote reads are prefetched
+    span: tuple[ByteSource, int, int] | None = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:

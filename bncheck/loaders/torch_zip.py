@@ -39,6 +39,9 @@ ZIP_ERRORS = (
 MAX_PICKLE_BYTES = 512 * 1024 * 1024  # signature, (skipped fields), file name length, extra field length
 
 
+_LOCAL_ALLOWANCE = 30 + 256  # a local header's fixed part and room for its extra field (torch pads to 64 bytes)
+
+
 def member_data_start(source: ByteSource, info: zipfile.ZipInfo) -> int:
     """Where a member's bytes begin: after its local header, whose extra field (torch's alignment padding) can
     differ in length from the central directory's."""
@@ -136,7 +139,10 @@ class _Archive:
 
         path = self.local_path
         location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
-        return TensorRef(dtype, size, read, location)
+        # the local header (its padding can differ from the central directory's) and the data, for prefetching
+        needed = _LOCAL_ALLOWANCE + len(info.filename) + (offset + span) * itemsize
+        stored = info.compress_type == zipfile.ZIP_STORED
+        return TensorRef(dtype, size, read, location, (self.source, info.header_offset, needed) if stored else None)
 
 
 def open_torch_zip(source: ByteSource) -> Checkpoint:
