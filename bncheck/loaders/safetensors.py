@@ -71,8 +71,9 @@ def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data
 
     strides = tuple(math.prod(shape_t[i + 1 :]) for i in range(len(shape_t)))
     path = source.local_path
-    location = ByteLocation(path, None, data_start + begin, strides) if path is not None else None
-    return TensorRef(dtype, shape_t, read, location, (source, data_start + begin, end - begin))
+    if path is not None:
+        return TensorRef(dtype, shape_t, read, ByteLocation(path, None, data_start + begin, strides))
+    return TensorRef(dtype, shape_t, read, None, (source, data_start + begin, end - begin))  # remote: prefetched
 
 
 def tensors_of(source: ByteSource) -> tuple[dict[str, TensorRef], dict[str, str]]:

@@ -139,10 +139,11 @@ class _Archive:
 
         path = self.local_path
         location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
-        # the local header (its padding can differ from the central directory's) and the data, for prefetching
+        if path is not None or info.compress_type != zipfile.ZIP_STORED:
+            return TensorRef(dtype, size, read, location)
+        # remote: the local header (its padding can differ from the central directory's) and the data, to prefetch
         needed = _LOCAL_ALLOWANCE + len(info.filename) + (offset + span) * itemsize
-        stored = info.compress_type == zipfile.ZIP_STORED
-        return TensorRef(dtype, size, read, location, (self.source, info.header_offset, needed) if stored else None)
+        return TensorRef(dtype, size, read, None, (self.source, info.header_offset, needed))
 
 
 def open_torch_zip(source: ByteSource) -> Checkpoint:
