@@ -47,11 +47,11 @@ def main() -> None:
     for path in big.values():
         prefetching = RemoteSource.prefetch
         results = {"prefetch": inspect_url(path.parent, path.name, args.latency)}
-        RemoteSource.prefetch = lambda self, ranges: None  # type: ignore[method-assign]
+        RemoteSource.prefetch = lambda self, ranges: None
         try:
             results["tensor by tensor"] = inspect_url(path.parent, path.name, args.latency)
         finally:
-            RemoteSource.prefetch = prefetching  # type: ignore[method-assign]
+            RemoteSource.prefetch = prefetching
         for mode, (seconds, requests, served) in results.items():
             print(f"  {path.name:<16} {mode:<14} {seconds:>8.2f} {requests:>9} {served / 2**20:>11.1f}")
         ratio = results["tensor by tensor"][0] / results["prefetch"][0]
