@@ -19,7 +19,9 @@ from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
 from bncheck.loaders.restricted_pickle import StorageRef, strided_copy, unpickle, view_span
 
-_LOCAL_HEADER = struct.Struct("<4s22xHH")
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), file name length, extra field length
+# a local header's size and room for its extra field (torch pads data to 64 bytes), when prefetching a member
+_LOCAL_ALLOWANCE = _LOCAL_HEADER.size + 256
 # What zipfile raises for archives it cannot handle: corrupt structures, undecodable names, encrypted members,
 # unsupported compression methods.
 ZIP_ERRORS = (
@@ -36,10 +38,7 @@ ZIP_ERRORS = (
     OverflowError,
 )
 # data.pkl is a few hundred bytes per tensor; a member declaring more is corrupt or a decompression bomb.
-MAX_PICKLE_BYTES = 512 * 1024 * 1024  # signature, (skipped fields), file name length, extra field length
-
-
-_LOCAL_ALLOWANCE = 30 + 256  # a local header's fixed part and room for its extra field (torch pads to 64 bytes)
+MAX_PICKLE_BYTES = 512 * 1024 * 1024
 
 
 def member_data_start(source: ByteSource, info: zipfile.ZipInfo) -> int:
