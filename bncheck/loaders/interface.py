@@ -22,6 +22,15 @@ if TYPE_CHECKING:
     from bncheck.loaders.files import ByteSource
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The element strides of a C-contiguous tensor of ``shape`` (as torch computes them, empty dimensions as 1)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 @dataclass(frozen=True)
 class ByteLocation:
     """Where a tensor's elements live in the file, so that a copy can be patched in place."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from bncheck.errors import CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE, STORAGE_CLASS_DTYPES
-from bncheck.loaders.interface import TensorRef
+from bncheck.loaders.interface import TensorRef, contiguous_strides
 
 TORCH_DTYPE_NAMES = frozenset(ITEMSIZE) | {"float", "double", "half", "long", "int", "short", "bool"}
 _DTYPE_ALIASES = {
@@ -143,20 +143,13 @@ def view_span(offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype
 
 def strided_copy(flat: np.ndarray, size: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
     """The tensor a record describes, from the storage elements its view spans."""
-    if math.prod(size) == 0 or stride == _contiguous_strides(size):
-        return flat[: math.prod(size)].reshape(size)
+    count = math.prod(size)
+    if count == 0 or stride == contiguous_strides(size):
+        return flat[:count].reshape(size)
     view = np.lib.stride_tricks.as_strided(
         flat, shape=size, strides=tuple(s * flat.itemsize for s in stride), writeable=False
     )
     return np.array(view)
-
-
-def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(size):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 from bncheck.errors import CheckpointNotFoundError, CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE, SAFETENSORS_DTYPES, bytes_to_array
 from bncheck.loaders.files import ByteSource
-from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
+from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef, contiguous_strides
 
 # A header is a few bytes per tensor; anything this large is corrupt or hostile, and parsing it would cost memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -69,10 +69,11 @@ def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data
     def read() -> Any:
         return bytes_to_array(source.read(data_start + begin, end - begin), dtype).reshape(shape_t)
 
-    strides = tuple(math.prod(shape_t[i + 1 :]) for i in range(len(shape_t)))
     path = source.local_path
     if path is not None:
-        return TensorRef(dtype, shape_t, read, ByteLocation(path, None, data_start + begin, strides))
+        return TensorRef(
+            dtype, shape_t, read, ByteLocation(path, None, data_start + begin, contiguous_strides(shape_t))
+        )
     return TensorRef(dtype, shape_t, read, None, (source, data_start + begin, end - begin))  # remote: prefetched
 
 
