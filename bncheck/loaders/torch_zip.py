@@ -62,15 +62,13 @@ class _Archive:
         self.source = source
         self.archive = archive
         self.prefix = _find_prefix(archive.namelist())
-        self.storage_prefix = self.prefix + "data/"
-        self.local_path = source.local_path
         self.big_endian = self._byteorder() == "big"
 
     def member(self, name: str) -> zipfile.ZipInfo:
-        try:
-            return self.archive.getinfo(self.prefix + name)
-        except KeyError:
-            raise CorruptCheckpointError(f"archive member {self.prefix + name} is missing") from None
+        info = self.archive.NameToInfo.get(self.prefix + name)  # called per tensor: a plain lookup
+        if info is None:
+            raise CorruptCheckpointError(f"archive member {self.prefix + name} is missing")
+        return info
 
     def read_member(self, name: str) -> bytes:
         return self.read_full(self.member(name))
@@ -123,9 +121,7 @@ class _Archive:
         self, storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
     ) -> TensorRef:
         itemsize, span = view_span(offset, size, stride, dtype)
-        info = self.archive.NameToInfo.get(self.storage_prefix + storage.key)
-        if info is None:
-            raise CorruptCheckpointError(f"archive member {self.storage_prefix + storage.key} is missing")
+        info = self.member("data/" + storage.key)
         storage_bytes = storage.numel * ITEMSIZE.get(storage.dtype, 1)
         if span and (offset + span) * itemsize > storage_bytes:
             raise CorruptCheckpointError(
@@ -136,7 +132,7 @@ class _Archive:
             raw = self.read_bytes(info, offset * itemsize, span * itemsize)
             return strided_copy(bytes_to_array(raw, dtype, big_endian=self.big_endian), size, stride)
 
-        path = self.local_path
+        path = self.source.local_path
         location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
         if path is not None or info.compress_type != zipfile.ZIP_STORED:
             return TensorRef(dtype, size, read, location)
