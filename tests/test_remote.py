@@ -108,3 +108,28 @@ def test_reads_outside_the_prefetched_blocks_still_reach_the_server(tmp_path: Pa
         assert server.requests == before
         assert source.read(30, 20) == data[30:50]  # reaches past the block: one request
         assert server.requests == before + 1
+
+
+@pytest.mark.parametrize("name", ["conv1d.safetensors", "mlp-state-dict.pt"])
+def test_a_connection_dropped_during_the_prefetch_is_one_line(
+    cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    from bncheck.loaders.files import RemoteSource
+
+    shutil.copy(GOOD / name, tmp_path / name)
+    with RangeServer(tmp_path) as server:
+        assert cli("inspect", f"{server.url}/{name}", "--json").exit_code == 0
+        requests = server.requests
+    prefetched = []
+    real_prefetch = RemoteSource.prefetch
+
+    def prefetch_then_note(self: RemoteSource, ranges: list[tuple[int, int]]) -> None:
+        prefetched.append(len(ranges))
+        real_prefetch(self, ranges)
+
+    monkeypatch.setattr(RemoteSource, "prefetch", prefetch_then_note)
+    with RangeServer(tmp_path, drop_after_requests=requests - 1) as server:  # the last request is the prefetch
+        result = cli("inspect", f"{server.url}/{name}", "--json")
+    assert prefetched, "the failure came before the prefetch"
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
