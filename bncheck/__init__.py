@@ -12,17 +12,37 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bncheck.api import inspect
     from bncheck.checks import Thresholds
+    from bncheck.config import Options, RuleSelection
+    from bncheck.recalibrate import recalibrate
+    from bncheck.recompute import RecomputeRequest
     from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity
 
 __version__ = "0.1.0"
 
-__all__ = ["FileReport", "Finding", "LayerInfo", "Report", "Severity", "Thresholds", "__version__", "inspect"]
+__all__ = [
+    "FileReport",
+    "Finding",
+    "LayerInfo",
+    "Options",
+    "RecomputeRequest",
+    "Report",
+    "RuleSelection",
+    "Severity",
+    "Thresholds",
+    "__version__",
+    "inspect",
+    "recalibrate",
+]
 
 # The public names are imported on first use, so that `bncheck --version` and `--help` do not load numpy and the
 # readers.
 _HOME = {
     "inspect": "bncheck.api",
+    "recalibrate": "bncheck.recalibrate",
     "Thresholds": "bncheck.checks",
+    "Options": "bncheck.config",
+    "RuleSelection": "bncheck.config",
+    "RecomputeRequest": "bncheck.recompute",
     "FileReport": "bncheck.report",
     "Finding": "bncheck.report",
     "LayerInfo": "bncheck.report",

@@ -8,17 +8,16 @@ thresholds live in :class:`Thresholds`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
 
 from bncheck.discover import BNLayer
 from bncheck.drift import Drift, DriftThresholds
-from bncheck.loaders import prefetch
 from bncheck.loaders.dtypes import FLOATING, INTEGER
+from bncheck.read import LayerData
 from bncheck.report import Finding, RuleInfo, Severity
 
 
@@ -40,52 +39,6 @@ class Thresholds:
     max_channels_listed: int = 64
     # BN012: drift between stored and recomputed statistics that counts as stale (beyond sampling noise too).
     drift: DriftThresholds = field(default_factory=DriftThresholds)
-
-
-@dataclass(frozen=True)
-class LayerData:
-    """A BatchNorm layer with its tensors read: what the rules see."""
-
-    layer: BNLayer
-    arrays: Mapping[str, np.ndarray]
-
-    def dtype(self, name: str) -> str | None:
-        ref = self.layer.tensors.get(name)
-        return ref.dtype if ref is not None else None
-
-    def floats(self, name: str) -> np.ndarray | None:
-        """A floating tensor as float64 (read-only, converted once for all the rules), or None when absent or not
-        floating."""
-        return self._float64.get(name)
-
-    @cached_property
-    def _float64(self) -> dict[str, np.ndarray]:
-        converted = {}
-        with np.errstate(all="ignore"):  # a mislabelled or crafted array may not cast cleanly; rules see NaN
-            for name, array in self.arrays.items():
-                if self.dtype(name) in FLOATING:
-                    values = np.array(array, dtype=np.float64)
-                    values.setflags(write=False)
-                    converted[name] = values
-        return converted
-
-    def count(self) -> int | None:
-        """num_batches_tracked when it is a valid integer scalar."""
-        array = self.arrays.get("num_batches_tracked")
-        if array is None or self.dtype("num_batches_tracked") not in INTEGER or array.size != 1:
-            return None
-        return int(array.reshape(()))
-
-
-def read_layer(layer: BNLayer) -> LayerData:
-    """Read a layer's tensors (and nothing else) from the file."""
-    return LayerData(layer, {name: ref.read() for name, ref in layer.tensors.items()})
-
-
-def read_layers(layers: Sequence[BNLayer]) -> list[LayerData]:
-    """Read every layer's tensors; the bytes of a remote file are fetched together first."""
-    prefetch(ref for layer in layers for ref in layer.tensors.values())
-    return [read_layer(layer) for layer in layers]
 
 
 @dataclass(frozen=True)
@@ -121,7 +74,7 @@ class Rule:
     @property
     def info(self) -> RuleInfo:
         name = "".join(part.capitalize() for part in self.check.__name__.split("_"))
-        return RuleInfo(self.code, name, self.severity, self.summary, self.doc)
+        return RuleInfo(code=self.code, name=name, severity=self.severity, summary=self.summary, doc=self.doc)
 
 
 RULES: dict[str, Rule] = {}
@@ -433,7 +386,7 @@ def missing_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
 
     Fix: re-export from a current PyTorch, or add the counter back (an int64 scalar).
     """
-    if "num_batches_tracked" not in data.layer.tensors:
+    if data.layer.batch_counter and "num_batches_tracked" not in data.layer.tensors:
         yield Hit("no num_batches_tracked next to the running statistics")
 
 

@@ -20,7 +20,7 @@ import click
 from bncheck import __version__
 
 if TYPE_CHECKING:
-    from bncheck.api import RecomputeRequest
+    from bncheck.recompute import RecomputeRequest
     from bncheck.report import Report
 
 EXIT_OK = 0
@@ -156,8 +156,8 @@ def _request(
         return None
     if model is None or data is None:
         raise click.UsageError("--model and --data go together")
-    from bncheck.api import RecomputeRequest
     from bncheck.model_data import parse_kwargs
+    from bncheck.recompute import RecomputeRequest
 
     return RecomputeRequest(
         model=model,
@@ -336,19 +336,11 @@ def inspect_command(
             ignore=_split(ignore),
             fail_on=Severity(fail_on.lower()) if fail_on else None,
             exclude=exclude,
+            jobs=jobs,
+            unsafe_load=unsafe_load,
         )
         with _progress(request is not None and fmt == "text") as progress:
-            report = inspect_paths(
-                list(paths),
-                fail_on=settings.fail_on,
-                thresholds=settings.thresholds,
-                selection=settings.selection,
-                exclude=settings.exclude,
-                jobs=jobs,
-                recompute=request,
-                progress=progress,
-                unsafe_load=unsafe_load,
-            )
+            report = inspect_paths(list(paths), options=settings, recompute=request, progress=progress)
     except BncheckError as exc:
         return _fail(str(exc))
     _print_report(report, fmt)
@@ -478,8 +470,8 @@ def recalibrate_command(checkpoint: Path, output: Path | None, force: bool, **re
     """
     from rich.text import Text
 
-    from bncheck.api import recalibrate as recalibrate_path
     from bncheck.errors import BncheckError
+    from bncheck.recalibrate import recalibrate as recalibrate_path
     from bncheck.render.text import render_text
     from bncheck.report import Report
 

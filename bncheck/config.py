@@ -18,12 +18,8 @@ from typing import Any
 
 from bncheck.checks import RULES, Thresholds
 from bncheck.drift import DriftThresholds
-from bncheck.errors import BncheckError
+from bncheck.errors import ConfigError
 from bncheck.report import Severity
-
-
-class ConfigError(BncheckError):
-    code = "bad-config"
 
 
 def _threshold_keys() -> dict[str, tuple[str | None, str, type]]:
@@ -44,7 +40,7 @@ LIST_KEYS = ("select", "extend-select", "ignore", "exclude")
 KNOWN_KEYS = frozenset({*LIST_KEYS, "fail-on", "per-file-ignores", *THRESHOLD_KEYS})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RuleSelection:
     """Which rule codes are reported, globally and per file."""
 
@@ -77,13 +73,20 @@ def _path_matches(path: str, pattern: str, root: Path | None) -> bool:
     return any(fnmatch.fnmatchcase(c, pattern) for c in candidates)
 
 
-@dataclass(frozen=True)
-class Settings:
-    selection: RuleSelection = field(default_factory=RuleSelection)
-    fail_on: Severity = Severity.ERROR
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """How ``bncheck.inspect()`` checks: what the settings file and the flags decide, as one frozen value."""
+
     thresholds: Thresholds = field(default_factory=Thresholds)
+    selection: RuleSelection = field(default_factory=RuleSelection)
+    # the lowest severity that makes the report fail
+    fail_on: Severity = Severity.ERROR
+    # globs of files to skip when searching directories
     exclude: tuple[str, ...] = ()
-    source: Path | None = None  # the config file these came from
+    # files inspected in this many processes (same order, same result)
+    jobs: int = 1
+    # let torch unpickle (running its code) the local files bncheck's own reader cannot read; trusted files only
+    unsafe_load: bool = False
 
 
 def _codes(key: str, value: Any) -> tuple[str, ...]:
@@ -133,7 +136,7 @@ def _thresholds(table: Mapping[str, Any]) -> Thresholds:
     return dataclasses.replace(Thresholds(**top), drift=DriftThresholds(**drift))
 
 
-def parse_table(table: Mapping[str, Any], *, source: Path | None = None) -> Settings:
+def parse_table(table: Mapping[str, Any], *, source: Path | None = None) -> Options:
     """Settings from a ``[tool.bncheck]`` table; an unknown key or a bad value is a ConfigError naming it."""
     unknown = sorted(set(table) - KNOWN_KEYS)
     if unknown:
@@ -152,12 +155,11 @@ def parse_table(table: Mapping[str, Any], *, source: Path | None = None) -> Sett
         per_file_ignores=per_file,
         root=source.parent if source else None,
     )
-    return Settings(
+    return Options(
         selection=selection,
         fail_on=_severity("fail-on", table["fail-on"]) if "fail-on" in table else Severity.ERROR,
         thresholds=_thresholds(table),
         exclude=_globs("exclude", table.get("exclude", [])),
-        source=source,
     )
 
 
@@ -196,7 +198,7 @@ def find_pyproject(start: Path) -> Path | None:
     return None
 
 
-def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Settings:
+def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Options:
     """Settings from ``config`` (a pyproject.toml with [tool.bncheck], or a bncheck.toml holding the keys at top
     level), else from the nearest pyproject.toml above ``cwd``, else the defaults."""
     if config is not None:
@@ -207,21 +209,23 @@ def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Set
         return parse_table(table, source=config)
     found = find_pyproject(cwd or Path.cwd())
     if found is None:
-        return Settings()
+        return Options()
     return parse_table(_read_toml(found)["tool"]["bncheck"], source=found)
 
 
 def with_overrides(
-    settings: Settings,
+    settings: Options,
     *,
     select: Sequence[str] | None = None,
     extend_select: Sequence[str] = (),
     ignore: Sequence[str] = (),
     fail_on: Severity | None = None,
     exclude: Sequence[str] = (),
-) -> Settings:
+    jobs: int = 1,
+    unsafe_load: bool = False,
+) -> Options:
     """Command-line flags over the file's settings: --select replaces, --extend-select / --ignore / --exclude add,
-    --fail-on replaces."""
+    --fail-on replaces; --jobs and --unsafe-load exist only as flags."""
     current = settings.selection
     chosen = tuple(_check_code("--select", c) for c in select) if select else current.select
     chosen += tuple(_check_code("--extend-select", c) for c in extend_select)
@@ -233,4 +237,6 @@ def with_overrides(
         selection=selection,
         fail_on=fail_on or settings.fail_on,
         exclude=settings.exclude + tuple(exclude),
+        jobs=jobs,
+        unsafe_load=unsafe_load,
     )

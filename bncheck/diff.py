@@ -7,27 +7,24 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from bncheck.checks import LayerData, Thresholds, read_layers
-from bncheck.discover import BNLayer, find_bn_layers
+from bncheck.checks import Thresholds
 from bncheck.drift import measure_drift
-from bncheck.errors import BncheckError
-from bncheck.loaders import open_checkpoint
+from bncheck.errors import BncheckError, NoSuchEntryError
+from bncheck.read import LayerData, read_checkpoint
 from bncheck.report import DiffReport, FileError, LayerDiff
 
 PathLike = str | os.PathLike[str]
 
 
 def _layers(path: Path, source: str | None) -> tuple[str, str, dict[str, LayerData]]:
-    checkpoint = open_checkpoint(path)
-    layers = find_bn_layers(checkpoint.root)
-    sources = list(dict.fromkeys(layer.source for layer in layers))
+    checkpoint, layers = read_checkpoint(path)
+    sources = list(dict.fromkeys(data.layer.source for data in layers))
     if source is None:
-        raw = [s for s in sources if not any(layer.averaged for layer in layers if layer.source == s)]
+        raw = [s for s in sources if not any(data.layer.averaged for data in layers if data.layer.source == s)]
         source = (raw or sources or [""])[0]
     elif source not in sources:
-        raise BncheckError(f"{path}: no BatchNorm layers under entry {source!r} (entries: {', '.join(sources)})")
-    chosen: list[BNLayer] = [layer for layer in layers if layer.source == source]
-    return checkpoint.format, source, {data.layer.name: data for data in read_layers(chosen)}
+        raise NoSuchEntryError(f"{path}: no BatchNorm layers under entry {source!r} (entries: {', '.join(sources)})")
+    return checkpoint.format, source, {data.layer.name: data for data in layers if data.layer.source == source}
 
 
 def _prefixes(a: list[str], b: list[str]) -> tuple[str, str]:
@@ -62,7 +59,9 @@ def diff_checkpoints(
         format_a, src_a, layers_a = _layers(path_a, source_a)
         format_b, src_b, layers_b = _layers(path_b, source_b)
     except BncheckError as exc:
-        return DiffReport(str(a), str(b), error=FileError(exc.code, str(exc)), tool_version=__version__)
+        return DiffReport(
+            path_a=str(a), path_b=str(b), error=FileError(code=exc.code, message=str(exc)), tool_version=__version__
+        )
     prefix_a, prefix_b = _prefixes(list(layers_a), list(layers_b))
     key_a = {name.removeprefix(prefix_a): name for name in layers_a}
     key_b = {name.removeprefix(prefix_b): name for name in layers_b}

@@ -38,6 +38,8 @@ class BNLayer:
     kind: str
     kind_inferred: bool
     tensors: Mapping[str, TensorRef]
+    # whether the file's format stores num_batches_tracked at all (rules about the counter ask)
+    batch_counter: bool = True
 
     @property
     def num_features(self) -> int | None:
@@ -187,7 +189,7 @@ def _infer_kind(prefix: str, tensors: Mapping[str, TensorRef], width: int | None
     return None
 
 
-def _layers_of(container: StateDict) -> Iterator[BNLayer]:
+def _layers_of(container: StateDict, batch_counter: bool) -> Iterator[BNLayer]:
     source = container.source
     container_averaged = container.averaged
     prefixes: dict[str, None] = {}  # ordered set
@@ -206,7 +208,7 @@ def _layers_of(container: StateDict) -> Iterator[BNLayer]:
         else:
             guess = _infer_kind(prefix, container.tensors, _width(tensors))
             kind, inferred = (guess, True) if guess else ("BatchNorm", False)
-        yield BNLayer(prefix, source, averaged, kind, inferred, tensors)
+        yield BNLayer(prefix, source, averaged, kind, inferred, tensors, batch_counter)
 
 
 def find_state_dicts(root: Any) -> list[StateDict]:
@@ -214,6 +216,7 @@ def find_state_dicts(root: Any) -> list[StateDict]:
     return list(_state_dicts(root, (), 0, set()))
 
 
-def find_bn_layers(root: Any) -> list[BNLayer]:
-    """Every BatchNorm-like layer in a checkpoint's object tree, in file order."""
-    return [layer for container in find_state_dicts(root) for layer in _layers_of(container)]
+def find_bn_layers(root: Any, *, batch_counter: bool = True) -> list[BNLayer]:
+    """Every BatchNorm-like layer in a checkpoint's object tree, in file order. ``batch_counter`` is the format's
+    word on whether its layers can store num_batches_tracked."""
+    return [layer for container in find_state_dicts(root) for layer in _layers_of(container, batch_counter)]

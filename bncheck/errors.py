@@ -1,16 +1,18 @@
-"""One exception family for everything that stops bncheck from reading a checkpoint.
+"""One exception family for everything that stops bncheck from checking a checkpoint or running a command.
 
 Each class carries a stable short ``code`` that the JSON report exposes as ``error.code``; codes are part of the
-output contract and never change meaning.
+output contract and never change meaning. Only the subclasses are raised: the base class has no code of its own.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class BncheckError(Exception):
-    """Base class: a checkpoint (or an argument) could not be read or understood."""
+    """Base class: a checkpoint, an argument or a setting could not be read, understood or written."""
 
-    code = "error"
+    code: ClassVar[str]
 
 
 class CheckpointNotFoundError(BncheckError):
@@ -18,7 +20,7 @@ class CheckpointNotFoundError(BncheckError):
 
 
 class UnreadableFileError(BncheckError):
-    """The operating system refused to read the path (permissions, a special file)."""
+    """The operating system (or the server) refused to give the bytes (permissions, a special file, no Range)."""
 
     code = "unreadable"
 
@@ -36,11 +38,19 @@ class CorruptCheckpointError(BncheckError):
 
 
 class UnsupportedDtypeError(BncheckError):
+    """A BatchNorm tensor's dtype has no numpy equivalent (float8, quantised types)."""
+
     code = "unsupported-dtype"
 
 
+class NoSuchEntryError(BncheckError):
+    """An entry asked for by name (``--source``, ``--source-a``) holds no BatchNorm layers."""
+
+    code = "no-such-entry"
+
+
 class TorchRequiredError(BncheckError):
-    """The file can only be read by torch itself (legacy format) and torch is not installed."""
+    """A feature that runs torch (recomputation, ``--unsafe-load``) was asked for and torch is not installed."""
 
     code = "needs-torch"
 
@@ -61,3 +71,22 @@ class DataError(BncheckError):
     """The data spec cannot be turned into batches."""
 
     code = "bad-data"
+
+
+class ConfigError(BncheckError):
+    """A settings file or a flag holds an unknown key or a bad value."""
+
+    code = "bad-config"
+
+
+class WriteError(BncheckError):
+    """recalibrate could not (or must not) write its output."""
+
+    code = "cannot-write"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message (tracebacks and torch's multi-line
+    messages never reach a report)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

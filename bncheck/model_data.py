@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bncheck.discover import StateDict
-from bncheck.errors import BncheckError, DataError, ModelError, TorchRequiredError
+from bncheck.errors import BncheckError, DataError, ModelError, TorchRequiredError, first_line
 from bncheck.recompute import Batch
 
 if TYPE_CHECKING:
@@ -34,11 +34,6 @@ def require_torch() -> Any:
             "recomputing statistics runs the model and needs torch: pip install 'bncheck[torch]'"
         ) from None
     return torch
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def load_callable(spec: str, *, error: type[BncheckError]) -> Any:
@@ -63,7 +58,7 @@ def load_callable(spec: str, *, error: type[BncheckError]) -> Any:
     except BncheckError:
         raise
     except Exception as exc:  # the user's module failed to import: report it, one line
-        raise error(f"importing {target} failed: {_describe(exc)}") from exc
+        raise error(f"importing {target} failed: {first_line(exc)}") from exc
     try:
         return getattr(module, attribute)
     except AttributeError:
@@ -80,14 +75,14 @@ def load_model(spec: str, *, kwargs: Mapping[str, Any] | None = None) -> torch.n
         try:
             return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-any-return]
         except (RuntimeError, ValueError) as exc:
-            raise ModelError(f"{spec} is not a TorchScript archive: {_describe(exc)}") from exc
+            raise ModelError(f"{spec} is not a TorchScript archive: {first_line(exc)}") from exc
     factory = load_callable(spec, error=ModelError)
     if not callable(factory):
         raise ModelError(f"{spec} is not callable")
     try:
         model = factory(**(kwargs or {}))
     except Exception as exc:  # the user's factory raised: say so in one line
-        raise ModelError(f"model factory {spec} raised {_describe(exc)}") from exc
+        raise ModelError(f"model factory {spec} raised {first_line(exc)}") from exc
     if not isinstance(model, torch.nn.Module):
         raise ModelError(f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model  # type: ignore[no-any-return]
@@ -117,7 +112,7 @@ def _tensor_file(path: Path) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {_describe(exc)}") from exc
+        raise DataError(f"cannot read {path}: {first_line(exc)}") from exc
     try:
         root = open_checkpoint(path).root
     except BncheckError as exc:
@@ -162,7 +157,7 @@ def _from_callable(spec: str, max_samples: int | None) -> Iterator[Batch]:
         batches = provider() if callable(provider) else provider
         iterator = iter(batches)
     except Exception as exc:  # the user's data code raised
-        raise DataError(f"data callable {spec} raised {_describe(exc)}") from exc
+        raise DataError(f"data callable {spec} raised {first_line(exc)}") from exc
     seen = 0
     while max_samples is None or seen < max_samples:
         try:
@@ -170,7 +165,7 @@ def _from_callable(spec: str, max_samples: int | None) -> Iterator[Batch]:
         except StopIteration:
             return
         except Exception as exc:  # a data loader that fails midway
-            raise DataError(f"data callable {spec} raised {_describe(exc)}") from exc
+            raise DataError(f"data callable {spec} raised {first_line(exc)}") from exc
         if isinstance(item, torch.Tensor):
             batch = Batch((item,))
         elif isinstance(item, tuple | list):
@@ -266,6 +261,6 @@ def load_state_into(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # shapes that differ; torch lists them one per line after a heading
-        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [_describe(exc)]
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [first_line(exc)]
         raise ModelError(f"checkpoint does not fit the model: {_listing(details)}") from exc
     return chosen, prefix

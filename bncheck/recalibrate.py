@@ -1,4 +1,4 @@
-"""Write a copy of a checkpoint with some tensors' values replaced, touching nothing else.
+"""Write a copy of a checkpoint whose running statistics are recomputed on sample data, touching nothing else.
 
 The copy is patched in place: the new values are written over the old bytes of each tensor, in its own dtype and
 byte order, so every other entry (pickled objects, metadata, optimizer state) stays byte-for-byte identical and no
@@ -22,15 +22,84 @@ from pathlib import Path
 
 import numpy as np
 
-from bncheck.errors import BncheckError
+from bncheck.api import inspect_file
+from bncheck.checks import Thresholds
+from bncheck.config import Options
+from bncheck.discover import find_bn_layers
+from bncheck.errors import WriteError
+from bncheck.loaders import INDEX_SUFFIX, is_url, open_checkpoint
 from bncheck.loaders.dtypes import ITEMSIZE, array_to_bytes
 from bncheck.loaders.files import LocalSource
 from bncheck.loaders.interface import ByteLocation, TensorRef
 from bncheck.loaders.torch_zip import member_data_start
+from bncheck.recompute import RecomputeRequest, prepare, run_model
+from bncheck.report import FileReport, Severity
+
+PathLike = str | os.PathLike[str]
 
 
-class WriteError(BncheckError):
-    code = "cannot-write"
+def recalibrate(
+    checkpoint: PathLike,
+    output: PathLike,
+    request: RecomputeRequest,
+    *,
+    force: bool = False,
+    thresholds: Thresholds | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> FileReport:
+    """Write ``output``: ``checkpoint`` with the running statistics recomputed in train mode on the sample data.
+
+    Only the BatchNorm buffers of the state dict that fits the model change (``num_batches_tracked`` becomes the
+    number of batches used); every other byte is kept. The copy is inspected before it is renamed into place.
+    Returns the report of the written file; raises BncheckError when nothing could be written.
+    """
+    source, target = _check_paths(checkpoint, output, request, force=force)
+    options = Options(thresholds=thresholds or Thresholds())
+    workload = prepare(request, progress)
+    root = open_checkpoint(source).root
+    state, prefix, result = run_model(root, workload, "train")
+    layers = {layer.name: layer for layer in find_bn_layers(root) if layer.source == state.source}
+    patches = {}
+    for module, stats in result.layers.items():
+        layer = layers.get(prefix + module)
+        if layer is None:
+            continue
+        mean, var = stats.for_estimator(request.estimator)
+        new_values = {"running_mean": mean, "running_var": var, "num_batches_tracked": np.array(result.batches_used)}
+        for name, values in new_values.items():
+            if name in layer.tensors:
+                patches[layer.tensors[name]] = values
+    if not patches:
+        raise WriteError("the model ran no BatchNorm layer that the checkpoint stores; nothing to recalibrate")
+
+    def verify(written: Path) -> None:
+        report = inspect_file(written, options=options)
+        if report.error is not None:
+            raise WriteError(f"the recalibrated copy cannot be read back: {report.error.message}")
+        errors = [f for f in report.findings if f.severity is Severity.ERROR and f.code != "BN101"]
+        if errors:
+            raise WriteError(f"the recalibrated copy fails inspection: {errors[0].code} {errors[0].message}")
+
+    patch_copy(source, target, patches, verify=verify)
+    return inspect_file(target, options=options)
+
+
+def _check_paths(
+    checkpoint: PathLike, output: PathLike, request: RecomputeRequest, *, force: bool
+) -> tuple[Path, Path]:
+    """Refuse, before running anything, what recalibration must not or cannot do."""
+    if is_url(checkpoint) or is_url(output):
+        raise WriteError("recalibrate reads and writes local files; download the checkpoint first")
+    source, target = Path(checkpoint), Path(output)
+    if request.mode != "train":
+        raise WriteError("recalibration writes train-mode statistics; --mode eval only measures")
+    if target.exists() and source.exists() and target.resolve() == source.resolve():
+        raise WriteError("refusing to overwrite the input checkpoint; choose another output path")
+    if target.exists() and not force:
+        raise WriteError(f"{target} exists; pass --force to replace it")
+    if source.is_dir() or source.name.endswith(INDEX_SUFFIX):
+        raise WriteError("recalibrate writes single-file checkpoints; sharded checkpoints are not supported yet")
+    return source, target
 
 
 def _element_offsets(shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:

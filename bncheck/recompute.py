@@ -9,13 +9,19 @@ stored statistics. Either way the model is left exactly as it was found.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from bncheck.errors import ModelError
+from bncheck.checks import LayerDrift, Thresholds
+from bncheck.discover import StateDict, find_state_dicts
+from bncheck.drift import measure_drift
+from bncheck.errors import ModelError, first_line
+from bncheck.read import LayerData
+from bncheck.report import LayerDriftInfo, RecomputeInfo
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +33,24 @@ VARIANCE_CONVENTIONS = {
     "exact": "unbiased variance pooled over every value of every sample (exact, independent of batching)",
     "pytorch": "mean of per-batch unbiased variances, as torch.optim.swa_utils.update_bn computes",
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecomputeRequest:
+    """What to run to recompute the statistics: a model spec, a data spec and how to batch them."""
+
+    model: str
+    data: str
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    max_samples: int | None = None
+    mode: Mode = "train"
+    estimator: Estimator = "exact"
+    device: str = "cpu"
+    # the checkpoint entry to load into the model (e.g. state_dict_ema); None: the one that fits
+    source: str | None = None
+    # fnmatch patterns of layer names whose BN012 is silenced
+    silence_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -269,10 +293,8 @@ def _recompute_scripted(
     statistics are available this way, so the result is the per-batch average (update_bn's convention)."""
     import torch
 
-    from bncheck.errors import BncheckError
-
     if mode != "train":
-        raise BncheckError("eval mode needs each layer's input, which a TorchScript model does not expose")
+        raise ModelError("eval mode needs each layer's input, which a TorchScript model does not expose")
     modules = batchnorm_modules(model)
     accumulators = {name: _LayerAccumulator() for name in modules}
     used = skipped = samples = 0
@@ -353,5 +375,99 @@ def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
 
 
 def _model_failed(exc: Exception) -> ModelError:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return ModelError(f"the model failed on the sample data: {type(exc).__name__}: {first}".rstrip(": "))
+    return ModelError(f"the model failed on the sample data: {first_line(exc)}")
+
+
+@dataclass
+class Workload:
+    """The model and batches of a RecomputeRequest, built once and shared by every checkpoint."""
+
+    request: RecomputeRequest
+    model: Any
+    batches: list[Batch]
+    progress: Callable[[int], None] | None = None
+
+
+def prepare(request: RecomputeRequest, progress: Callable[[int], None] | None = None) -> Workload:
+    """Build the model and load the batches; a spec that cannot be loaded raises ModelError / DataError."""
+    from bncheck.model_data import load_batches, load_model
+
+    batches = load_batches(request.data, batch_size=request.batch_size, max_samples=request.max_samples)
+    model = load_model(request.model, kwargs=request.model_kwargs)
+    try:
+        model = model.to(request.device)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # no such device, or torch built without it
+        raise ModelError(f"cannot use device {request.device!r}: {first_line(exc)}") from exc
+    return Workload(request, model, batches, progress)
+
+
+def run_model(root: Any, workload: Workload, mode: Mode) -> tuple[StateDict, str, RecomputeResult]:
+    """Load the checkpoint's state dict that fits the model into it, then rerun the model on the sample data."""
+    from bncheck.model_data import load_state_into
+
+    request = workload.request
+    state, prefix = load_state_into(workload.model, find_state_dicts(root), source=request.source)
+    result = recompute_statistics(
+        workload.model, workload.batches, mode=mode, device=request.device, on_batch=workload.progress
+    )
+    return state, prefix, result
+
+
+def measure_checkpoint(
+    root: Any, layers: Sequence[LayerData], workload: Workload, thresholds: Thresholds
+) -> tuple[list[LayerDrift], RecomputeInfo]:
+    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift."""
+    request = workload.request
+    state, prefix, result = run_model(root, workload, request.mode)
+    by_name = {(data.layer.source, data.layer.name): data for data in layers}
+    drifts: list[LayerDrift] = []
+    rows: list[LayerDriftInfo] = []
+    for module, stats in result.layers.items():
+        data = by_name.get((state.source, prefix + module))
+        stored_mean, stored_var = (data.floats("running_mean"), data.floats("running_var")) if data else (None, None)
+        if data is None or stored_mean is None or stored_var is None or stored_mean.shape != stats.mean_pooled.shape:
+            continue  # missing or malformed statistics are reported by the static rules
+        new_mean, new_var = stats.for_estimator(request.estimator)
+        other_var = stats.var_batch_average if request.estimator == "exact" else stats.var_pooled
+        drift = measure_drift(
+            stored_mean,
+            stored_var,
+            new_mean,
+            new_var,
+            samples=stats.samples,
+            eps=thresholds.drift.eps,
+            other_var=other_var,
+        )
+        silenced = any(fnmatch.fnmatchcase(data.layer.name, pattern) for pattern in request.silence_layers)
+        drifts.append(LayerDrift(data.layer, module, drift, silenced))
+        rows.append(
+            LayerDriftInfo(
+                name=data.layer.name,
+                source=data.layer.source,
+                module=module,
+                samples=stats.samples,
+                mean_shift_median=drift.mean_shift_median,
+                mean_shift_worst=drift.mean_shift_worst,
+                log_var_ratio_median=drift.log_var_ratio_median,
+                log_var_ratio_worst=drift.log_var_ratio_worst,
+                stale=bool(drift.reasons(thresholds.drift)),
+                silenced=silenced,
+            )
+        )
+    estimator = request.estimator if result.pooled else "pytorch"
+    info = RecomputeInfo(
+        model=request.model,
+        data=request.data,
+        mode=request.mode,
+        estimator=estimator,
+        variance_convention=VARIANCE_CONVENTIONS[estimator]
+        + ("" if result.pooled else " (a TorchScript model cannot be hooked, so only per-batch statistics exist)"),
+        source=state.source,
+        prefix=prefix,
+        samples=result.samples,
+        batches=result.batches_used,
+        batches_skipped=result.batches_skipped,
+        too_few_samples=any(d.drift.too_few_samples(thresholds.drift) for d in drifts),
+        layers=tuple(rows),
+    )
+    return drifts, info

@@ -7,19 +7,39 @@ from enum import StrEnum
 
 
 class Severity(StrEnum):
+    """How bad a finding is, ordered INFO < WARNING < ERROR (so ``max()`` of findings' severities is the worst).
+
+    A string enum would otherwise compare as strings ("warning" > "error"); the order is the rank's.
+    """
+
     ERROR = "error"
     WARNING = "warning"
     INFO = "info"
 
     @property
     def rank(self) -> int:
-        return {"info": 0, "warning": 1, "error": 2}[self.value]
+        return _RANK[self.value]
 
     def at_least(self, level: Severity) -> bool:
         return self.rank >= level.rank
 
+    def __lt__(self, other: object) -> bool:
+        return self.rank < Severity(other).rank if isinstance(other, str) else NotImplemented
 
-@dataclass(frozen=True)
+    def __le__(self, other: object) -> bool:
+        return self.rank <= Severity(other).rank if isinstance(other, str) else NotImplemented
+
+    def __gt__(self, other: object) -> bool:
+        return self.rank > Severity(other).rank if isinstance(other, str) else NotImplemented
+
+    def __ge__(self, other: object) -> bool:
+        return self.rank >= Severity(other).rank if isinstance(other, str) else NotImplemented
+
+
+_RANK = {"info": 0, "warning": 1, "error": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Finding:
     """One rule's verdict on one layer (or on the whole file when ``layer`` is None)."""
 
@@ -34,7 +54,7 @@ class Finding:
     channel_count: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Summary:
     """min / max / mean over the finite values of a statistic; None when it has no finite value."""
 
@@ -44,7 +64,7 @@ class Summary:
     nonfinite: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerInfo:
     name: str
     source: str
@@ -59,7 +79,7 @@ class LayerInfo:
     codes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerDriftInfo:
     """One layer's drift between its stored and its recomputed statistics."""
 
@@ -75,7 +95,7 @@ class LayerDriftInfo:
     silenced: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecomputeInfo:
     """How the statistics were recomputed, and the drift of every layer the model ran through."""
 
@@ -93,13 +113,13 @@ class RecomputeInfo:
     layers: tuple[LayerDriftInfo, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FileError:
     code: str
     message: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FileReport:
     path: str
     format: str | None
@@ -117,7 +137,7 @@ class FileReport:
         return any(f.severity.at_least(fail_on) for f in self.findings)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerDiff:
     """One layer present in both checkpoints: how far B's statistics are from A's."""
 
@@ -132,7 +152,7 @@ class LayerDiff:
     reasons: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DiffReport:
     """Layer-by-layer comparison of the BatchNorm statistics of two checkpoints."""
 
@@ -154,7 +174,7 @@ class DiffReport:
         return bool(self.only_in_a or self.only_in_b or self.channel_changes or any(d.drifted for d in self.layers))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RuleInfo:
     """A rule's description, carried in the report so that formats such as SARIF can describe every rule."""
 
@@ -170,7 +190,7 @@ class RuleInfo:
         return tuple(" ".join(block.split()) for block in self.doc.split("\n\n") if block.strip())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Report:
     files: tuple[FileReport, ...]
     fail_on: Severity = Severity.ERROR

@@ -12,8 +12,19 @@ from bncheck.report import FileError, FileReport, Finding, LayerInfo, Report, Se
 
 
 def layer(name: str, *, nonfinite: int = 0, kind: str = "BatchNorm2d") -> LayerInfo:
-    stats = Summary(-1234.5678, 98765.4321, 1.0, nonfinite)
-    return LayerInfo(name, "", False, kind, True, 64, "float32", 1200, stats, stats, ())
+    stats = Summary(min=-1234.5678, max=98765.4321, mean=1.0, nonfinite=nonfinite)
+    return LayerInfo(
+        name=name,
+        source="",
+        averaged=False,
+        kind=kind,
+        kind_inferred=True,
+        num_features=64,
+        dtype="float32",
+        num_batches_tracked=1200,
+        running_mean=stats,
+        running_var=stats,
+    )
 
 
 def render(report: Report, width: int) -> str:
@@ -34,15 +45,15 @@ def test_long_names_and_wide_ranges_fit_and_stay_whole(width: int) -> None:
         layers=(layer("bn1"), layer(LONG, nonfinite=3), layer("[nan].[bfloat16]")),
         findings=(
             Finding(
-                "BN001",
-                Severity.ERROR,
-                "running_var has 3 non-finite value(s): 3 NaN [nan]",
-                "hint [bold]x",
-                LONG,
-                "",
-                "running_var",
-                tuple(range(10)),
-                10,
+                code="BN001",
+                severity=Severity.ERROR,
+                message="running_var has 3 non-finite value(s): 3 NaN [nan]",
+                hint="hint [bold]x",
+                layer=LONG,
+                source="",
+                tensor="running_var",
+                channels=tuple(range(10)),
+                channel_count=10,
             ),
         ),
     )
@@ -57,7 +68,16 @@ def test_long_names_and_wide_ranges_fit_and_stay_whole(width: int) -> None:
 
 
 def test_unreadable_file_shows_its_reason_and_the_run_fails() -> None:
-    report = Report(files=(FileReport("x.pt", None, None, error=FileError("corrupt", "broken zip archive")),))
+    report = Report(
+        files=(
+            FileReport(
+                path="x.pt",
+                format=None,
+                size_bytes=None,
+                error=FileError(code="corrupt", message="broken zip archive"),
+            ),
+        )
+    )
     text = render(report, 80)
     assert "NOT CHECKED  broken zip archive" in text
     assert text.rstrip().endswith("-> FAIL")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -11,10 +12,12 @@ from pathlib import Path, PurePosixPath
 
 from bncheck.errors import UnsupportedFormatError
 from bncheck.loaders.files import ByteSource, is_url, open_source
-from bncheck.loaders.interface import Checkpoint, TensorRef
+from bncheck.loaders.interface import Checkpoint, Format, TensorRef
 
 __all__ = [
+    "FORMATS",
     "Checkpoint",
+    "Format",
     "TensorRef",
     "find_checkpoints",
     "is_url",
@@ -23,34 +26,57 @@ __all__ = [
     "shards_named_by",
 ]
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-INDEX_SUFFIX = ".index.json"
 # A pickled int 0x1950a86a20f9469cfc6c (torch's legacy magic number), as protocol 2 writes it.
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_SUFFIX = ".index.json"
 
-_EXPECTED_BY_SUFFIX = {
-    ".safetensors": "safetensors",
-    ".pt": "torch",
-    ".pth": "torch",
-    ".bin": "torch",
-    ".ckpt": "torch",
-}
+# Every format bncheck reads, in the order their leading-bytes tests are tried. A new format is a loader module and
+# one entry here: the dispatcher, the directory search, the CLI help and the rules that depend on the format's
+# semantics all read this table (a test keeps .pre-commit-hooks.yaml in step with it).
+FORMATS: tuple[Format, ...] = (
+    Format(
+        name="torch zip",
+        described="a torch.save file",
+        suffixes=_TORCH_SUFFIXES,
+        matches=lambda head, _: head.startswith((b"PK\x03\x04", b"PK\x05\x06")),
+        reader="bncheck.loaders.torch_zip:open_torch_zip",
+    ),
+    Format(
+        name="torch legacy",
+        described="a torch.save file",
+        suffixes=_TORCH_SUFFIXES,
+        matches=lambda head, _: head.startswith(_LEGACY_MAGIC),
+        reader="bncheck.loaders.torch_legacy:open_torch_legacy",
+    ),
+    Format(
+        name="safetensors",
+        described="a safetensors file",
+        suffixes=(".safetensors",),
+        # an 8-byte header length, then the JSON header (whose length is checked when it is read)
+        matches=lambda head, _: head[8:9] == b"{",
+        reader="bncheck.loaders.safetensors:open_safetensors",
+    ),
+    Format(
+        name="shard index",
+        described="a shard index",
+        suffixes=(INDEX_SUFFIX,),
+        matches=lambda head, name: name.endswith(INDEX_SUFFIX) or head.lstrip()[:1] == b"{",
+        reader="bncheck.loaders.safetensors:open_sharded",
+    ),
+)
+CHECKPOINT_SUFFIXES = tuple(dict.fromkeys(suffix for fmt in FORMATS for suffix in fmt.suffixes))
 
 
-def sniff(source: ByteSource) -> str:
-    """The format family of a file from its first bytes: 'safetensors', 'zip', 'legacy' or 'index'."""
+def sniff(source: ByteSource) -> Format:
+    """The format of a file, from its first bytes (and, for a shard index, its name)."""
     size = source.size
     if size == 0:
         raise UnsupportedFormatError("file is empty")
     head = source.read(0, min(size, 64))
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "zip"
-    if head.startswith(_LEGACY_MAGIC):
-        return "legacy"
-    if len(head) >= 9 and head[8:9] == b"{":  # the header's length is checked when it is read
-        return "safetensors"
-    if source.name.endswith(INDEX_SUFFIX) or head.lstrip()[:1] == b"{":
-        return "index"
+    for fmt in FORMATS:
+        if fmt.matches(head, source.name):
+            return fmt
     if head.startswith(b"\x80"):
         raise UnsupportedFormatError("a plain pickle, not a torch.save checkpoint")
     if _looks_like_text(head):
@@ -66,14 +92,14 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
 
 
-def _disagreement(name: str, family: str) -> tuple[str, ...]:
-    suffix = PurePosixPath(name).suffix.lower()
-    expected = _EXPECTED_BY_SUFFIX.get(suffix)
-    actual = "safetensors" if family == "safetensors" else "torch"
-    if family == "index" or expected is None or expected == actual:
+def _disagreement(name: str, fmt: Format) -> tuple[str, ...]:
+    """A note when the file's name promises another kind of file than its bytes are."""
+    lowered = name.lower()
+    promised = {other.described for other in FORMATS if lowered.endswith(other.suffixes)}
+    if not promised or fmt.described in promised:
         return ()
-    described = "a safetensors file" if actual == "safetensors" else "a torch.save file"
-    return (f"named {suffix} but its bytes are {described}; read as what the bytes say",)
+    suffix = PurePosixPath(name).suffix.lower()
+    return (f"named {suffix} but its bytes are {fmt.described}; read as what the bytes say",)
 
 
 def open_checkpoint(path: os.PathLike[str] | str) -> Checkpoint:
@@ -88,12 +114,18 @@ def open_checkpoint(path: os.PathLike[str] | str) -> Checkpoint:
 
 
 def open_source_checkpoint(source: ByteSource) -> Checkpoint:
-    """Open the checkpoint whose bytes ``source`` gives."""
-    family = sniff(source)
-    checkpoint = _reader(family)(source)
-    notes = _disagreement(source.name, family)
-    size = checkpoint.size_bytes if family == "index" else source.size
-    return dataclasses.replace(checkpoint, notes=checkpoint.notes + notes, size_bytes=size)
+    """Open the checkpoint whose bytes ``source`` gives, with the reader its leading bytes call for."""
+    fmt = sniff(source)
+    module, _, function = fmt.reader.partition(":")
+    reader: Callable[[ByteSource], Checkpoint] = getattr(importlib.import_module(module), function)
+    checkpoint = reader(source)
+    size = checkpoint.size_bytes if checkpoint.size_bytes is not None else source.size
+    return dataclasses.replace(
+        checkpoint,
+        notes=checkpoint.notes + _disagreement(source.name, fmt),
+        size_bytes=size,
+        batch_counter=checkpoint.batch_counter and fmt.batch_counter,
+    )
 
 
 def prefetch(refs: Iterable[TensorRef]) -> None:
@@ -106,21 +138,6 @@ def prefetch(refs: Iterable[TensorRef]) -> None:
             by_source.setdefault(id(source), (source, []))[1].append((offset, length))
     for source, ranges in by_source.values():
         source.prefetch(ranges)
-
-
-def _reader(family: str) -> Callable[[ByteSource], Checkpoint]:
-    """The reader of one format, imported when a file of that format is first opened."""
-    if family == "zip":
-        from bncheck.loaders.torch_zip import open_torch_zip
-
-        return open_torch_zip
-    if family == "legacy":
-        from bncheck.loaders.torch_legacy import open_torch_legacy
-
-        return open_torch_legacy
-    from bncheck.loaders.safetensors import open_safetensors, open_sharded
-
-    return open_sharded if family == "index" else open_safetensors
 
 
 def _checkpoint_in_directory(path: Path) -> Path:
@@ -165,5 +182,11 @@ def find_checkpoints(path: os.PathLike[str] | str, *, exclude: Sequence[str] = (
     )
     indexes = [p for p in files if p.name.endswith(INDEX_SUFFIX)]
     shards = set().union(*(shards_named_by(index) for index in indexes)) if indexes else set()
-    singles = [p for p in files if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.resolve() not in shards]
+    singles = [
+        p
+        for p in files
+        if p.name.lower().endswith(CHECKPOINT_SUFFIXES)
+        and not p.name.endswith(INDEX_SUFFIX)
+        and p.resolve() not in shards
+    ]
     return sorted((p for p in indexes + singles if not _excluded(p, path, exclude)), key=str)

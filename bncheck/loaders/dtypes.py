@@ -47,47 +47,6 @@ ITEMSIZE = {
 FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"} | {n for n in ITEMSIZE if n.startswith("float8")})
 INTEGER = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8"})
 
-# Legacy typed-storage class names that torch still writes as dtype markers (torch/storage.py).
-STORAGE_CLASS_DTYPES = {
-    "DoubleStorage": "float64",
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "ComplexDoubleStorage": "complex128",
-    "ComplexFloatStorage": "complex64",
-    "QInt8Storage": "qint8",
-    "QUInt8Storage": "quint8",
-    "QInt32Storage": "qint32",
-    # dtypes without a legacy class are written as UntypedStorage plus an explicit dtype
-    "UntypedStorage": "uint8",
-}
-
-# safetensors header dtype -> torch dtype name
-SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "C64": "complex64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
 
 def bytes_to_array(buffer: bytes, dtype: str, *, big_endian: bool = False) -> np.ndarray:
     """Interpret ``buffer`` as a flat array of ``dtype``, in native byte order.

@@ -20,6 +20,7 @@ from bncheck.errors import (
     CorruptCheckpointError,
     MissingDependencyError,
     UnreadableFileError,
+    first_line,
 )
 
 # Prefetching remote ranges: ranges closer than this are fetched as one block (a request costs more than this many
@@ -138,13 +139,12 @@ def _remote_error(url: str, exc: BaseException) -> Exception:
     """One clear error for everything a remote read can raise."""
     if isinstance(exc, FileNotFoundError):
         return CheckpointNotFoundError(f"not found: {url}")
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if "range requests" in text.lower():
+    if "range requests" in str(exc).lower():
         return UnreadableFileError(
             "the server ignores HTTP Range requests; bncheck reads only the bytes it needs and will not "
             "download the whole file"
         )
-    return UnreadableFileError(f"cannot read {url}: {type(exc).__name__}: {text}"[:300])
+    return UnreadableFileError(f"cannot read {url}: {first_line(exc)}"[:300])
 
 
 def _remote_errors() -> tuple[type[BaseException], ...]:

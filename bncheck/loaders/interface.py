@@ -1,9 +1,10 @@
-"""The one small interface every loader implements.
+"""The one small interface every loader implements, and the registry entry that describes a format.
 
-A loader turns a path into a :class:`Checkpoint`: the object tree the file holds (dicts, lists, inert placeholders
-of untrusted objects) whose tensor leaves are :class:`TensorRef` s. A ``TensorRef`` knows its dtype and shape from
-the file's metadata and reads its bytes only when asked, so a caller that needs three tensors out of a thousand reads
-three.
+A loader turns the bytes of a file into a :class:`Checkpoint`: the object tree the file holds (dicts, lists, inert
+placeholders of untrusted objects) whose tensor leaves are :class:`TensorRef` s, named as a torch ``state_dict()``
+names them, so discovery and the rules read every format alike. A ``TensorRef`` knows its dtype and shape from the
+file's metadata and reads its bytes only when asked, so a caller that needs three tensors out of a thousand reads
+three. A :class:`Format` says what a loader reads: it is all the rest of bncheck knows about the format.
 """
 
 from __future__ import annotations
@@ -14,12 +15,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from bncheck.errors import CorruptCheckpointError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy only for annotations: the format registry is read by `bncheck --help`
+    import numpy as np
+
     from bncheck.loaders.files import ByteSource
+
+
+@dataclass(frozen=True, kw_only=True)
+class Format:
+    """A checkpoint format: how to recognise it, which files hold it, how to open it, and what its layers can hold.
+
+    ``reader`` names the ``module:function`` (a ByteSource -> Checkpoint) imported when a file of this format is
+    first opened, so that a run over safetensors files never imports the zip and pickle machinery.
+    """
+
+    name: str
+    # what a file of this format is, for a note when its name says otherwise ("a torch.save file")
+    described: str
+    # names that hold this format: a directory search picks them up, and a file so named is expected to be it
+    suffixes: tuple[str, ...]
+    # whether the first (up to 64) bytes and the file name are this format's; tried in registry order
+    matches: Callable[[bytes, str], bool]
+    reader: str
+    # whether a BatchNorm layer of this format stores num_batches_tracked (torch's batch counter) at all
+    batch_counter: bool = True
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -84,3 +105,5 @@ class Checkpoint:
     globals: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     size_bytes: int | None = None
+    # from the Format: whether the layers can carry num_batches_tracked (rules about the counter ask)
+    batch_counter: bool = True

@@ -24,8 +24,29 @@ from typing import IO, Any, ClassVar
 import numpy as np
 
 from bncheck.errors import CorruptCheckpointError
-from bncheck.loaders.dtypes import ITEMSIZE, STORAGE_CLASS_DTYPES
+from bncheck.loaders.dtypes import ITEMSIZE
 from bncheck.loaders.interface import TensorRef, contiguous_strides
+
+# Legacy typed-storage class names that torch still writes as dtype markers (torch/storage.py).
+STORAGE_CLASS_DTYPES = {
+    "DoubleStorage": "float64",
+    "FloatStorage": "float32",
+    "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "int64",
+    "IntStorage": "int32",
+    "ShortStorage": "int16",
+    "CharStorage": "int8",
+    "ByteStorage": "uint8",
+    "BoolStorage": "bool",
+    "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64",
+    "QInt8Storage": "qint8",
+    "QUInt8Storage": "quint8",
+    "QInt32Storage": "qint32",
+    # dtypes without a legacy class are written as UntypedStorage plus an explicit dtype
+    "UntypedStorage": "uint8",
+}
 
 TORCH_DTYPE_NAMES = frozenset(ITEMSIZE) | {"float", "double", "half", "long", "int", "short", "bool"}
 _DTYPE_ALIASES = {

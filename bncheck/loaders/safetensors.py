@@ -14,9 +14,29 @@ from pathlib import Path
 from typing import Any
 
 from bncheck.errors import CheckpointNotFoundError, CorruptCheckpointError
-from bncheck.loaders.dtypes import ITEMSIZE, SAFETENSORS_DTYPES, bytes_to_array
+from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef, contiguous_strides
+
+# safetensors header dtype -> torch dtype name
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 # A header is a few bytes per tensor; anything this large is corrupt or hostile, and parsing it would cost memory.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -113,6 +133,7 @@ def open_sharded(index: ByteSource) -> Checkpoint:
         raise CorruptCheckpointError("shard index has no 'weight_map' of tensor name -> shard file")
     shards: dict[str, dict[str, Any]] = {}
     formats: set[str] = set()
+    batch_counter = True
     total = 0
     root: dict[str, Any] = {}
     for name, shard_name in weight_map.items():
@@ -128,9 +149,10 @@ def open_sharded(index: ByteSource) -> Checkpoint:
                 raise CorruptCheckpointError(f"shard {shard_name} does not hold a flat dict of tensors")
             shards[shard_name] = shard.root
             formats.add(shard.format)
+            batch_counter = batch_counter and shard.batch_counter
             total += shard.size_bytes or 0
         if name not in shards[shard_name]:
             raise CorruptCheckpointError(f"tensor {name!r} is not in shard {shard_name} as the index says")
         root[name] = shards[shard_name][name]
     kind = "/".join(sorted(formats)) or "empty"
-    return Checkpoint(format=f"{kind}, {len(shards)} shards", root=root, size_bytes=total)
+    return Checkpoint(format=f"{kind}, {len(shards)} shards", root=root, size_bytes=total, batch_counter=batch_counter)

@@ -1,0 +1,94 @@
+"""Open a checkpoint, find its BatchNorm layers and read their tensors: everything before the rules run.
+
+``inspect``, ``diff`` and ``recalibrate`` all come through :func:`read_checkpoint`, so they see the same layers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from bncheck.discover import BNLayer, find_bn_layers
+from bncheck.errors import CorruptCheckpointError, UnsupportedDtypeError
+from bncheck.loaders import is_url, open_checkpoint, prefetch
+from bncheck.loaders.dtypes import FLOATING, INTEGER
+from bncheck.loaders.interface import Checkpoint
+
+
+@dataclass(frozen=True)
+class LayerData:
+    """A BatchNorm layer with its tensors read: what the rules see."""
+
+    layer: BNLayer
+    arrays: Mapping[str, np.ndarray]
+
+    def dtype(self, name: str) -> str | None:
+        ref = self.layer.tensors.get(name)
+        return ref.dtype if ref is not None else None
+
+    def floats(self, name: str) -> np.ndarray | None:
+        """A floating tensor as float64 (read-only, converted once for all the rules), or None when absent or not
+        floating."""
+        return self._float64.get(name)
+
+    @cached_property
+    def _float64(self) -> dict[str, np.ndarray]:
+        converted = {}
+        with np.errstate(all="ignore"):  # a mislabelled or crafted array may not cast cleanly; rules see NaN
+            for name, array in self.arrays.items():
+                if self.dtype(name) in FLOATING:
+                    values = np.array(array, dtype=np.float64)
+                    values.setflags(write=False)
+                    converted[name] = values
+        return converted
+
+    def count(self) -> int | None:
+        """num_batches_tracked when it is a valid integer scalar."""
+        array = self.arrays.get("num_batches_tracked")
+        if array is None or self.dtype("num_batches_tracked") not in INTEGER or array.size != 1:
+            return None
+        return int(array.reshape(()))
+
+
+def read_layer(layer: BNLayer) -> LayerData:
+    """Read a layer's tensors (and nothing else) from the file."""
+    return LayerData(layer, {name: ref.read() for name, ref in layer.tensors.items()})
+
+
+def read_layers(layers: Sequence[BNLayer]) -> list[LayerData]:
+    """Read every layer's tensors; the bytes of a remote file are fetched together first."""
+    prefetch(ref for layer in layers for ref in layer.tensors.values())
+    return [read_layer(layer) for layer in layers]
+
+
+def read_checkpoint(path: os.PathLike[str] | str, *, unsafe_load: bool = False) -> tuple[Checkpoint, list[LayerData]]:
+    """Open a checkpoint and read its BatchNorm layers; raises a BncheckError when it cannot be read.
+
+    With ``unsafe_load``, torch's unpickler (which runs the file's code) takes over the local files that bncheck's
+    own reader cannot read, or in which it finds no BatchNorm layer behind the objects it would not build.
+    """
+    checkpoint = _open(path, unsafe_load)
+    return checkpoint, read_layers(find_bn_layers(checkpoint.root, batch_counter=checkpoint.batch_counter))
+
+
+def _open(path: os.PathLike[str] | str, unsafe_load: bool) -> Checkpoint:
+    try:
+        checkpoint = open_checkpoint(path)
+    except (CorruptCheckpointError, UnsupportedDtypeError):
+        if not unsafe_load or is_url(path):
+            raise
+        return _open_with_torch(path)
+    if unsafe_load and checkpoint.globals and not find_bn_layers(checkpoint.root) and not is_url(path):
+        return _open_with_torch(path)
+    return checkpoint
+
+
+def _open_with_torch(path: os.PathLike[str] | str) -> Checkpoint:
+    from bncheck.loaders.unsafe import open_with_torch
+
+    return open_with_torch(Path(path))

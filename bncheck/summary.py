@@ -1,0 +1,100 @@
+"""What a file's report says besides its findings: its notes and one summary row per layer, built in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bncheck.checks import is_dangerous_global
+from bncheck.errors import BncheckError
+from bncheck.loaders import is_url
+from bncheck.loaders.interface import Checkpoint
+from bncheck.loaders.restricted_pickle import Placeholder
+from bncheck.read import LayerData
+from bncheck.report import FileError, FileReport, Finding, LayerInfo, RecomputeInfo, Summary
+
+
+def file_report(
+    path: os.PathLike[str] | str,
+    checkpoint: Checkpoint,
+    layers: Sequence[LayerData],
+    findings: Sequence[Finding],
+    recompute: RecomputeInfo | None = None,
+) -> FileReport:
+    """The report of a file that could be read."""
+    return FileReport(
+        path=str(path),
+        format=checkpoint.format,
+        size_bytes=checkpoint.size_bytes,
+        layers=tuple(layer_info(data, findings) for data in layers),
+        findings=tuple(findings),
+        notes=checkpoint.notes + _object_notes(checkpoint) + (() if layers else ("no BatchNorm layers",)),
+        recompute=recompute,
+    )
+
+
+def unreadable_report(path: os.PathLike[str] | str, exc: BncheckError) -> FileReport:
+    """The report of a path that could not be checked: why, in one line (messages may quote bytes of the file)."""
+    return FileReport(
+        path=str(path),
+        format=None,
+        size_bytes=_local_size(path),
+        error=FileError(code=exc.code, message=" ".join(str(exc).split())),
+    )
+
+
+def layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
+    layer = data.layer
+    codes = sorted({f.code for f in findings if f.layer == layer.name and f.source == layer.source})
+    return LayerInfo(
+        name=layer.name,
+        source=layer.source,
+        averaged=layer.averaged,
+        kind=layer.kind,
+        kind_inferred=layer.kind_inferred,
+        num_features=layer.num_features,
+        dtype=data.dtype("running_var") or data.dtype("running_mean"),
+        num_batches_tracked=data.count(),
+        running_mean=_summary(data.floats("running_mean")),
+        running_var=_summary(data.floats("running_var")),
+        codes=tuple(codes),
+    )
+
+
+def _summary(values: np.ndarray | None) -> Summary | None:
+    if values is None:
+        return None
+    finite = values[np.isfinite(values)]
+    nonfinite = int(values.size - finite.size)
+    if finite.size == 0:
+        return Summary(min=None, max=None, mean=None, nonfinite=nonfinite)
+    with np.errstate(over="ignore"):  # the mean of values near the float64 limit overflows to inf, as it should
+        mean = float(finite.mean())
+    return Summary(min=float(finite.min()), max=float(finite.max()), mean=mean, nonfinite=nonfinite)
+
+
+def _object_notes(checkpoint: Checkpoint) -> tuple[str, ...]:
+    """Say which pickled objects were recorded rather than built (not TorchScript's own classes)."""
+    root = checkpoint.root
+    if isinstance(root, Placeholder) and not root.global_name.startswith("__torch__."):
+        return (
+            f"contains code objects of class {root.global_name} (a fully pickled model); its tensors were read "
+            "without running it",
+        )
+    objects = [g for g in checkpoint.globals if not g.startswith("__torch__.") and not is_dangerous_global(g)]
+    if not objects:
+        return ()
+    shown = ", ".join(objects[:4]) + (f" and {len(objects) - 4} more" if len(objects) > 4 else "")
+    return (f"holds pickled objects of {shown}: read without running them",)
+
+
+def _local_size(path: os.PathLike[str] | str) -> int | None:
+    if is_url(path):
+        return None
+    try:
+        return Path(path).stat().st_size if Path(path).is_file() else None
+    except OSError:
+        return None
