@@ -15,6 +15,8 @@ from torch import nn
 
 from bncheck.errors import BncheckError
 from bncheck.loaders import open_checkpoint
+from bncheck.loaders.files import LocalSource
+from bncheck.loaders.safetensors import tensors_of
 
 
 def error_of(path: Path, cli) -> dict:
@@ -23,6 +25,16 @@ def error_of(path: Path, cli) -> dict:
     error = result.json()["files"][0]["error"]
     assert error is not None and "\n" not in error["message"]
     return error
+
+
+def refused_twice(path: Path, cli, reference: str, own: str) -> None:
+    """A local file is refused by the reference parser, with its reason; bncheck's own parser, which reads
+    remote files, refuses the same bytes with its own."""
+    message = error_of(path, cli)["message"]
+    assert "reference parser refuses" in message and reference in message, message
+    with pytest.raises(BncheckError) as info:
+        tensors_of(LocalSource(path))
+    assert own in str(info.value) and "\n" not in str(info.value)
 
 
 def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
@@ -40,7 +52,7 @@ def bn_header(dtype: str = "F32", offsets: tuple[int, int] = (0, 12), var_offset
 def test_safetensors_header_longer_than_the_file(cli, tmp_path: Path) -> None:
     path = tmp_path / "h.safetensors"
     path.write_bytes(struct.pack("<Q", 10**6) + b"{}")
-    assert "header claims" in error_of(path, cli)["message"]
+    refused_twice(path, cli, "invalid header length", "header claims")
 
 
 def test_safetensors_header_over_100_mb_is_refused_without_reading_it(cli, tmp_path: Path) -> None:
@@ -49,7 +61,7 @@ def test_safetensors_header_over_100_mb_is_refused_without_reading_it(cli, tmp_p
         handle.write(struct.pack("<Q", 200 * 2**20) + b"{")
         handle.truncate(300 * 2**20)  # sparse: costs no disk
     start = time.perf_counter()
-    assert "header claims" in error_of(path, cli)["message"]
+    refused_twice(path, cli, "header too large", "header claims")
     assert time.perf_counter() - start < 5
 
 
@@ -57,15 +69,26 @@ def test_safetensors_offsets_that_overlap_or_run_past_the_end(cli, tmp_path: Pat
     data = bytes(24)
     overlap = tmp_path / "overlap.safetensors"
     overlap.write_bytes(safetensors_bytes(bn_header(offsets=(0, 12), var_offsets=(8, 20)), data))
-    assert "overlap" in error_of(overlap, cli)["message"]
+    refused_twice(overlap, cli, "invalid offset", "overlap")
     past = tmp_path / "past.safetensors"
     past.write_bytes(safetensors_bytes(bn_header(offsets=(0, 12), var_offsets=(12, 4000)), data))
-    assert "outside" in error_of(past, cli)["message"]
+    refused_twice(past, cli, "invalid shape, data type, or offset", "outside")
 
 
 def test_unknown_dtype_of_a_batchnorm_tensor(cli, tmp_path: Path) -> None:
     path = tmp_path / "dtype.safetensors"
     path.write_bytes(safetensors_bytes(bn_header(dtype="Q42"), bytes(24)))
+    assert "unknown variant `Q42`" in error_of(path, cli)["message"]
+    # bncheck's own parser lets the header through and refuses the tensor when it is read
+    with pytest.raises(BncheckError) as info:
+        tensors_of(LocalSource(path))[0]["bn.running_mean"].read()
+    assert info.value.code == "unsupported-dtype"
+
+
+def test_a_dtype_the_reference_knows_but_numpy_cannot_hold(cli, tmp_path: Path) -> None:
+    path = tmp_path / "fp8.safetensors"
+    header = bn_header(dtype="F8_E4M3", offsets=(0, 3), var_offsets=(3, 15))
+    path.write_bytes(safetensors_bytes(header, bytes(15)))
     assert error_of(path, cli)["code"] == "unsupported-dtype"
 
 
@@ -74,7 +97,7 @@ def test_element_count_that_overflows(cli, tmp_path: Path) -> None:
     header = bn_header()
     header["bn.running_mean"]["shape"] = [2**40, 2**40]
     path.write_bytes(safetensors_bytes(header, bytes(24)))
-    assert "needs" in error_of(path, cli)["message"]
+    refused_twice(path, cli, "overflow", "needs")
 
 
 def torch_zip(tmp_path: Path) -> Path:
@@ -187,3 +210,11 @@ def test_lengths_beyond_the_pickle_are_refused_before_allocation(cli, tmp_path: 
     start = time.perf_counter()
     assert error_of(replace_pickle(tmp_path, crafted), cli)["code"] == "corrupt"
     assert time.perf_counter() - start < 5
+
+
+def test_bytes_the_header_does_not_cover_are_refused_as_the_reference_loader_refuses_them(cli, tmp_path: Path) -> None:
+    # bncheck's own parser reads these tensors fine; safetensors.safe_open (and so load_file) refuses the file
+    path = tmp_path / "trailing.safetensors"
+    path.write_bytes(safetensors_bytes(bn_header(), bytes(24) + b"extra bytes"))
+    assert tensors_of(LocalSource(path))[0]["bn.running_var"].read().shape == (3,)
+    assert "file not fully covered" in error_of(path, cli)["message"]

@@ -277,8 +277,8 @@ BROKEN_INPUTS = {
     "notes.pt": (b"just some text\n", "unsupported-format", "a text file"),
     "random.bin": (bytes(range(200, 256)) * 3, "unsupported-format", "unknown format"),
     "plain.pkl.pt": (b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00]\x94.", "unsupported-format", "plain pickle"),
-    "header-too-long.safetensors": ((10**9).to_bytes(8, "little") + b'{"a": 1}', "corrupt", "header claims"),
-    "bad-json.safetensors": ((8).to_bytes(8, "little") + b"{not jso", "corrupt", "not valid JSON"),
+    "header-too-long.safetensors": ((10**9).to_bytes(8, "little") + b'{"a": 1}', "corrupt", "header too large"),
+    "bad-json.safetensors": ((8).to_bytes(8, "little") + b"{not jso", "corrupt", "invalid JSON in header"),
     "index.json": (b'{"metadata": {}}', "corrupt", "weight_map"),
 }
 

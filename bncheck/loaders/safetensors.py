@@ -1,7 +1,11 @@
-"""safetensors files, single or sharded, read from the header without the safetensors or torch packages.
+"""safetensors files, single or sharded: the reference parser judges the header, bncheck's ranged reader the bytes.
 
 Layout: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to its dtype, shape and
 ``data_offsets`` (relative to the end of the header), then the raw little-endian tensor bytes.
+
+A local file is first opened with the ``safetensors`` package's own parser (``safe_open``), so a file that the
+reference loader refuses is refused here too, with its reason. The tensors are then read by bncheck's own reader,
+which fetches only the BatchNorm tensors' byte ranges, serves URLs, and decodes bfloat16 without torch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from bncheck.errors import CheckpointNotFoundError, CorruptCheckpointError
+from bncheck.errors import CheckpointNotFoundError, CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef, contiguous_strides
@@ -110,7 +114,27 @@ def tensors_of(source: ByteSource) -> tuple[dict[str, TensorRef], dict[str, str]
     return refs, metadata if isinstance(metadata, dict) else {}
 
 
+def validate_with_reference(path: Path) -> None:
+    """Raise CorruptCheckpointError with the reference parser's reason when ``safe_open`` refuses the file.
+
+    ``safe_open`` parses and checks the header (its size, JSON, dtypes, shapes and offsets: in bounds, without
+    gaps or overlaps, covering the whole data section) and maps the file without reading tensor data.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy"):
+            pass
+    except OSError as exc:
+        raise UnreadableFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except SafetensorError as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise CorruptCheckpointError(f"the safetensors reference parser refuses this file: {reason}"[:300]) from exc
+
+
 def open_safetensors(source: ByteSource) -> Checkpoint:
+    if source.local_path is not None:
+        validate_with_reference(source.local_path)
     refs, _ = tensors_of(source)
     return Checkpoint(format="safetensors", root=refs)
 
