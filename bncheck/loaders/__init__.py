@@ -65,7 +65,11 @@ FORMATS: tuple[Format, ...] = (
         reader="bncheck.loaders.safetensors:open_sharded",
     ),
 )
-CHECKPOINT_SUFFIXES = tuple(dict.fromkeys(suffix for fmt in FORMATS for suffix in fmt.suffixes))
+
+
+def checkpoint_suffixes() -> tuple[str, ...]:
+    """The file name endings a directory search picks up: every registered format's, in registry order."""
+    return tuple(dict.fromkeys(suffix for fmt in FORMATS for suffix in fmt.suffixes))
 
 
 def sniff(source: ByteSource) -> Format:
@@ -182,11 +186,10 @@ def find_checkpoints(path: os.PathLike[str] | str, *, exclude: Sequence[str] = (
     )
     indexes = [p for p in files if p.name.endswith(INDEX_SUFFIX)]
     shards = set().union(*(shards_named_by(index) for index in indexes)) if indexes else set()
+    suffixes = checkpoint_suffixes()
     singles = [
         p
         for p in files
-        if p.name.lower().endswith(CHECKPOINT_SUFFIXES)
-        and not p.name.endswith(INDEX_SUFFIX)
-        and p.resolve() not in shards
+        if p.name.lower().endswith(suffixes) and not p.name.endswith(INDEX_SUFFIX) and p.resolve() not in shards
     ]
     return sorted((p for p in indexes + singles if not _excluded(p, path, exclude)), key=str)
