@@ -47,7 +47,7 @@ def test_exit_2_when_a_path_cannot_be_read_and_every_path_is_still_checked(cli, 
     [
         (["inspect"], "Missing argument 'PATH...'"),
         (["inspect", str(CLEAN_FILE), "--fail-on", "sometimes"], "'sometimes' is not one of 'error', 'warning'"),
-        (["inspect", str(CLEAN_FILE), "-j", "0"], "0 is not in the range x>=1"),
+        (["inspect", str(CLEAN_FILE), "-j", "0"], "greater than or equal to 1"),
         (["inspect", str(CLEAN_FILE), "--frobnicate"], "--frobnicate"),
         (["frobnicate"], "'frobnicate'"),
     ],
