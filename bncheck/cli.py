@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 from typer._click.exceptions import ClickException, UsageError
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand
 from typer.main import get_command
 
 from bncheck import __version__
@@ -72,12 +72,6 @@ class _Command(TyperCommand):
                 formatter.write_dl(rows)
 
 
-class _Group(TyperGroup):
-    """The top level: its options, then its commands, in plain text."""
-
-    command_class = _Command
-
-
 def _is_argument(param: Any) -> bool:
     return getattr(param, "param_type_name", None) == "argument"
 
@@ -95,7 +89,6 @@ def _print_version(value: bool) -> None:
 
 app = typer.Typer(
     name="bncheck",
-    cls=_Group,
     rich_markup_mode=None,
     add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
