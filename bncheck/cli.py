@@ -1,9 +1,9 @@
 """The command line: parse, run the library, print, return an exit code. The only module that prints or exits.
 
-Built on click rather than typer: typer 0.29 made pydantic a dependency and builds a TypeAdapter for every parameter
-of the command it runs, which cost about 75 ms of a 0.3 s inspection (half of bncheck's own work on a 1.7 GB
-checkpoint). The library is imported inside the commands, so ``--version`` and ``--help`` load neither numpy nor
-the readers.
+Built on typer. The library is imported inside the commands, so ``--version`` and ``--help`` load neither numpy,
+nor rich, nor the readers. Help is plain text (typer's markup mode ``None``): rich markup would silently delete
+bracketed words such as ``bncheck[remote]``, and rendering help with rich would load it for every ``--help``. The
+options are still grouped under the headings given by their ``rich_help_panel``.
 """
 
 from __future__ import annotations
@@ -12,14 +12,21 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
-import click
+import typer
+from typer._click.exceptions import ClickException, UsageError
+from typer.core import TyperCommand
+from typer.main import get_command
 
 from bncheck import __version__
+from bncheck.render import DIFF_FORMATS, REPORT_FORMATS, Renderer, describe
 
 if TYPE_CHECKING:
+    from typer._click import Context, HelpFormatter
+
     from bncheck.recompute import RecomputeRequest
     from bncheck.report import Report
 
@@ -30,113 +37,121 @@ EXIT_INTERRUPTED = 130
 
 _OUTPUT = "Output"
 _RULES = "Rules and settings"
+_OPTIONS = "Options"
 _PANEL = "Recompute statistics on sample data (BN012)"
-_SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-_F = TypeVar("_F", bound=Callable[..., Any])
+
+# --format's choices are the registry's keys. mypy sees plain strings; typer sees an Enum it can complete.
+if TYPE_CHECKING:
+    ReportFormat = str
+    DiffFormat = str
+else:
+    ReportFormat = StrEnum("ReportFormat", {name: name for name in REPORT_FORMATS})
+    DiffFormat = StrEnum("DiffFormat", {name: name for name in DIFF_FORMATS})
 
 
-class _Option(click.Option):
-    """An option listed under a heading of the command's help."""
+class _Command(TyperCommand):
+    """Plain help, like click's, with the options grouped under the headings of their ``rich_help_panel``."""
 
-    def __init__(self, *args: Any, panel: str = "Options", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.panel = panel
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [_argument_name(param) for param in self.get_params(ctx) if _is_argument(param)]
 
-
-class _Command(click.Command):
-    """Help that groups the options under headings."""
-
-    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
+        arguments = [
+            (_argument_name(p), getattr(p, "help", None) or "") for p in self.get_params(ctx) if _is_argument(p)
+        ]
+        if arguments:
+            with formatter.section("Positional arguments"):
+                formatter.write_dl(arguments)
         sections: dict[str, list[tuple[str, str]]] = {}
         for param in self.get_params(ctx):
-            if isinstance(param, click.Option) and (record := param.get_help_record(ctx)) is not None:
-                sections.setdefault(getattr(param, "panel", "Options"), []).append(record)
+            if not _is_argument(param) and (record := param.get_help_record(ctx)) is not None:
+                sections.setdefault(getattr(param, "rich_help_panel", None) or _OPTIONS, []).append(record)
         for title, rows in sections.items():
             with formatter.section(title):
                 formatter.write_dl(rows)
 
 
-def _option(*names: str, **kwargs: Any) -> Callable[[_F], _F]:
-    return click.option(*names, cls=_Option, **kwargs)
+def _is_argument(param: Any) -> bool:
+    return getattr(param, "param_type_name", None) == "argument"
 
 
-def _options(*decorators: Callable[[_F], _F]) -> Callable[[_F], _F]:
-    """Several option decorators as one, so that commands share their declarations."""
-
-    def apply(function: _F) -> _F:
-        for decorator in reversed(decorators):
-            function = decorator(function)
-        return function
-
-    return apply
+def _argument_name(param: Any) -> str:
+    """As click shows it (PATH...), not as typer does ({PATH...}... <list[str]>)."""
+    return str(param.metavar or param.name.upper())
 
 
-def _recompute_options(*, required: bool) -> Callable[[_F], _F]:
-    """The options that say how to rerun a model; required by recalibrate, optional for inspect."""
-    needs = " Required." if required else " Needs --data and torch."
-    return _options(
-        _option(
-            "--model",
-            panel=_PANEL,
-            help="Model to recompute statistics with: package.module:factory, path/to/file.py:factory, or a "
-            "TorchScript archive." + needs,
-        ),
-        _option(
-            "--data",
-            panel=_PANEL,
-            help="Sample inputs: a .safetensors/.pt/.npy/.npz tensor file (first dimension = samples; several named "
-            "tensors become keyword arguments) or module:callable / file.py:callable returning batches."
-            + (" Required." if required else ""),
-        ),
-        _option("--model-kwargs", panel=_PANEL, help="JSON object of keyword arguments for the factory."),
-        _option(
-            "--batch-size",
-            type=click.IntRange(min=1),
-            default=64,
-            show_default=True,
-            panel=_PANEL,
-            help="Samples per batch.",
-        ),
-        _option("--max-samples", type=click.IntRange(min=1), panel=_PANEL, help="Use at most this many samples."),
-        _option(
-            "--estimator",
-            type=click.Choice(["exact", "pytorch"]),
-            default="exact",
-            show_default=True,
-            panel=_PANEL,
-            help="exact: variance pooled over all samples (independent of batching); pytorch: mean of per-batch "
-            "unbiased variances, as update_bn.",
-        ),
-        _option("--device", default="cpu", show_default=True, panel=_PANEL, help="cpu or cuda."),
-        _option(
-            "--source",
-            panel=_PANEL,
-            help="Entry of the checkpoint to load into the model (e.g. state_dict_ema); default: the one that fits.",
-        ),
-    )
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"bncheck {__version__}\n")
+        raise typer.Exit(EXIT_OK)
 
 
-@click.group(
+app = typer.Typer(
+    name="bncheck",
+    rich_markup_mode=None,
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
-    invoke_without_command=True,
     epilog="Run 'bncheck COMMAND --help' for a command's options.",
+    pretty_exceptions_enable=False,
 )
-@click.version_option(__version__, "--version", message="bncheck %(version)s", help="Print the version and exit.")
-@click.pass_context
-def cli(ctx: click.Context) -> int:
+
+
+@app.callback(invoke_without_command=True)
+def cli(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
     """Find NaN, negative, never-updated or overflowed BatchNorm statistics before a checkpoint ships.
 
     Exit codes: 0 nothing at or above --fail-on, 1 findings at or above it, 2 a path could not be checked.
     """
     if ctx.invoked_subcommand is None:
         sys.stdout.write(ctx.get_help() + "\n")
-    return EXIT_OK
 
 
 def exit_code(report: Report) -> int:
     if report.unreadable:
         return EXIT_NOT_CHECKED
     return EXIT_FINDINGS if report.failed else EXIT_OK
+
+
+# The options that say how to rerun a model, shared by inspect (optional) and recalibrate (required).
+_MODEL_HELP = (
+    "Model to recompute statistics with: package.module:factory, path/to/file.py:factory, or a TorchScript archive."
+)
+_DATA_HELP = (
+    "Sample inputs: a .safetensors/.pt/.npy/.npz tensor file (first dimension = samples; several named tensors "
+    "become keyword arguments) or module:callable / file.py:callable returning batches."
+)
+_Model = Annotated[str | None, typer.Option(help=_MODEL_HELP + " Needs --data and torch.", rich_help_panel=_PANEL)]
+_RequiredModel = Annotated[str | None, typer.Option(help=_MODEL_HELP + " Required.", rich_help_panel=_PANEL)]
+_Data = Annotated[str | None, typer.Option(help=_DATA_HELP, rich_help_panel=_PANEL)]
+_RequiredData = Annotated[str | None, typer.Option(help=_DATA_HELP + " Required.", rich_help_panel=_PANEL)]
+_ModelKwargs = Annotated[
+    str | None, typer.Option(help="JSON object of keyword arguments for the factory.", rich_help_panel=_PANEL)
+]
+_BatchSize = Annotated[int, typer.Option(min=1, help="Samples per batch.", rich_help_panel=_PANEL)]
+_MaxSamples = Annotated[int | None, typer.Option(min=1, help="Use at most this many samples.", rich_help_panel=_PANEL)]
+_Estimator = Annotated[
+    Literal["exact", "pytorch"],
+    typer.Option(
+        help="exact: variance pooled over all samples (independent of batching); pytorch: mean of per-batch "
+        "unbiased variances, as update_bn.",
+        rich_help_panel=_PANEL,
+    ),
+]
+_Device = Annotated[str, typer.Option(help="cpu or cuda.", rich_help_panel=_PANEL)]
+_Source = Annotated[
+    str | None,
+    typer.Option(
+        help="Entry of the checkpoint to load into the model (e.g. state_dict_ema); default: the one that fits.",
+        rich_help_panel=_PANEL,
+    ),
+]
 
 
 def _request(
@@ -155,7 +170,7 @@ def _request(
     if model is None and data is None:
         return None
     if model is None or data is None:
-        raise click.UsageError("--model and --data go together")
+        raise UsageError("--model and --data go together")
     from bncheck.model_data import parse_kwargs
     from bncheck.recompute import RecomputeRequest
 
@@ -209,105 +224,117 @@ def _pretty() -> bool:
     return sys.stdout.isatty()
 
 
-def _split(values: Sequence[str]) -> list[str]:
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+def _split(values: Sequence[str] | None) -> list[str]:
+    return [part.strip() for value in values or () for part in value.split(",") if part.strip()]
 
 
-@cli.command("inspect", cls=_Command)
-@click.argument(
-    "paths",
-    nargs=-1,
-    required=True,
-    metavar="PATH...",
-    help="Checkpoint files (.pt .pth .bin .ckpt .safetensors, any name: the format is read from the bytes), "
-    "shard indexes (*.index.json), directories to search recursively, or URLs (https://, s3://, gs://; needs "
-    "bncheck[remote]).",
-)
-@_option(
-    "--format",
-    "output_format",
-    type=click.Choice(["text", "json", "sarif", "github"]),
-    default="text",
-    show_default=True,
-    panel=_OUTPUT,
-    help="text: the report; json: one JSON document (schema_version 1); sarif: SARIF 2.1.0 for code scanning; "
-    "github: workflow-command annotations.",
-)
-@_option("--json", "json_output", is_flag=True, panel=_OUTPUT, help="Shorthand for --format json.")
-@_option(
-    "--fail-on",
-    type=click.Choice(["error", "warning", "info"], case_sensitive=False),
-    panel=_RULES,
-    help="Lowest severity that makes the exit code 1 (default: error, or fail-on in the config).",
-)
-@_option(
-    "--select",
-    multiple=True,
-    panel=_RULES,
-    help="Report only these codes or prefixes (replaces the config's select); repeatable or comma-separated.",
-)
-@_option("--extend-select", multiple=True, panel=_RULES, help="Add codes or prefixes to the selection.")
-@_option(
-    "--ignore",
-    multiple=True,
-    panel=_RULES,
-    help="Do not report these codes or prefixes (added to the config's ignore).",
-)
-@_option(
-    "--config",
-    type=click.Path(path_type=Path),
-    panel=_RULES,
-    help="Settings file (a pyproject.toml with [tool.bncheck], or a TOML file of the same keys); default: the "
-    "nearest pyproject.toml with [tool.bncheck].",
-)
-@_option(
-    "--exclude", multiple=True, panel=_RULES, help="Skip files found in directories that match this glob (repeatable)."
-)
-@_option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Inspect files in this many processes (same output, same exit code).",
-)
-@_option(
-    "--unsafe-load",
-    is_flag=True,
-    help="For trusted files only: let torch unpickle what bncheck's own reader cannot read (this RUNS the pickle's "
-    "code). Never the default.",
-)
-@_recompute_options(required=False)
-@_option(
-    "--mode",
-    type=click.Choice(["train", "eval"]),
-    default="train",
-    show_default=True,
-    panel=_PANEL,
-    help="train: re-estimate the statistics as training would (BatchNorm layers use batch statistics); eval: "
-    "measure what each layer receives at inference.",
-)
-@_option(
-    "--skip-layer",
-    multiple=True,
-    panel=_PANEL,
-    help="Silence BN012 for layers matching this glob (repeatable), e.g. for a deliberate frozen-BN fine-tune.",
-)
+def _emit(renderer: Renderer, subject: Any) -> None:
+    """Print ``subject`` in one format: a string as it is (JSON never goes through rich), a renderable on a console."""
+    output = renderer.render(subject, pretty=_pretty())
+    if renderer.rich:
+        _console().print(output)
+    else:
+        sys.stdout.write(output + "\n")
+
+
+@app.command("inspect", cls=_Command)
 def inspect_command(
-    paths: tuple[str, ...],
-    output_format: str,
-    json_output: bool,
-    fail_on: str | None,
-    select: tuple[str, ...],
-    extend_select: tuple[str, ...],
-    ignore: tuple[str, ...],
-    config: Path | None,
-    exclude: tuple[str, ...],
-    jobs: int,
-    unsafe_load: bool,
-    mode: str,
-    skip_layer: tuple[str, ...],
-    **recompute: Any,
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="PATH...",
+            help="Checkpoint files (.pt .pth .bin .ckpt .safetensors, any name: the format is read from the bytes), "
+            "shard indexes (*.index.json), directories to search recursively, or URLs (https://, s3://, gs://; "
+            "needs bncheck[remote]).",
+        ),
+    ],
+    output_format: Annotated[
+        ReportFormat, typer.Option("--format", help=describe(REPORT_FORMATS), rich_help_panel=_OUTPUT)
+    ] = "text",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Shorthand for --format json.", rich_help_panel=_OUTPUT)
+    ] = False,
+    fail_on: Annotated[
+        Literal["error", "warning", "info"] | None,
+        typer.Option(
+            case_sensitive=False,
+            help="Lowest severity that makes the exit code 1 (default: error, or fail-on in the config).",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    select: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CODES",
+            help="Report only these codes or prefixes (replaces the config's select); repeatable or comma-separated.",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    extend_select: Annotated[
+        list[str] | None,
+        typer.Option(metavar="CODES", help="Add codes or prefixes to the selection.", rich_help_panel=_RULES),
+    ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CODES",
+            help="Do not report these codes or prefixes (added to the config's ignore).",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="PATH",
+            help="Settings file (a pyproject.toml with [tool.bncheck], or a TOML file of the same keys); default: "
+            "the nearest pyproject.toml with [tool.bncheck].",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GLOB",
+            help="Skip files found in directories that match this glob (repeatable).",
+            rich_help_panel=_RULES,
+        ),
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option("-j", "--jobs", min=1, help="Inspect files in this many processes (same output, same exit code)."),
+    ] = 1,
+    unsafe_load: Annotated[
+        bool,
+        typer.Option(
+            "--unsafe-load",
+            help="For trusted files only: let torch unpickle what bncheck's own reader cannot read (this RUNS the "
+            "pickle's code). Never the default.",
+        ),
+    ] = False,
+    model: _Model = None,
+    data: _Data = None,
+    model_kwargs: _ModelKwargs = None,
+    batch_size: _BatchSize = 64,
+    max_samples: _MaxSamples = None,
+    estimator: _Estimator = "exact",
+    device: _Device = "cpu",
+    source: _Source = None,
+    mode: Annotated[
+        Literal["train", "eval"],
+        typer.Option(
+            help="train: re-estimate the statistics as training would (BatchNorm layers use batch statistics); "
+            "eval: measure what each layer receives at inference.",
+            rich_help_panel=_PANEL,
+        ),
+    ] = "train",
+    skip_layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="GLOB",
+            help="Silence BN012 for layers matching this glob (repeatable), e.g. for a deliberate frozen-BN fine-tune.",
+            rich_help_panel=_PANEL,
+        ),
+    ] = None,
 ) -> int:
     """Check every BatchNorm layer's running_mean, running_var and num_batches_tracked.
 
@@ -322,9 +349,20 @@ def inspect_command(
     from bncheck.errors import BncheckError
     from bncheck.report import Severity
 
-    fmt = "json" if json_output else output_format
+    renderer = REPORT_FORMATS["json" if json_output else str(output_format)]
     try:
-        request = _request(**recompute, mode=mode, skip_layer=skip_layer)
+        request = _request(
+            model=model,
+            data=data,
+            model_kwargs=model_kwargs,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            estimator=estimator,
+            device=device,
+            source=source,
+            mode=mode,
+            skip_layer=skip_layer or (),
+        )
         if unsafe_load:
             from bncheck.loaders.unsafe import WARNING
 
@@ -335,91 +373,57 @@ def inspect_command(
             extend_select=_split(extend_select),
             ignore=_split(ignore),
             fail_on=Severity(fail_on.lower()) if fail_on else None,
-            exclude=exclude,
+            exclude=exclude or (),
             jobs=jobs,
             unsafe_load=unsafe_load,
         )
-        with _progress(request is not None and fmt == "text") as progress:
+        with _progress(request is not None and renderer.rich) as progress:
             report = inspect_paths(list(paths), options=settings, recompute=request, progress=progress)
     except BncheckError as exc:
         return _fail(str(exc))
-    _print_report(report, fmt)
-    return exit_code(report)
-
-
-def _print_report(report: Report, fmt: str) -> None:
-    if fmt == "text":
-        from bncheck.render.text import render_text
-
-        _console().print(render_text(report))
-        return
-    if fmt == "json":
-        from bncheck.render.json import render_json
-
-        text = render_json(report, pretty=_pretty())
-    elif fmt == "sarif":
-        from bncheck.render.sarif import render_sarif
-
-        text = render_sarif(report, pretty=_pretty())
-    else:
-        from bncheck.render.github import render_github
-
-        text = render_github(report)
-    sys.stdout.write(text + "\n")
-    if fmt != "github":  # github lines already carry the errors
+    _emit(renderer, report)
+    if not renderer.names_unreadable:
         for file in report.files:
             if file.error is not None:
                 sys.stderr.write(f"bncheck: {file.path}: {file.error.message}\n")
+    return exit_code(report)
 
 
-@cli.command("rules", cls=_Command)
+@app.command("rules", cls=_Command)
 def rules_command() -> int:
     """List every rule: code, severity and what it finds."""
-    from rich.table import Table
-    from rich.text import Text
-
     from bncheck.api import rule_infos
+    from bncheck.render.text import render_rules
 
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(no_wrap=True)
-    grid.add_column(no_wrap=True)
-    grid.add_column()
-    for rule in rule_infos():
-        style = _SEVERITY_STYLE[rule.severity.value]
-        grid.add_row(rule.code, Text(rule.severity.value, style=style), Text(rule.summary))
-    _console().print(grid)
+    _console().print(render_rules(rule_infos()))
     return EXIT_OK
 
 
-@cli.command("explain", cls=_Command)
-@click.argument("code", metavar="CODE", help="A rule code, e.g. BN007.")
-def explain_command(code: str) -> int:
+@app.command("explain", cls=_Command)
+def explain_command(code: Annotated[str, typer.Argument(metavar="CODE", help="A rule code, e.g. BN007.")]) -> int:
     """Print a rule's full text: what it checks, the real causes, and the fix."""
-    from rich.text import Text
-
     from bncheck.api import rule_infos
+    from bncheck.render.text import render_explain
 
     wanted = code.strip().upper()
     rule = next((r for r in rule_infos() if r.code == wanted), None)
     if rule is None:
         return _fail(f"unknown rule {code!r}; bncheck rules lists them")
-    console = _console()
-    console.print(Text(f"{rule.code} ({rule.severity.value}): {rule.summary}", style="bold"))
-    for paragraph in rule.paragraphs:
-        console.print()
-        console.print(Text(paragraph))
+    _console().print(render_explain(rule))
     return EXIT_OK
 
 
-@cli.command("diff", cls=_Command)
-@click.argument("a", type=click.Path(path_type=Path), help="The reference checkpoint (e.g. the base model).")
-@click.argument("b", type=click.Path(path_type=Path), help="The checkpoint compared with it.")
-@_option("--json", "json_output", is_flag=True, help="Print one JSON document instead.")
-@_option("--source-a", help="Entry of A to compare (e.g. state_dict_ema); default: its raw weights.")
-@_option("--source-b", help="Entry of B to compare.")
-@_option("--config", type=click.Path(path_type=Path), help="Settings file for the drift thresholds.")
+@app.command("diff", cls=_Command)
 def diff_command(
-    a: Path, b: Path, json_output: bool, source_a: str | None, source_b: str | None, config: Path | None
+    a: Annotated[Path, typer.Argument(metavar="A", help="The reference checkpoint (e.g. the base model).")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="The checkpoint compared with it.")],
+    output_format: Annotated[DiffFormat, typer.Option("--format", help=describe(DIFF_FORMATS))] = "text",
+    json_output: Annotated[bool, typer.Option("--json", help="Shorthand for --format json.")] = False,
+    source_a: Annotated[
+        str | None, typer.Option(help="Entry of A to compare (e.g. state_dict_ema); default: its raw weights.")
+    ] = None,
+    source_b: Annotated[str | None, typer.Option(help="Entry of B to compare.")] = None,
+    config: Annotated[Path | None, typer.Option(metavar="PATH", help="Settings file for the drift thresholds.")] = None,
 ) -> int:
     """Compare the BatchNorm statistics of two checkpoints layer by layer, across formats and prefixes.
 
@@ -430,35 +434,36 @@ def diff_command(
     from bncheck.diff import diff_checkpoints
     from bncheck.errors import BncheckError
 
+    renderer = DIFF_FORMATS["json" if json_output else str(output_format)]
     try:
         thresholds = load_settings(config).thresholds
     except BncheckError as exc:
         return _fail(str(exc))
     diff = diff_checkpoints(a, b, source_a=source_a, source_b=source_b, thresholds=thresholds)
-    if json_output:
-        from bncheck.render.json import render_diff_json
-
-        sys.stdout.write(render_diff_json(diff, pretty=_pretty()) + "\n")
-    else:
-        from bncheck.render.text import render_diff_text
-
-        _console().print(render_diff_text(diff))
+    _emit(renderer, diff)
     if diff.error is not None:
         sys.stderr.write(f"bncheck: {diff.error.message}\n")
         return EXIT_NOT_CHECKED
     return EXIT_FINDINGS if diff.differs else EXIT_OK
 
 
-@cli.command("recalibrate", cls=_Command)
-@click.argument(
-    "checkpoint", type=click.Path(path_type=Path), metavar="CHECKPOINT", help="The checkpoint to recalibrate (a file)."
-)
-@_option(
-    "-o", "--output", type=click.Path(path_type=Path), help="Where to write the recalibrated checkpoint. Required."
-)
-@_option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
-@_recompute_options(required=True)
-def recalibrate_command(checkpoint: Path, output: Path | None, force: bool, **recompute: Any) -> int:
+@app.command("recalibrate", cls=_Command)
+def recalibrate_command(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="The checkpoint to recalibrate (a file).")],
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", metavar="PATH", help="Where to write the recalibrated checkpoint. Required."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    model: _RequiredModel = None,
+    data: _RequiredData = None,
+    model_kwargs: _ModelKwargs = None,
+    batch_size: _BatchSize = 64,
+    max_samples: _MaxSamples = None,
+    estimator: _Estimator = "exact",
+    device: _Device = "cpu",
+    source: _Source = None,
+) -> int:
     """Write a copy of CHECKPOINT whose running statistics are recomputed on sample data; nothing else changes.
 
     Use it for weights trained or edited under batch statistics (track_running_stats flipped off, weight
@@ -472,20 +477,28 @@ def recalibrate_command(checkpoint: Path, output: Path | None, force: bool, **re
 
     from bncheck.errors import BncheckError
     from bncheck.recalibrate import recalibrate as recalibrate_path
-    from bncheck.render.text import render_text
     from bncheck.report import Report
 
-    if recompute["model"] is None or recompute["data"] is None or output is None:
-        raise click.UsageError("recalibrate needs --model, --data and -o/--output")
+    if model is None or data is None or output is None:
+        raise UsageError("recalibrate needs --model, --data and -o/--output")
     try:
-        request = _request(**recompute)
+        request = _request(
+            model=model,
+            data=data,
+            model_kwargs=model_kwargs,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            estimator=estimator,
+            device=device,
+            source=source,
+        )
         assert request is not None
         with _progress(True) as progress:
             report = recalibrate_path(checkpoint, output, request, force=force, progress=progress)
     except BncheckError as exc:
         return _fail(str(exc))
     _console(stderr=True).print(Text(f"wrote {output}"))
-    _console().print(render_text(Report(files=(report,), tool_version=__version__)))
+    _emit(REPORT_FORMATS["text"], Report(files=(report,), tool_version=__version__))
     return exit_code(Report(files=(report,)))
 
 
@@ -493,18 +506,22 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code. A usage error or an unexpected exception is one line on
     stderr and exit 2, never a traceback."""
     try:
-        code = cli.main(args=list(argv) if argv is not None else None, prog_name="bncheck", standalone_mode=False)
-    except click.UsageError as exc:
+        command = get_command(app)
+        code = command.main(args=list(argv) if argv is not None else None, prog_name="bncheck", standalone_mode=False)
+    except UsageError as exc:
         where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        return _fail(f"{exc.format_message().rstrip('.')}{where}")
-    except click.ClickException as exc:
+        # typer words a bad choice through pydantic ("Value error, 'x' is not one of ..."); the prefix says nothing
+        message = exc.format_message().replace("Value error, ", "").rstrip(".")
+        return _fail(f"{message}{where}")
+    except ClickException as exc:
         return _fail(exc.format_message())
-    except (KeyboardInterrupt, click.Abort):
-        sys.stderr.write("bncheck: interrupted\n")
-        return EXIT_INTERRUPTED
+    except (KeyboardInterrupt, typer.Abort):
+        code = EXIT_INTERRUPTED
     except Exception as exc:  # the last resort: a bug must not look like exit 1 ("findings")
         sys.stderr.write(f"bncheck: internal error: {type(exc).__name__}: {exc}\n")
         return EXIT_NOT_CHECKED
+    if code == EXIT_INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into this exit code
+        sys.stderr.write("bncheck: interrupted\n")
     return code if isinstance(code, int) else EXIT_OK
 
 

@@ -47,7 +47,7 @@ def test_exit_2_when_a_path_cannot_be_read_and_every_path_is_still_checked(cli, 
     [
         (["inspect"], "Missing argument 'PATH...'"),
         (["inspect", str(CLEAN_FILE), "--fail-on", "sometimes"], "'sometimes' is not one of 'error', 'warning'"),
-        (["inspect", str(CLEAN_FILE), "-j", "0"], "0 is not in the range x>=1"),
+        (["inspect", str(CLEAN_FILE), "-j", "0"], "greater than or equal to 1"),
         (["inspect", str(CLEAN_FILE), "--frobnicate"], "--frobnicate"),
         (["frobnicate"], "'frobnicate'"),
     ],
@@ -195,3 +195,56 @@ def test_json_is_one_line_for_pipes_and_indented_at_a_terminal() -> None:
     assert documents["pipe"].count("\n") == 1  # the document, then its newline
     assert documents["terminal"].startswith('{\n  "schema_version": 1,')
     assert json.loads(documents["pipe"]) == json.loads(documents["terminal"])
+
+
+def test_interrupt_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from bncheck import cli as cli_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("bncheck.api.inspect", interrupted)
+    assert cli_module.run(["inspect", str(CLEAN_FILE)]) == 130
+    assert capsys.readouterr().err == "bncheck: interrupted\n"
+
+
+def test_exits_raised_inside_the_cli_keep_their_code(cli) -> None:
+    """typer.Exit is a RuntimeError: the last-resort handler must not turn --version into an internal error."""
+    result = cli("--version")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, f"bncheck {__version__}\n", "")
+
+
+def test_no_command_prints_help_and_both_help_flags_work() -> None:
+    bare = run_process()
+    assert bare.returncode == 0 and "Commands:" in bare.stdout and "inspect" in bare.stdout
+    for command in ("inspect", "rules", "explain", "diff", "recalibrate"):
+        short, long = run_process(command, "-h"), run_process(command, "--help")
+        assert short.returncode == long.returncode == 0
+        assert short.stdout == long.stdout and f"Usage: bncheck {command}" in short.stdout
+
+
+def test_help_groups_the_options_under_their_headings() -> None:
+    env = {**os.environ, "COLUMNS": "200"}
+    text = run_process("inspect", "--help", env=env).stdout
+    headings = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert headings == [
+        "Positional arguments:",
+        "Output:",
+        "Rules and settings:",
+        "Options:",
+        "Recompute statistics on sample data (BN012):",
+    ]
+    assert "Usage: bncheck inspect [OPTIONS] PATH..." in text
+
+
+def test_rules_and_explain_print_what_the_registry_says(cli) -> None:
+    from bncheck.checks import RULES
+
+    listing = cli("rules")
+    assert listing.exit_code == 0
+    assert [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("BN")] == list(RULES)
+    explained = cli("explain", "bn007")
+    assert explained.exit_code == 0 and explained.stdout.startswith("BN007 (warning): ")
+    unknown = cli("explain", "BN999")
+    assert unknown.exit_code == 2
+    assert unknown.stderr == "bncheck: error: unknown rule 'BN999'; bncheck rules lists them\n"

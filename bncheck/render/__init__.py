@@ -1,5 +1,83 @@
 """Output formats, one module each, every one a pure function of a report; none re-runs a check.
 
-Import from the modules (``bncheck.render.json``...): the text format pulls in rich, which the machine-readable
-formats do not need to load.
+This module is the one registry of formats: ``REPORT_FORMATS`` for ``bncheck inspect`` and ``DIFF_FORMATS`` for
+``bncheck diff``. The command line takes its ``--format`` choices and their help from here. A format is imported
+from its module the first time it is used, so that JSON and SARIF never load rich; this module imports nothing
+but the standard library.
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """One output format.
+
+    ``rich`` says whether the function returns a rich renderable (for a console) or a ``str`` (written as is).
+    ``indents`` says whether it takes ``pretty=`` (indented for a person, one line for a pipe or a file).
+    ``names_unreadable`` says whether its output tells a person why a file could not be checked; when it does
+    not (JSON, SARIF), the command line repeats each reason on stderr.
+    """
+
+    name: str
+    description: str
+    target: str  # "module:function"
+    rich: bool = False
+    indents: bool = False
+    names_unreadable: bool = True
+
+    def load(self) -> Callable[..., Any]:
+        """The rendering function, imported on first use."""
+        module, _, function = self.target.partition(":")
+        rendered: Callable[..., Any] = getattr(importlib.import_module(module), function)
+        return rendered
+
+    def render(self, subject: Any, *, pretty: bool = False) -> Any:
+        """``subject`` (a ``Report`` or a ``DiffReport``) in this format: a ``str`` or a rich renderable."""
+        function = self.load()
+        return function(subject, pretty=pretty) if self.indents else function(subject)
+
+
+def _registry(*renderers: Renderer) -> dict[str, Renderer]:
+    return {renderer.name: renderer for renderer in renderers}
+
+
+REPORT_FORMATS: dict[str, Renderer] = _registry(
+    Renderer("text", "the report", "bncheck.render.text:render_text", rich=True),
+    Renderer(
+        "json",
+        "one JSON document (schema_version 1)",
+        "bncheck.render.json:render_json",
+        indents=True,
+        names_unreadable=False,
+    ),
+    Renderer(
+        "sarif",
+        "SARIF 2.1.0 for code scanning",
+        "bncheck.render.sarif:render_sarif",
+        indents=True,
+        names_unreadable=False,
+    ),
+    Renderer("github", "workflow-command annotations", "bncheck.render.github:render_github"),
+)
+
+DIFF_FORMATS: dict[str, Renderer] = _registry(
+    Renderer("text", "the layer-by-layer comparison", "bncheck.render.text:render_diff_text", rich=True),
+    Renderer(
+        "json",
+        "one JSON document (schema_version 1, kind diff)",
+        "bncheck.render.json:render_diff_json",
+        indents=True,
+        names_unreadable=False,
+    ),
+)
+
+
+def describe(formats: dict[str, Renderer]) -> str:
+    """One line for ``--format``'s help: every format and what it gives."""
+    return "; ".join(f"{renderer.name}: {renderer.description}" for renderer in formats.values()) + "."

@@ -7,6 +7,7 @@ survive.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -14,7 +15,17 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from bncheck.report import DiffReport, FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
+from bncheck.report import (
+    DiffReport,
+    FileReport,
+    Finding,
+    LayerInfo,
+    RecomputeInfo,
+    Report,
+    RuleInfo,
+    Severity,
+    Summary,
+)
 
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 CHANNELS_SHOWN = 6
@@ -312,4 +323,23 @@ def render_diff_text(diff: DiffReport) -> RenderableType:
     )
     summary.append("DIFFERENT" if diff.differs else "SAME", style="bold red" if diff.differs else "bold green")
     parts.append(summary)
+    return Group(*parts)
+
+
+def render_rules(rules: Sequence[RuleInfo]) -> RenderableType:
+    """``bncheck rules``: one line per rule, its code, severity and what it finds."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for rule in rules:
+        grid.add_row(Text(rule.code), Text(rule.severity.value, style=STYLE[rule.severity]), Text(rule.summary))
+    return grid
+
+
+def render_explain(rule: RuleInfo) -> RenderableType:
+    """``bncheck explain``: a rule's summary, then its What / Why / Fix paragraphs, each after a blank line."""
+    parts: list[RenderableType] = [Text(f"{rule.code} ({rule.severity.value}): {rule.summary}", style="bold")]
+    for paragraph in rule.paragraphs:
+        parts += [Text(), Text(paragraph)]
     return Group(*parts)
