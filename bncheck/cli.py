@@ -22,6 +22,7 @@ from typer.core import TyperCommand
 from typer.main import get_command
 
 from bncheck import __version__
+from bncheck.loaders import INDEX_SUFFIX, checkpoint_suffixes
 from bncheck.render import DIFF_FORMATS, REPORT_FORMATS, Renderer, describe
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ EXIT_OK = 0
 EXIT_FINDINGS = 1  # findings at or above --fail-on
 EXIT_NOT_CHECKED = 2  # a path could not be read, or the command line was wrong; wins over EXIT_FINDINGS
 EXIT_INTERRUPTED = 130
+
+# the registry's file suffixes, for the help of PATH (the registry module loads no reader, numpy or torch)
+_FILE_SUFFIXES = " ".join(suffix for suffix in checkpoint_suffixes() if suffix != INDEX_SUFFIX)
 
 _OUTPUT = "Output"
 _RULES = "Rules and settings"
@@ -243,8 +247,8 @@ def inspect_command(
         list[str],
         typer.Argument(
             metavar="PATH...",
-            help="Checkpoint files (.pt .pth .bin .ckpt .safetensors, any name: the format is read from the bytes), "
-            "shard indexes (*.index.json), directories to search recursively, or URLs (https://, s3://, gs://; "
+            help=f"Checkpoint files ({_FILE_SUFFIXES}, any name: the format is read from the bytes), "
+            f"shard indexes (*{INDEX_SUFFIX}), directories to search recursively, or URLs (https://, s3://, gs://; "
             "needs bncheck[remote]).",
         ),
     ],

@@ -48,40 +48,85 @@ def test_format_choices_are_the_registry_keys(command: str, registry: dict[str, 
         assert f"{renderer.name}: {renderer.description}" in help_text
 
 
+def layer(name: str, source: str, kind: str, dtype: str, batches: int | None, stats: Summary) -> LayerInfo:
+    return LayerInfo(
+        name=name,
+        source=source,
+        averaged=bool(source),
+        kind=kind,
+        kind_inferred=not source,
+        num_features=8,
+        dtype=dtype,
+        num_batches_tracked=batches,
+        running_mean=stats,
+        running_var=stats,
+    )
+
+
 def sample_report() -> Report:
-    stats = Summary(-0.5, 2.0, 0.1, 0)
-    broken = Summary(math.nan, math.inf, None, 3)
+    stats = Summary(min=-0.5, max=2.0, mean=0.1)
+    broken = Summary(min=math.nan, max=math.inf, mean=None, nonfinite=3)
     layers = (
-        LayerInfo("net.1", "", False, "BatchNorm1d", True, 8, "float32", 60, stats, stats, ()),
-        LayerInfo("[nan].bn", "state_dict_ema", True, "BatchNorm2d", False, 8, "bfloat16", None, broken, broken, ()),
+        layer("net.1", "", "BatchNorm1d", "float32", 60, stats),
+        layer("[nan].bn", "state_dict_ema", "BatchNorm2d", "bfloat16", None, broken),
     )
     finding = Finding(
-        "BN001",
-        Severity.ERROR,
-        "running_var has 3 non-finite value(s): 3 NaN [nan]",
-        "restore an earlier checkpoint",
-        "[nan].bn",
-        "state_dict_ema",
-        "running_var",
-        (0, 1, 2),
-        3,
+        code="BN001",
+        severity=Severity.ERROR,
+        message="running_var has 3 non-finite value(s): 3 NaN [nan]",
+        hint="restore an earlier checkpoint",
+        layer="[nan].bn",
+        source="state_dict_ema",
+        tensor="running_var",
+        channels=(0, 1, 2),
+        channel_count=3,
     )
     return Report(
         files=(
-            FileReport("model.safetensors", "safetensors", 4096, layers, (finding,), notes=("a note",)),
-            FileReport("broken.pt", None, None, error=FileError("corrupt", "broken zip archive")),
+            FileReport(
+                path="model.safetensors",
+                format="safetensors",
+                size_bytes=4096,
+                layers=layers,
+                findings=(finding,),
+                notes=("a note",),
+            ),
+            FileReport(
+                path="broken.pt",
+                format=None,
+                size_bytes=None,
+                error=FileError(code="corrupt", message="broken zip archive"),
+            ),
         ),
         fail_on=Severity.WARNING,
         tool_version="0.0.0",
-        rules=(RuleInfo("BN001", "nonfinite", Severity.ERROR, "NaN or infinite statistics", "What.\n\nFix."),),
+        rules=(
+            RuleInfo(
+                code="BN001",
+                name="nonfinite",
+                severity=Severity.ERROR,
+                summary="NaN or infinite statistics",
+                doc="What.\n\nFix.",
+            ),
+        ),
     )
 
 
 def sample_diff() -> DiffReport:
-    row = LayerDiff("net.1", "module.net.1", 8, 0.1, 0.9, 0.05, math.inf, True, ("worst variance ratio",))
+    row = LayerDiff(
+        name_a="net.1",
+        name_b="module.net.1",
+        channels=8,
+        mean_shift_median=0.1,
+        mean_shift_worst=0.9,
+        log_var_ratio_median=0.05,
+        log_var_ratio_worst=math.inf,
+        drifted=True,
+        reasons=("worst variance ratio",),
+    )
     return DiffReport(
-        "a.pt",
-        "b.safetensors",
+        path_a="a.pt",
+        path_b="b.safetensors",
         format_a="torch zip",
         format_b="safetensors",
         only_in_a=("head.bn",),
@@ -128,7 +173,7 @@ def test_machine_formats_do_not_load_rich() -> None:
         "from bncheck.report import Report, DiffReport\n"
         "for name in ('json', 'sarif', 'github'):\n"
         "    REPORT_FORMATS[name].render(Report(files=()))\n"
-        "DIFF_FORMATS['json'].render(DiffReport('a', 'b'))\n"
+        "DIFF_FORMATS['json'].render(DiffReport(path_a='a', path_b='b'))\n"
         "assert 'rich' not in sys.modules, 'rich was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
