@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,4 +53,17 @@ def run_process(*args: str | Path, env: dict[str, str] | None = None) -> subproc
     """Run ``python -m bncheck`` as a real process: real exit codes, real imports."""
     return subprocess.run(
         [sys.executable, "-m", "bncheck", *map(str, args)], capture_output=True, text=True, env=env, check=False
+    )
+
+
+def run_in(cwd: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m bncheck`` in another working directory (where the upward config search starts)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "bncheck", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )

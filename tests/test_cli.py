@@ -6,12 +6,15 @@ import contextlib
 import io
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BAD, GOOD, run_process
+from conftest import BAD, GOOD, ROOT, run_process
 
 from bncheck import __version__
+from bncheck.checks import RULES
 
 NAN_FILE = BAD / "BN001-diverged-nan.pt"
 WARN_FILE = BAD / "BN008-constant-feature.pt"
@@ -248,3 +251,45 @@ def test_rules_and_explain_print_what_the_registry_says(cli) -> None:
     unknown = cli("explain", "BN999")
     assert unknown.exit_code == 2
     assert unknown.stderr == "bncheck: error: unknown rule 'BN999'; bncheck rules lists them\n"
+
+
+def test_rules_lists_every_rule() -> None:
+    out = run_process("rules", env={**os.environ, "COLUMNS": "200"}).stdout
+    for code, rule in RULES.items():
+        assert f"{code}  {rule.severity.value}" in out and rule.summary in out
+
+
+@pytest.mark.parametrize("code", list(RULES))
+def test_explain_prints_what_why_fix(code: str) -> None:
+    result = run_process("explain", code.lower(), env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0
+    for part in ("What:", "Why:", "Fix:"):
+        assert part in result.stdout
+
+
+def test_explain_unknown_code() -> None:
+    result = run_process("explain", "BN999")
+    assert result.returncode == 2 and "unknown rule 'BN999'" in result.stderr
+
+
+def test_pre_commit_hook_blocks_a_checkpoint_with_nan_statistics(tmp_path: Path) -> None:
+    if shutil.which("pre-commit") is None:
+        pytest.fail("pre-commit is a test dependency: pip install -e '.[test]'")
+    repo = tmp_path / "scratch"
+    repo.mkdir()
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    shutil.copy(GOOD / "conv1d.safetensors", repo / "good.safetensors")
+    subprocess.run([*git, "add", "good.safetensors"], cwd=repo, check=True)
+    env = {**os.environ, "PRE_COMMIT_HOME": str(tmp_path / "cache")}
+    good = subprocess.run(
+        ["pre-commit", "try-repo", str(ROOT), "bncheck"], cwd=repo, capture_output=True, text=True, env=env, check=False
+    )
+    assert good.returncode == 0, good.stdout + good.stderr
+    shutil.copy(BAD / "BN001-diverged-nan.pt", repo / "diverged.pt")
+    subprocess.run([*git, "add", "diverged.pt"], cwd=repo, check=True)
+    bad = subprocess.run(
+        ["pre-commit", "try-repo", str(ROOT), "bncheck"], cwd=repo, capture_output=True, text=True, env=env, check=False
+    )
+    assert bad.returncode == 1
+    assert "BN001" in bad.stdout and "diverged.pt" in bad.stdout

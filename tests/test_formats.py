@@ -6,13 +6,18 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import shlex
+import shutil
+from pathlib import Path
 
+import jsonschema
 import pytest
-from conftest import BAD, GOOD, ROOT, run_process
+from conftest import BAD, FIXTURES, GOOD, ROOT, run_process
 from rich.console import Console
 
+from bncheck.checks import RULES
 from bncheck.cli import app
 from bncheck.render import DIFF_FORMATS, REPORT_FORMATS, Renderer
 from bncheck.report import (
@@ -228,3 +233,109 @@ def test_the_pre_commit_hook_still_runs_the_default_text_format(tmp_path) -> Non
     result = run_process(*command[1:], GOOD / "mlp-state-dict.pt")
     assert result.returncode == 0
     assert "1 file, 2 layers" in result.stdout and "-> PASS" in result.stdout  # the text report, not JSON
+
+
+# ------------------------------------------------------------------------------------------- through the CLI
+
+SCHEMA = json.loads((ROOT / "bncheck" / "schema" / "report-v1.schema.json").read_text())
+SARIF_SCHEMA = json.loads((ROOT / "tests" / "data" / "sarif-2.1.0.json").read_text())
+FORMATS = list(REPORT_FORMATS)
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [[GOOD], [BAD], [GOOD / "mlp-state-dict.pt", BAD / "BN008-constant-feature.pt"]],
+    ids=["no-findings", "findings", "mixed"],
+)
+def test_every_format_gives_the_same_exit_code(cli, paths: list[Path]) -> None:
+    codes = {fmt: cli("inspect", *paths, "--format", fmt).exit_code for fmt in FORMATS}
+    assert len(set(codes.values())) == 1, codes
+    assert cli("inspect", *paths, "--json").exit_code == codes["json"]
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [[GOOD], [BAD], [BAD / "BN001-diverged-nan.pt", Path("missing.pt")]],
+    ids=["no-findings", "findings", "unreadable"],
+)
+def test_json_output_matches_the_shipped_schema(cli, paths: list[Path]) -> None:
+    document = cli("inspect", *paths, "--json").json()
+    jsonschema.Draft202012Validator(SCHEMA).validate(document)
+
+
+def test_json_with_recomputation_matches_the_schema(cli) -> None:
+    r = FIXTURES / "recompute"
+    document = cli(
+        "inspect",
+        r / "averaged-two-runs.pt",
+        "--model",
+        f"{r / 'models.py'}:tabular_mlp",
+        "--data",
+        r / "sample-original.npy",
+        "--json",
+    ).json()
+    jsonschema.Draft202012Validator(SCHEMA).validate(document)
+    assert document["files"][0]["recompute"]["layers"]
+
+
+def test_schema_rejects_what_the_report_never_writes() -> None:
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    assert not validator.is_valid({"schema_version": 2})
+    document = {
+        "schema_version": 1,
+        "tool": {"name": "bncheck", "version": "0"},
+        "ok": True,
+        "fail_on": "error",
+        "files": [],
+        "summary": {"files": 0, "unreadable": 0, "layers": 0, "errors": 0, "warnings": 0, "infos": 0},
+    }
+    assert validator.is_valid(document)
+    assert not validator.is_valid({**document, "timestamp": "2026-01-01"})
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [[GOOD], [BAD], [BAD / "BN001-diverged-nan.pt", Path("missing.pt")]],
+    ids=["no-findings", "findings", "unreadable"],
+)
+def test_sarif_is_valid_sarif_2_1_0(cli, paths: list[Path]) -> None:
+    result = cli("inspect", *paths, "--format", "sarif")
+    document = json.loads(result.stdout)
+    jsonschema.Draft202012Validator(SARIF_SCHEMA).validate(document)
+    (run,) = document["runs"]
+    assert [rule["id"] for rule in run["tool"]["driver"]["rules"]] == list(RULES)
+    assert all(rule["help"]["text"].startswith("What:") for rule in run["tool"]["driver"]["rules"])
+    json_findings = [
+        (f["path"], g["code"]) for f in cli("inspect", *paths, "--json").json()["files"] for g in f["findings"]
+    ]
+    assert [
+        (r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"], r["ruleId"]) for r in run["results"]
+    ] == json_findings
+    assert run["invocations"][0]["executionSuccessful"] is (result.exit_code != 2)
+
+
+def test_sarif_result_carries_the_layer_as_logical_location(cli) -> None:
+    document = json.loads(cli("inspect", BAD / "BN002-negative-var.safetensors", "--format", "sarif").stdout)
+    (result,) = document["runs"][0]["results"]
+    assert result["level"] == "error"
+    assert result["locations"][0]["logicalLocations"][0]["name"] == "net.1"
+    assert result["ruleIndex"] == list(RULES).index("BN002")
+
+
+def test_github_annotations(cli, tmp_path: Path) -> None:
+    odd = tmp_path / "a,b:c.pt"
+    shutil.copy(BAD / "BN008-constant-feature.pt", odd)
+    lines = cli("inspect", BAD / "BN001-diverged-nan.pt", odd, tmp_path / "gone.pt", "--format", "github").stdout
+    lines = lines.splitlines()
+    assert lines[0].startswith(f"::error file={BAD / 'BN001-diverged-nan.pt'},title=BN001 net.1::running_mean has 28")
+    assert any(line.startswith("::warning file=") and "a%2Cb%3Ac.pt,title=BN008 input_norm::" in line for line in lines)
+    assert any(line.startswith("::error file=") and "gone.pt,title=bncheck::no such file" in line for line in lines)
+    assert lines[-1].endswith("-> FAIL")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_parallel_run_equals_serial_run(fmt: str) -> None:
+    serial = run_process("inspect", GOOD, BAD, "--format", fmt, "-j", "1", env={**os.environ, "COLUMNS": "100"})
+    parallel = run_process("inspect", GOOD, BAD, "--format", fmt, "-j", "4", env={**os.environ, "COLUMNS": "100"})
+    assert (parallel.returncode, parallel.stdout) == (serial.returncode, serial.stdout)
+    assert serial.returncode == 1
