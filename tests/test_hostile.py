@@ -138,3 +138,23 @@ def test_unsafe_load_is_opt_in_and_warns(tmp_path: Path) -> None:
     assert file["format"] == "torch (unsafe load)"
     assert [f["code"] for f in file["findings"]] == ["BN002", "BN010"]
     assert unsafe.returncode == 1
+
+
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+def test_a_string_with_an_invalid_escape_is_refused_as_corrupt(cli, tmp_path: Path, container: str) -> None:
+    # Python decodes S'\G' with a DeprecationWarning (an error in some later version); torch never writes STRING
+    bad_string = b"S'\\G'\n."
+    path = tmp_path / "escape.pt"
+    if container == "zip":
+        source = tmp_path / "healthy.pt"
+        torch.save(healthy_state(), source)
+        with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, bad_string if info.filename.endswith("data.pkl") else src.read(info))
+    else:
+        path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + bad_string)
+    result = cli("inspect", path, "--json")
+    (file,) = result.json()["files"]
+    assert file["error"]["code"] == "corrupt", file["error"]
+    assert "invalid escape" in file["error"]["message"]
+    assert result.exit_code == 2

@@ -70,9 +70,13 @@ def array_to_bytes(values: np.ndarray, dtype: str, *, big_endian: bool = False) 
     if code is None:
         raise UnsupportedDtypeError(f"cannot write tensors of dtype {dtype}")
     order: Literal[">", "<"] = ">" if big_endian else "<"
-    if dtype == "bfloat16":
-        bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        rounded = np.where(np.isnan(np.asarray(values, np.float32)), np.uint16(0x7FC0), rounded)
-        return rounded.astype(np.dtype("u2").newbyteorder(order)).tobytes()
-    return np.asarray(values).astype(np.dtype(code).newbyteorder(order)).tobytes()
+    # A value beyond the target's range becomes +-inf, exactly as torch's own cast stores it, and numpy's overflow
+    # warning is not wanted: storing it is the point. The caller judges the result (recalibrate re-reads and
+    # inspects its copy and refuses an fp16 statistic that overflowed, as BN001), not this encoder.
+    with np.errstate(over="ignore"):
+        if dtype == "bfloat16":
+            bits = np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            rounded = np.where(np.isnan(np.asarray(values, np.float32)), np.uint16(0x7FC0), rounded)
+            return rounded.astype(np.dtype("u2").newbyteorder(order)).tobytes()
+        return np.asarray(values).astype(np.dtype(code).newbyteorder(order)).tobytes()

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import contextlib
 import gc
 import io
 import math
 import pickle
 import pickletools
 import struct
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
@@ -72,7 +74,21 @@ PICKLE_ERRORS = (
     OverflowError,
     RecursionError,
     UnicodeDecodeError,
+    DeprecationWarning,  # only the one made an error by invalid_escapes_refused()
 )
+
+
+@contextlib.contextmanager
+def invalid_escapes_refused() -> Iterator[None]:
+    """Make a protocol-0 STRING argument with an invalid escape (``S'\\G'``) raise instead of decoding leniently.
+
+    Python decodes it with a DeprecationWarning and will refuse it in a later version. torch never writes the
+    STRING opcode and its weights-only unpickler does not accept it at all, so such a pickle is refused as corrupt,
+    the same way on every Python, instead of warning (or, under ``-W error``, crashing) on some.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="invalid escape sequence", category=DeprecationWarning)
+        yield
 
 
 class Placeholder:
@@ -413,7 +429,8 @@ def unpickle(
     collecting = gc.isenabled()
     gc.disable()  # a pickle builds a tree of many small objects: cycle collections during the load are wasted work
     try:
-        root = unpickler.load()
+        with invalid_escapes_refused():
+            root = unpickler.load()
     except PICKLE_ERRORS as exc:
         raise CorruptCheckpointError(f"cannot parse pickle: {type(exc).__name__}: {exc}"[:300]) from exc
     finally:

@@ -17,7 +17,13 @@ from bncheck.errors import CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource, SourceFile
 from bncheck.loaders.interface import Checkpoint, TensorRef
-from bncheck.loaders.restricted_pickle import StorageRef, strided_copy, unpickle, view_span
+from bncheck.loaders.restricted_pickle import (
+    StorageRef,
+    invalid_escapes_refused,
+    strided_copy,
+    unpickle,
+    view_span,
+)
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
@@ -35,10 +41,19 @@ class _Pickles:
         stream = SourceFile(self.source)
         stream.seek(self.position)
         try:
-            for _ in pickletools.genops(cast(IO[bytes], stream)):
-                pass  # decoding every opcode up to STOP validates lengths and finds where the pickle ends
+            with invalid_escapes_refused():
+                for _ in pickletools.genops(cast(IO[bytes], stream)):
+                    pass  # decoding every opcode up to STOP validates lengths and finds where the pickle ends
             end = stream.tell()
-        except (ValueError, TypeError, EOFError, OverflowError, struct.error, UnicodeDecodeError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            EOFError,
+            OverflowError,
+            struct.error,
+            UnicodeDecodeError,
+            DeprecationWarning,
+        ) as exc:
             raise CorruptCheckpointError(f"cannot parse legacy torch.save file: {exc}"[:300]) from exc
         data = self.source.read(self.position, end - self.position)
         self.position = end
