@@ -163,8 +163,15 @@ def parse_table(table: Mapping[str, Any], *, source: Path | None = None) -> Opti
     )
 
 
+# A settings file is a few hundred bytes; one beyond this is not worth parsing (TOML parsing time and memory grow
+# with it, and the upward search reads whatever pyproject.toml a cloned folder holds).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def _read_text(path: Path) -> str:
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is too large ({path.stat().st_size} bytes; at most {MAX_CONFIG_BYTES})")
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc

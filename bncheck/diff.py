@@ -28,18 +28,35 @@ def _layers(path: Path, source: str | None) -> tuple[str, str, dict[str, LayerDa
 
 
 def _prefixes(a: list[str], b: list[str]) -> tuple[str, str]:
-    """The wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``...) that make most layer names agree."""
+    """The wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``...) that make most layer names agree.
+
+    Every dotted tail of every name is indexed once, so matching costs the number of name parts, not len(a) * len(b)
+    (a 10,000-layer pair of checkpoints).
+    """
     votes: Counter[tuple[str, str]] = Counter()
     b_set = set(b)
+    tails_of_b = _tails(b)
     for name in a:
         if name in b_set:
             votes["", ""] += 1
-        for other in b:
-            if other != name and other.endswith("." + name):
-                votes["", other[: -len(name)]] += 1
-            elif name != other and name.endswith("." + other):
-                votes[name[: -len(other)], ""] += 1
+        for prefix in tails_of_b.get(name, ()):
+            votes["", prefix] += 1
+    for tail, prefixes in _tails(a).items():
+        if tail in b_set:
+            for prefix in prefixes:
+                votes[prefix, ""] += 1
     return votes.most_common(1)[0][0] if votes else ("", "")
+
+
+def _tails(names: list[str]) -> dict[str, list[str]]:
+    """Each proper dotted tail of each name -> the prefixes (ending in a dot) that precede it."""
+    tails: dict[str, list[str]] = {}
+    for name in names:
+        at = name.find(".")
+        while at != -1:
+            tails.setdefault(name[at + 1 :], []).append(name[: at + 1])
+            at = name.find(".", at + 1)
+    return tails
 
 
 def diff_checkpoints(

@@ -92,11 +92,15 @@ def _is_module(node: Any) -> bool:
     return node.global_name.startswith("__torch__.") or "_modules" in state or "_buffers" in state
 
 
-def _flatten_module(node: Placeholder, prefix: str, out: StateDict, depth: int) -> None:
+def _flatten_module(node: Placeholder, prefix: str, out: StateDict, depth: int, seen: set[int]) -> None:
     """Parameters and buffers of a pickled nn.Module (``_parameters``/``_buffers``/``_modules``) or a TorchScript
-    module (every attribute), under dotted names as ``state_dict()`` would give them."""
-    if depth > MAX_DEPTH:
+    module (every attribute), under dotted names as ``state_dict()`` would give them.
+
+    A module object met again (a shared submodule) is not walked again: its tensors are listed under the first
+    name only, so a file whose modules reuse one child at every level costs its size, not 2 ** depth."""
+    if depth > MAX_DEPTH or id(node) in seen:
         return
+    seen.add(id(node))
     out.classes[prefix] = _class_name(node)
     state = _module_state(node) or {}
     if node.global_name.startswith("__torch__."):
@@ -113,7 +117,7 @@ def _flatten_module(node: Placeholder, prefix: str, out: StateDict, depth: int) 
         if isinstance(value, TensorRef):
             out.tensors[full] = value
         elif _is_module(value):
-            _flatten_module(value, full, out, depth + 1)
+            _flatten_module(value, full, out, depth + 1, seen)
 
 
 def _flatten_dict(node: Mapping[Any, Any], prefix: str, out: StateDict, depth: int, seen: set[int]) -> None:
@@ -127,7 +131,7 @@ def _flatten_dict(node: Mapping[Any, Any], prefix: str, out: StateDict, depth: i
         elif isinstance(value, Mapping):
             _flatten_dict(value, full, out, depth + 1, seen)
         elif _is_module(value):
-            _flatten_module(value, full, out, depth + 1)
+            _flatten_module(value, full, out, depth + 1, seen)
 
 
 def _children(node: Any) -> Iterator[tuple[str, Any]]:
@@ -150,7 +154,7 @@ def _state_dicts(node: Any, path: tuple[str, ...], depth: int, seen: set[int]) -
     seen.add(id(node))
     if _is_module(node):
         container = StateDict(path, {}, {})
-        _flatten_module(node, "", container, depth)
+        _flatten_module(node, "", container, depth, set())
         yield container
         return
     if isinstance(node, Mapping) and any(isinstance(v, TensorRef) for v in node.values()):

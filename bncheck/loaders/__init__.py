@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
@@ -154,12 +153,17 @@ def _checkpoint_in_directory(path: Path) -> Path:
 
 
 def shards_named_by(index: Path) -> set[Path]:
-    """The shard files a shard index points to (empty when the index is unreadable)."""
+    """The shard files a shard index points to (empty when the index is unreadable: opening it reports why)."""
+    from bncheck.errors import BncheckError
+    from bncheck.loaders.safetensors import MAX_HEADER_BYTES, parse_json
+
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        if index.stat().st_size > MAX_HEADER_BYTES:
+            return set()
+        weight_map = parse_json(index.read_bytes(), "shard index").get("weight_map", {})
         return {(index.parent / name).resolve() for name in weight_map.values()}
-    except (OSError, ValueError, AttributeError, TypeError):
-        return set()  # opening the index will report what is wrong with it
+    except (OSError, BncheckError, ValueError, AttributeError, TypeError):
+        return set()
 
 
 def _excluded(path: Path, root: Path, patterns: Sequence[str]) -> bool:

@@ -46,6 +46,17 @@ SAFETENSORS_DTYPES = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def parse_json(data: bytes, what: str) -> Any:
+    """A JSON document of the file, or CorruptCheckpointError: nesting deeper than the parser's recursion limit and
+    integers of thousands of digits are refused like any other malformed JSON, not raised as internal errors."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and int() refusing > 4300 digits
+        raise CorruptCheckpointError(f"{what} is not valid JSON: {' '.join(str(exc).split())}"[:300]) from exc
+    except RecursionError:
+        raise CorruptCheckpointError(f"{what} nests too deeply to be a checkpoint's") from None
+
+
 def read_header(source: ByteSource) -> tuple[dict[str, Any], int]:
     """The parsed JSON header and the absolute offset where tensor data starts."""
     size = source.size
@@ -56,10 +67,7 @@ def read_header(source: ByteSource) -> tuple[dict[str, Any], int]:
         raise CorruptCheckpointError(
             f"safetensors header claims {header_len} bytes but the file has {size - 8} after the length field"
         )
-    try:
-        header = json.loads(source.read(8, header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"safetensors header is not valid JSON: {exc}") from exc
+    header = parse_json(source.read(8, header_len), "safetensors header")
     if not isinstance(header, dict):
         raise CorruptCheckpointError("safetensors header is not a JSON object")
     return header, 8 + header_len
@@ -69,7 +77,7 @@ def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"safetensors entry {name!r} is not an object")
     raw_dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**63 for d in shape)
     valid_offsets = (
         isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
     )
@@ -148,10 +156,7 @@ def open_sharded(index: ByteSource) -> Checkpoint:
 
     if index.size > MAX_HEADER_BYTES:
         raise CorruptCheckpointError(f"shard index of {index.size} bytes is too large to be one")
-    try:
-        document = json.loads(index.read(0, index.size))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptCheckpointError(f"shard index is not valid JSON: {exc}") from exc
+    document = parse_json(index.read(0, index.size), "shard index")
     weight_map = document.get("weight_map") if isinstance(document, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError("shard index has no 'weight_map' of tensor name -> shard file")

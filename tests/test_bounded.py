@@ -1,0 +1,108 @@
+"""Every input ends in bounded time and memory: a report or a one-line error, never a hang, a traceback or an
+"internal error"."""
+
+from __future__ import annotations
+
+import resource
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GOOD
+from torch import nn
+
+from bncheck.diff import diff_checkpoints
+from bncheck.errors import CorruptCheckpointError
+from bncheck.loaders.files import LocalSource
+from bncheck.loaders.safetensors import tensors_of
+
+
+def error_of(path: Path, cli) -> dict:
+    result = cli("inspect", path, "--json")
+    assert result.exit_code == 2, result.stdout + result.stderr
+    error = result.json()["files"][0]["error"]
+    assert error is not None and "\n" not in error["message"] and "internal error" not in result.stderr
+    return error
+
+
+def test_a_module_tree_that_reuses_one_child_at_every_level(cli, tmp_path: Path) -> None:
+    # 2 ** 40 paths through 41 module objects: torch.save stores each object once
+    module: nn.Module = nn.BatchNorm1d(4)
+    for _ in range(40):
+        module = nn.Sequential(module, module)
+    torch.save(module, tmp_path / "shared.pt")
+    start = time.perf_counter()
+    result = cli("inspect", tmp_path / "shared.pt", "--json")
+    assert time.perf_counter() - start < 10
+    layers = result.json()["files"][0]["layers"]
+    assert [layer["name"] for layer in layers] == [".".join(["0"] * 40)]  # the shared layer, once, by its first name
+
+
+def refused_by_both_parsers(path: Path, cli) -> None:
+    """The reference parser refuses a local file first; bncheck's own parser, which reads URLs, refuses it too."""
+    error_of(path, cli)
+    with pytest.raises(CorruptCheckpointError) as info:
+        tensors_of(LocalSource(path))
+    assert "\n" not in str(info.value) and len(str(info.value)) <= 300
+
+
+def test_deeply_nested_json_in_a_safetensors_header(cli, tmp_path: Path) -> None:
+    header = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    path = tmp_path / "nested.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    refused_by_both_parsers(path, cli)
+
+
+def test_a_5000_digit_integer_in_a_safetensors_header(cli, tmp_path: Path) -> None:
+    header = ('{"bn.running_var": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 4]}}').encode()
+    path = tmp_path / "digits.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    refused_by_both_parsers(path, cli)
+
+
+def test_nested_json_and_huge_integers_in_a_shard_index(cli, tmp_path: Path) -> None:
+    (tmp_path / "deep.index.json").write_text('{"weight_map":' + "[" * 100_000 + "]" * 100_000 + "}")
+    (tmp_path / "int.index.json").write_text('{"weight_map": {"a": ' + "7" * 5000 + "}}")
+    for name in ("deep.index.json", "int.index.json"):
+        error_of(tmp_path / name, cli)
+
+
+def test_a_shape_with_a_float_or_an_astronomic_dimension(cli, tmp_path: Path) -> None:
+    for shape in ("[0, 1e30]", "[0, " + str(2**80) + "]", "[-1]"):
+        header = ('{"bn.running_var": {"dtype": "F32", "shape": ' + shape + ', "data_offsets": [0, 0]}}').encode()
+        path = tmp_path / "shape.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header)
+        refused_by_both_parsers(path, cli)
+
+
+def test_a_huge_config_file_is_refused_without_parsing_it(tmp_path: Path) -> None:
+    from conftest import run_in
+
+    (tmp_path / "pyproject.toml").write_text("[tool.bncheck]\n" + "# padding\n" * 2_000_000)
+    start = time.perf_counter()
+    result = run_in(tmp_path, "inspect", GOOD / "mlp-state-dict.pt")
+    assert time.perf_counter() - start < 10
+    assert result.returncode == 2 and "too large" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_diff_of_ten_thousand_layers_is_not_quadratic(tmp_path: Path) -> None:
+    state = {}
+    for i in range(10_000):
+        state[f"blocks.{i}.bn.running_mean"] = torch.zeros(2)
+        state[f"blocks.{i}.bn.running_var"] = torch.ones(2)
+        state[f"blocks.{i}.bn.num_batches_tracked"] = torch.tensor(3)
+    torch.save(state, tmp_path / "a.pt")
+    torch.save({"module." + key: value for key, value in state.items()}, tmp_path / "b.pt")
+    start = time.perf_counter()
+    diff = diff_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt")
+    elapsed = time.perf_counter() - start
+    assert diff.error is None and len(diff.layers) == 10_000 and not diff.differs
+    assert elapsed < 10, elapsed
+
+
+def test_peak_memory_of_this_test_process_stays_bounded() -> None:
+    # a guard on the tests above: none of them may have grown this process past 1 GiB
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert peak_kib < 1024 * 1024, peak_kib
