@@ -42,8 +42,17 @@ def unreadable_report(path: os.PathLike[str] | str, exc: BncheckError) -> FileRe
         path=str(path),
         format=None,
         size_bytes=_local_size(path),
-        error=FileError(code=exc.code, message=" ".join(str(exc).split())),
+        error=FileError(code=exc.code, message=_one_line(str(exc))),
     )
+
+
+# A reason is a sentence; a longer one quotes too much of the file (a tensor name can be megabytes long).
+MAX_MESSAGE_CHARS = 500
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text[: MAX_MESSAGE_CHARS * 2].split())
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 def layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import resource
 import struct
 import time
@@ -106,3 +107,54 @@ def test_peak_memory_of_this_test_process_stays_bounded() -> None:
     # a guard on the tests above: none of them may have grown this process past 1 GiB
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert peak_kib < 1024 * 1024, peak_kib
+
+
+def test_a_shared_structure_in_a_malformed_record_is_not_expanded_into_the_message(cli, tmp_path: Path) -> None:
+    import pickle
+    import zipfile
+
+    shared: list = [1]
+    for _ in range(60):
+        shared = [shared, shared]  # its full repr would be 2 ** 60 characters
+
+    class TorchLikePickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.FloatStorage, "0", "cpu", 4) if isinstance(obj, _Storage) else None
+
+    buffer = io.BytesIO()
+    TorchLikePickler(buffer, protocol=2).dump({"bn.running_var": _Rebuild(shared)})
+    payload = buffer.getvalue()
+    path = tmp_path / "shared.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("shared/data.pkl", payload)
+        archive.writestr("shared/data/0", bytes(16))
+        archive.writestr("shared/byteorder", "little")
+    start = time.perf_counter()
+    message = error_of(path, cli)["message"]
+    assert time.perf_counter() - start < 10
+    assert "malformed tensor record" in message and len(message) <= 500
+
+
+def test_a_megabyte_tensor_name_is_cut_in_the_reason(cli, tmp_path: Path) -> None:
+    name = "n" * 2_000_000
+    header = ('{"' + name + '": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": 1}').encode()
+    path = tmp_path / "long.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    assert len(error_of(path, cli)["message"]) <= 500
+
+
+class _Rebuild:
+    """Pickles as torch._utils._rebuild_tensor_v2 with a malformed size: the shape of a torch.save tensor record."""
+
+    def __init__(self, size: object) -> None:
+        self.size = size
+
+    def __reduce__(self) -> tuple:
+        import torch._utils
+
+        storage = _Storage()
+        return (torch._utils._rebuild_tensor_v2, (storage, 0, self.size, (1,), False, {}))
+
+
+class _Storage:
+    """Pickles as torch's persistent storage record would be, but as a plain tuple (the reader resolves it)."""

@@ -17,6 +17,7 @@ import io
 import math
 import pickle
 import pickletools
+import reprlib
 import struct
 import warnings
 from collections.abc import Callable, Iterator
@@ -191,7 +192,8 @@ def strided_copy(flat: np.ndarray, size: tuple[int, ...], stride: tuple[int, ...
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or not all(type(v) is int for v in value):
-        raise CorruptCheckpointError(f"malformed tensor record: {what} is {value!r}")
+        # reprlib bounds depth and length: a pickle can share one list at every level, whose full repr is 2 ** depth
+        raise CorruptCheckpointError(f"malformed tensor record: {what} is {reprlib.repr(value)}")
     return tuple(value)
 
 
