@@ -299,7 +299,7 @@ def test_pre_commit_hook_blocks_a_checkpoint_with_nan_statistics(tmp_path: Path)
 PYDANTIC_PROBE = """
 import contextlib, io, sys
 from bncheck.cli import run
-with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+with contextlib.redirect_stdout(io.StringIO()):
     codes = [run(args) for args in {runs!r}]
 print(codes, "pydantic" in sys.modules)
 """
@@ -315,7 +315,7 @@ def test_no_command_imports_pydantic_and_every_value_type_converts(tmp_path: Pat
             str(CLEAN_FILE),
             str(WARN_FILE),
             "--format",
-            "JSON",
+            "json",
             "--fail-on",
             "Warning",
             "-j",
@@ -352,4 +352,4 @@ def test_no_command_imports_pydantic_and_every_value_type_converts(tmp_path: Pat
         [sys.executable, "-c", PYDANTIC_PROBE.format(runs=runs)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["[1,", "1,", "0,", "0,", "0]", "False"], result.stdout
+    assert result.stdout.split() == ["[1,", "1,", "0,", "0,", "0]", "False"], result.stdout + result.stderr
