@@ -65,7 +65,8 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], fragment: str) ->
 
 def test_json_document_shape(cli) -> None:
     document = cli("inspect", NAN_FILE, CLEAN_FILE, "--json").json()
-    assert list(document) == ["schema_version", "tool", "ok", "fail_on", "files", "summary"]
+    assert list(document) == ["schema_version", "tool", "ok", "fail_on", "config", "files", "summary"]
+    assert document["config"] is None  # no settings file: the key is there, null
     assert document["schema_version"] == 1
     assert document["tool"] == {"name": "bncheck", "version": __version__}
     assert document["ok"] is False

@@ -286,6 +286,7 @@ def test_schema_rejects_what_the_report_never_writes() -> None:
         "tool": {"name": "bncheck", "version": "0"},
         "ok": True,
         "fail_on": "error",
+        "config": None,
         "files": [],
         "summary": {"files": 0, "unreadable": 0, "layers": 0, "errors": 0, "warnings": 0, "infos": 0},
     }
