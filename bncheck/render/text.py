@@ -190,7 +190,7 @@ def _findings_table(findings: tuple[Finding, ...]) -> Table:
             body.append("\n" + _channels(finding))
         body.append("\nfix: " + _shown(finding.hint), style="dim")
         style = STYLE[finding.severity]
-        grid.add_row(Text(finding.code, style=style), Text(finding.severity.value, style=style), body)
+        grid.add_row(Text(_shown(finding.code), style=style), Text(finding.severity.value, style=style), body)
     return grid
 
 
