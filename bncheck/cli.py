@@ -359,6 +359,8 @@ def inspect_command(
     from bncheck.report import Severity
 
     renderer = REPORT_FORMATS["json" if json_output else str(output_format)]
+    if any(not path for path in paths):  # an empty path would mean the working directory, silently
+        raise UsageError("PATH must not be empty")
     try:
         request = _request(
             model=model,

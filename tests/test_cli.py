@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -294,3 +295,24 @@ def test_pre_commit_hook_blocks_a_checkpoint_with_nan_statistics(tmp_path: Path)
     )
     assert bad.returncode == 1
     assert "BN001" in bad.stdout and "diverged.pt" in bad.stdout
+
+
+def test_an_empty_path_is_a_usage_error_not_the_working_directory(tmp_path: Path) -> None:
+    shutil.copy(NAN_FILE, tmp_path / "nan.pt")  # what a scan of the working directory would find
+    result = subprocess.run(
+        [sys.executable, "-m", "bncheck", "inspect", ""],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "bncheck: error: PATH must not be empty (see 'bncheck inspect --help')\n"
+
+
+def test_the_library_does_not_read_an_empty_path_as_the_working_directory() -> None:
+    import bncheck
+
+    (file,) = bncheck.inspect("").files
+    assert file.error is not None and file.error.code == "not-found" and file.error.message == "empty path"
