@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -9,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from bncheck.checks import RULES, run_checks
 from bncheck.config import Options
-from bncheck.errors import BncheckError, UnsupportedFormatError
+from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
 from bncheck.loaders import find_checkpoints
 from bncheck.read import read_checkpoint
-from bncheck.report import FileReport, Report, RuleInfo
+from bncheck.report import ConfigInfo, FileReport, Report, RuleInfo
 from bncheck.summary import file_report, unreadable_report
 
 if TYPE_CHECKING:  # recomputation, worker processes and torch are loaded only when asked for
@@ -41,12 +42,18 @@ def inspect(
     options = options or Options()
     workload = _prepare(recompute, progress) if recompute is not None else None
     path_list = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    units: list[Path | str | FileReport] = []
+    # files excluded only by a discovered config are still searched, for security findings alone
+    searched = options.trusted.exclude if options.trusted is not None else options.exclude
+    units: list[tuple[Path | str, bool] | FileReport] = []
     for path in path_list:
-        found = find_checkpoints(path, exclude=options.exclude)
+        if not os.fspath(path):  # Path("") is the working directory: never scan it by accident
+            units.append(unreadable_report(path, CheckpointNotFoundError("empty path")))
+            continue
+        found = find_checkpoints(path, exclude=searched)
         if not found:
             units.append(unreadable_report(path, UnsupportedFormatError("directory holds no checkpoint files")))
-        units.extend(found)
+        kept = set(find_checkpoints(path, exclude=options.exclude)) if searched != options.exclude else set(found)
+        units.extend((unit, unit not in kept) for unit in found)
     todo = [unit for unit in units if not isinstance(unit, FileReport)]
     if options.jobs > 1 and workload is None and len(todo) > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -55,14 +62,37 @@ def inspect(
         with ProcessPoolExecutor(max_workers=options.jobs) as pool:
             done = iter(pool.map(_inspect_job, todo, [options] * len(todo), chunksize=chunks))
     else:
-        done = iter(_inspect_one(unit, options, workload) for unit in todo)
+        done = iter(_inspect_one(path, options, workload, excluded=excluded) for path, excluded in todo)
     files = [unit if isinstance(unit, FileReport) else next(done) for unit in units]
-    return Report(files=tuple(files), fail_on=options.fail_on, tool_version=__version__, rules=rule_infos())
+    return Report(
+        files=tuple(file for file in files if file is not None),
+        fail_on=options.fail_on,
+        tool_version=__version__,
+        rules=rule_infos(),
+        config=config_info(options),
+    )
 
 
 def inspect_file(path: PathLike, *, options: Options | None = None) -> FileReport:
     """Inspect one checkpoint (a file or a shard index) without recomputation."""
-    return _inspect_one(path, options or Options(), None)
+    report = _inspect_one(path, options or Options(), None)
+    assert report is not None  # only an excluded file is left out
+    return report
+
+
+def config_info(options: Options) -> ConfigInfo | None:
+    """What the report says about the settings file: where it is, what it set, and what a discovered one changed
+    or tried to drop."""
+    if options.config is None:
+        return None
+    notes, overruled = options.config_notes(list(RULES))
+    return ConfigInfo(
+        path=str(options.config.path),
+        discovered=options.config.discovered,
+        settings=options.config.settings,
+        notes=notes,
+        overruled=overruled,
+    )
 
 
 def rule_infos() -> tuple[RuleInfo, ...]:
@@ -70,9 +100,10 @@ def rule_infos() -> tuple[RuleInfo, ...]:
     return tuple(rule.info for rule in RULES.values())
 
 
-def _inspect_job(path: Path | str, options: Options) -> FileReport:
+def _inspect_job(unit: tuple[Path | str, bool], options: Options) -> FileReport | None:
     """A worker process's unit of work (top level, so that it pickles)."""
-    return _inspect_one(path, options, None)
+    path, excluded = unit
+    return _inspect_one(path, options, None, excluded=excluded)
 
 
 def _prepare(request: RecomputeRequest, progress: Callable[[int], None] | None) -> Workload:
@@ -81,7 +112,11 @@ def _prepare(request: RecomputeRequest, progress: Callable[[int], None] | None) 
     return prepare(request, progress)
 
 
-def _inspect_one(path: PathLike, options: Options, workload: Workload | None) -> FileReport:
+def _inspect_one(
+    path: PathLike, options: Options, workload: Workload | None, *, excluded: bool = False
+) -> FileReport | None:
+    """One checkpoint's report. ``excluded``: only a discovered config's exclude globs matched it, so only its
+    security findings count, and it is left out (None) when it has none."""
     try:
         checkpoint, layers = read_checkpoint(path, unsafe_load=options.unsafe_load)
         if workload is not None:
@@ -91,10 +126,15 @@ def _inspect_one(path: PathLike, options: Options, workload: Workload | None) ->
         else:
             drifts, recomputed = [], None
     except BncheckError as exc:
-        return unreadable_report(path, exc)
-    findings = [
-        finding
-        for finding in run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=options.thresholds)
-        if options.selection.allows(finding.code, str(path))
-    ]
-    return file_report(path, checkpoint, layers, findings, recomputed)
+        return None if excluded else unreadable_report(path, exc)
+    findings, notes = [], []
+    for finding in run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=options.thresholds):
+        reported, note = options.verdict(finding.code, str(path), excluded=excluded)
+        if reported:
+            findings.append(finding)
+        if note is not None and note not in notes:
+            notes.append(note)
+    if excluded and not findings:
+        return None
+    report = file_report(path, checkpoint, layers, findings, recomputed)
+    return dataclasses.replace(report, notes=report.notes + tuple(notes)) if notes else report

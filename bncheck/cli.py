@@ -26,7 +26,7 @@ from typer.main import get_command
 
 from bncheck import __version__
 from bncheck.loaders import INDEX_SUFFIX, checkpoint_suffixes
-from bncheck.render import DIFF_FORMATS, REPORT_FORMATS, Renderer, describe
+from bncheck.render import DIFF_FORMATS, REPORT_FORMATS, Renderer, describe, escape_controls
 
 if TYPE_CHECKING:
     from typer._click import Context, HelpFormatter
@@ -293,8 +293,13 @@ def _console(*, stderr: bool = False) -> Any:
     return Console(stderr=stderr)
 
 
+def _say(line: str) -> None:
+    """One line on stderr, its control characters escaped: it may quote a path or the bytes of a file."""
+    sys.stderr.write(f"bncheck: {escape_controls(line)}\n")
+
+
 def _fail(message: str) -> int:
-    sys.stderr.write(f"bncheck: error: {message}\n")
+    _say(f"error: {message}")
     return EXIT_NOT_CHECKED
 
 
@@ -429,6 +434,8 @@ def inspect_command(
     from bncheck.report import Severity
 
     renderer = REPORT_FORMATS["json" if json_output else str(output_format)]
+    if any(not path for path in paths):  # an empty path would mean the working directory, silently
+        raise UsageError("PATH must not be empty")
     try:
         request = _request(
             model=model,
@@ -464,7 +471,7 @@ def inspect_command(
     if not renderer.names_unreadable:
         for file in report.files:
             if file.error is not None:
-                sys.stderr.write(f"bncheck: {file.path}: {file.error.message}\n")
+                _say(f"{file.path}: {file.error.message}")
     return exit_code(report)
 
 
@@ -521,7 +528,7 @@ def diff_command(
     diff = diff_checkpoints(a, b, source_a=source_a, source_b=source_b, thresholds=thresholds)
     _emit(renderer, diff)
     if diff.error is not None:
-        sys.stderr.write(f"bncheck: {diff.error.message}\n")
+        _say(diff.error.message)
         return EXIT_NOT_CHECKED
     return EXIT_FINDINGS if diff.differs else EXIT_OK
 
@@ -576,7 +583,7 @@ def recalibrate_command(
             report = recalibrate_path(checkpoint, output, request, force=force, progress=progress)
     except BncheckError as exc:
         return _fail(str(exc))
-    _console(stderr=True).print(Text(f"wrote {output}"))
+    _console(stderr=True).print(Text(f"wrote {escape_controls(str(output))}"))
     _emit(REPORT_FORMATS["text"], Report(files=(report,), tool_version=__version__))
     return exit_code(Report(files=(report,)))
 
@@ -595,7 +602,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         code = EXIT_INTERRUPTED
     except Exception as exc:  # the last resort: a bug must not look like exit 1 ("findings")
-        sys.stderr.write(f"bncheck: internal error: {type(exc).__name__}: {exc}\n")
+        _say(f"internal error: {type(exc).__name__}: {exc}")
         return EXIT_NOT_CHECKED
     if code == EXIT_INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into this exit code
         sys.stderr.write("bncheck: interrupted\n")

@@ -4,6 +4,12 @@ Keys follow ruff's conventions: ``select`` / ``extend-select`` / ``ignore`` take
 ``BN00``, ``BN007``); where a code matches both, the more specific entry wins and ``ignore`` wins a tie.
 ``per-file-ignores`` maps a glob to codes. Every threshold of the checks is a key of its own (``min-variance``,
 ``drift-mean-shift-median``...).
+
+A pyproject.toml found by the upward search belongs to the directory bncheck runs in (a cloned model repository
+included), not to the person who runs it. Such a *discovered* file may narrow every other rule, but it cannot drop a
+security code (BN1xx: what a pickle may run): the options it builds carry ``trusted``, the same settings without
+it, and that alone decides the security codes. Only the command line, ``--config FILE`` and a library caller's own
+``Options`` may drop them.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
@@ -36,6 +43,16 @@ def _threshold_keys() -> dict[str, tuple[str | None, str, type]]:
 
 
 THRESHOLD_KEYS = _threshold_keys()
+# BN1xx: what a pickle may run. A settings file found by the upward search may not drop these.
+SECURITY_PREFIX = "BN1"
+ONLY_TRUSTED = "security codes are only ignored from the command line or --config"
+
+
+def is_security_code(code: str) -> bool:
+    """Whether ``code`` reports something a pickle may run (BN101 and every other BN1xx code)."""
+    return code.startswith(SECURITY_PREFIX)
+
+
 LIST_KEYS = ("select", "extend-select", "ignore", "exclude")
 KNOWN_KEYS = frozenset({*LIST_KEYS, "fail-on", "per-file-ignores", *THRESHOLD_KEYS})
 
@@ -74,6 +91,22 @@ def _path_matches(path: str, pattern: str, root: Path | None) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SettingsFile:
+    """The settings file a run read: where it is, whether bncheck found it by itself, and what it set."""
+
+    path: Path
+    # found by the upward search rather than passed with --config: it belongs to the directory, not to the person
+    discovered: bool
+    # every key it set, with its value as written
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """How the report names it: ``pyproject.toml at /repo`` or ``--config /path/bncheck.toml``."""
+        return f"{self.path.name} at {self.path.parent}" if self.discovered else f"--config {self.path}"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Options:
     """How ``bncheck.inspect()`` checks: what the settings file and the flags decide, as one frozen value."""
 
@@ -87,6 +120,62 @@ class Options:
     jobs: int = 1
     # let torch unpickle (running its code) the local files bncheck's own reader cannot read; trusted files only
     unsafe_load: bool = False
+    # the settings file these options came from, if any
+    config: SettingsFile | None = None
+    # when ``config`` was discovered: the same options without it, whose selection and exclude globs alone decide
+    # the security codes; None when every setting came from the command line, --config or the caller
+    trusted: Options | None = None
+
+    def verdict(self, code: str, path: str | None = None, *, excluded: bool = False) -> tuple[bool, str | None]:
+        """Whether a finding of ``code`` in ``path`` is reported, and a note when it is reported only because a
+        discovered config may not drop a security code. ``excluded``: the discovered config's exclude globs matched
+        the file (which is still searched for security findings)."""
+        wanted = not excluded and self.selection.allows(code, path)
+        if wanted or self.trusted is None or not is_security_code(code):
+            return wanted, None
+        if not self.trusted.selection.allows(code, path):
+            return False, None
+        assert self.config is not None
+        if excluded:
+            tried = "exclude this file"
+        elif self.selection.allows(code):
+            tried = f"ignore {code} for this file"
+        else:
+            tried = f"{_drop_verb(self.selection, code)} {code}"
+        return True, f"{self.config.name} tried to {tried}; {ONLY_TRUSTED}"
+
+    def config_notes(self, codes: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What a discovered config changed, and which of the security ``codes`` it tried to drop and could not."""
+        if self.config is None or not self.config.discovered or self.trusted is None:
+            return (), ()
+        name = self.config.name
+        changed: tuple[str, ...] = ()
+        if self.config.settings:
+            changes = "; ".join(f"{key} = {value}" for key, value in self.config.settings)
+            changed = (f"{name} changed the settings: {changes}",)
+        notes = []
+        security = [code for code in codes if is_security_code(code) and self.trusted.selection.allows(code)]
+        for verb in ("deselect", "ignore"):
+            dropped = [c for c in security if not self.selection.allows(c) and _drop_verb(self.selection, c) == verb]
+            if dropped:
+                notes.append(f"{name} tried to {verb} {', '.join(dropped)}; {ONLY_TRUSTED}")
+        for pattern, ignored in self.selection.per_file_ignores.items():
+            dropped = [c for c in security if any(c.startswith(p) for p in ignored)]
+            if dropped and pattern not in self.trusted.selection.per_file_ignores:
+                notes.append(f"{name} tried to ignore {', '.join(dropped)} in {pattern!r}; {ONLY_TRUSTED}")
+        excluded = [glob for glob in self.exclude if glob not in self.trusted.exclude]
+        if excluded:
+            globs = ", ".join(repr(glob) for glob in excluded)
+            notes.append(
+                f"{name} tried to exclude {globs}: those files are still searched for security findings; "
+                + ONLY_TRUSTED
+            )
+        return changed, tuple(notes)
+
+
+def _drop_verb(selection: RuleSelection, code: str) -> str:
+    """'deselect' when no select entry takes ``code``, else 'ignore'."""
+    return "ignore" if any(code.startswith(p) for p in selection.select) else "deselect"
 
 
 def _codes(key: str, value: Any) -> tuple[str, ...]:
@@ -205,19 +294,29 @@ def find_pyproject(start: Path) -> Path | None:
     return None
 
 
+def _as_written(table: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    return tuple((key, json.dumps(value, default=str)) for key, value in table.items())
+
+
 def load_settings(config: Path | None = None, *, cwd: Path | None = None) -> Options:
     """Settings from ``config`` (a pyproject.toml with [tool.bncheck], or a bncheck.toml holding the keys at top
-    level), else from the nearest pyproject.toml above ``cwd``, else the defaults."""
+    level), else from the nearest pyproject.toml above ``cwd``, else the defaults.
+
+    Options from a discovered pyproject.toml carry ``trusted`` (the defaults), which alone decides the security
+    codes: a file found in the directory bncheck runs in may not switch those off."""
     if config is not None:
         document = _read_toml(config)
         table = document.get("tool", {}).get("bncheck") if "tool" in document else document
         if not isinstance(table, dict):
             raise ConfigError(f"{config} has no [tool.bncheck] table")
-        return parse_table(table, source=config)
+        explicit = SettingsFile(path=config, discovered=False, settings=_as_written(table))
+        return dataclasses.replace(parse_table(table, source=config), config=explicit)
     found = find_pyproject(cwd or Path.cwd())
     if found is None:
         return Options()
-    return parse_table(_read_toml(found)["tool"]["bncheck"], source=found)
+    table = _read_toml(found)["tool"]["bncheck"]
+    discovered = SettingsFile(path=found, discovered=True, settings=_as_written(table))
+    return dataclasses.replace(parse_table(table, source=found), config=discovered, trusted=Options())
 
 
 def with_overrides(
@@ -232,7 +331,13 @@ def with_overrides(
     unsafe_load: bool = False,
 ) -> Options:
     """Command-line flags over the file's settings: --select replaces, --extend-select / --ignore / --exclude add,
-    --fail-on replaces; --jobs and --unsafe-load exist only as flags."""
+    --fail-on replaces; --jobs and --unsafe-load exist only as flags. The flags apply to ``trusted`` too: the
+    command line may drop anything."""
+    trusted = settings.trusted
+    if trusted is not None:
+        trusted = with_overrides(
+            trusted, select=select, extend_select=extend_select, ignore=ignore, fail_on=fail_on, exclude=exclude
+        )
     current = settings.selection
     chosen = tuple(_check_code("--select", c) for c in select) if select else current.select
     chosen += tuple(_check_code("--extend-select", c) for c in extend_select)
@@ -246,4 +351,5 @@ def with_overrides(
         exclude=settings.exclude + tuple(exclude),
         jobs=jobs,
         unsafe_load=unsafe_load,
+        trusted=trusted,
     )

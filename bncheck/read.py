@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,17 @@ def _open(path: os.PathLike[str] | str, unsafe_load: bool) -> Checkpoint:
             raise
         return _open_with_torch(path)
     if unsafe_load and checkpoint.globals and not find_bn_layers(checkpoint.root) and not is_url(path):
+        # BN101's list, imported here because checks imports this module: a pickle that names a global able to
+        # run code is never handed to torch, whatever --unsafe-load says; BN101 stays in the report
+        from bncheck.checks import is_dangerous_global
+
+        dangerous = [name for name in checkpoint.globals if is_dangerous_global(name)]
+        if dangerous:
+            note = (
+                f"--unsafe-load did not hand this file to torch: its pickle names {', '.join(dangerous)} (BN101), "
+                "which torch would run"
+            )
+            return dataclasses.replace(checkpoint, notes=(*checkpoint.notes, note))
         return _open_with_torch(path)
     return checkpoint
 

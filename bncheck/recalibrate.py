@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
@@ -95,6 +96,8 @@ def _check_paths(
         raise WriteError("recalibration writes train-mode statistics; --mode eval only measures")
     if target.exists() and source.exists() and target.resolve() == source.resolve():
         raise WriteError("refusing to overwrite the input checkpoint; choose another output path")
+    if target.is_dir():  # --force replaces a file, never a directory
+        raise WriteError(f"{target} is a directory; give the path of the file to write")
     if target.exists() and not force:
         raise WriteError(f"{target} exists; pass --force to replace it")
     if source.is_dir() or source.name.endswith(INDEX_SUFFIX):
@@ -180,10 +183,15 @@ def patch_copy(
         if ref.location is None or ref.location.path != source:
             raise WriteError("a tensor to write does not live in the source file (legacy files cannot be patched)")
         locations[ref] = ref.location
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".bncheck-tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".bncheck-tmp", dir=target.parent)
+    except OSError as exc:
+        raise WriteError(f"cannot write beside {target}: {exc.strerror or exc}") from exc
     temp = Path(temp_name)
     try:
+        # the copy keeps the input's permission bits, not mkstemp's 0600
+        os.fchmod(fd, stat.S_IMODE(source.stat().st_mode))
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
             shutil.copyfileobj(src, out, length=1024 * 1024)
         members = {loc.member for loc in locations.values() if loc.member is not None}
@@ -211,6 +219,18 @@ def patch_copy(
                 raise WriteError(f"patched archive member {broken} fails its CRC check")
         verify(temp)
         temp.replace(target)
-    except BaseException:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
         raise
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make the rename itself durable: until its directory is synced, a power loss may undo it."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

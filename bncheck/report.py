@@ -191,11 +191,27 @@ class RuleInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConfigInfo:
+    """The settings file a run read, and what the report must say about it."""
+
+    path: str
+    # found by the upward search from the working directory, rather than passed with --config
+    discovered: bool
+    # every key it set, with its value as written
+    settings: tuple[tuple[str, str], ...] = ()
+    # what a discovered file changed
+    notes: tuple[str, ...] = ()
+    # what a discovered file tried to do and could not: drop a security code (BN1xx)
+    overruled: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class Report:
     files: tuple[FileReport, ...]
     fail_on: Severity = Severity.ERROR
     tool_version: str = ""
     rules: tuple[RuleInfo, ...] = ()
+    config: ConfigInfo | None = None
 
     @property
     def unreadable(self) -> bool:

@@ -66,7 +66,8 @@ def test_usage_errors_are_one_line_and_exit_2(args: list[str], fragment: str) ->
 
 def test_json_document_shape(cli) -> None:
     document = cli("inspect", NAN_FILE, CLEAN_FILE, "--json").json()
-    assert list(document) == ["schema_version", "tool", "ok", "fail_on", "files", "summary"]
+    assert list(document) == ["schema_version", "tool", "ok", "fail_on", "config", "files", "summary"]
+    assert document["config"] is None  # no settings file: the key is there, null
     assert document["schema_version"] == 1
     assert document["tool"] == {"name": "bncheck", "version": __version__}
     assert document["ok"] is False
@@ -353,3 +354,24 @@ def test_no_command_imports_pydantic_and_every_value_type_converts(tmp_path: Pat
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["[1,", "1,", "0,", "0,", "0]", "False"], result.stdout + result.stderr
+
+
+def test_an_empty_path_is_a_usage_error_not_the_working_directory(tmp_path: Path) -> None:
+    shutil.copy(NAN_FILE, tmp_path / "nan.pt")  # what a scan of the working directory would find
+    result = subprocess.run(
+        [sys.executable, "-m", "bncheck", "inspect", ""],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "bncheck: error: PATH must not be empty (see 'bncheck inspect --help')\n"
+
+
+def test_the_library_does_not_read_an_empty_path_as_the_working_directory() -> None:
+    import bncheck
+
+    (file,) = bncheck.inspect("").files
+    assert file.error is not None and file.error.code == "not-found" and file.error.message == "empty path"

@@ -3,6 +3,7 @@ memory, and the README and the pre-commit hook still describe the formats there 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -21,6 +22,7 @@ from bncheck.checks import RULES
 from bncheck.cli import app
 from bncheck.render import DIFF_FORMATS, REPORT_FORMATS, Renderer
 from bncheck.report import (
+    ConfigInfo,
     DiffReport,
     FileError,
     FileReport,
@@ -286,6 +288,7 @@ def test_schema_rejects_what_the_report_never_writes() -> None:
         "tool": {"name": "bncheck", "version": "0"},
         "ok": True,
         "fail_on": "error",
+        "config": None,
         "files": [],
         "summary": {"files": 0, "unreadable": 0, "layers": 0, "errors": 0, "warnings": 0, "infos": 0},
     }
@@ -339,3 +342,99 @@ def test_parallel_run_equals_serial_run(fmt: str) -> None:
     parallel = run_process("inspect", GOOD, BAD, "--format", fmt, "-j", "4", env={**os.environ, "COLUMNS": "100"})
     assert (parallel.returncode, parallel.stdout) == (serial.returncode, serial.stdout)
     assert serial.returncode == 1
+
+
+# ------------------------------------------------------------------ control characters never reach a terminal
+
+PWNED = "\x1b]0;pwned\x07\x1b[2J\r\b\x9b31m\u202e\x00"
+RAW_CONTROLS = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def poisoned(value: object) -> object:
+    """``value`` with PWNED inside every string of every dataclass field (rule codes and texts aside: they come from
+    bncheck's registry, and SARIF indexes its rules by code)."""
+    if isinstance(value, Severity):
+        return value
+    if isinstance(value, str):
+        return f"a{PWNED}b"
+    if isinstance(value, tuple):
+        return tuple(poisoned(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type | RuleInfo):
+        return dataclasses.replace(
+            value,
+            **{f.name: poisoned(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "code"},
+        )
+    return value
+
+
+def poisoned_report() -> Report:
+    config = ConfigInfo(path="p", discovered=True, settings=(("ignore", "x"),), notes=("n",), overruled=("o",))
+    report = dataclasses.replace(sample_report(), config=config)
+    return dataclasses.replace(report, files=poisoned(report.files), config=poisoned(report.config))
+
+
+@pytest.mark.parametrize("name", ["text", "github"])
+def test_human_formats_show_control_characters_escaped(name: str) -> None:
+    text = rendered(REPORT_FORMATS[name], poisoned_report())
+    assert RAW_CONTROLS.search(text) is None, repr(RAW_CONTROLS.search(text))
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in text and "\\u202e" in text
+    assert "\r" not in text
+
+
+def test_diff_text_shows_control_characters_escaped() -> None:
+    text = rendered(DIFF_FORMATS["text"], poisoned(sample_diff()))
+    assert RAW_CONTROLS.search(text) is None and "\\x1b]0;pwned" in text
+
+
+def strings(document: object) -> list[str]:
+    if isinstance(document, str):
+        return [document]
+    if isinstance(document, dict):
+        return [s for key, value in document.items() for s in (*strings(key), *strings(value))]
+    if isinstance(document, list):
+        return [s for value in document for s in strings(value)]
+    return []
+
+
+@pytest.mark.parametrize("name", ["json", "sarif"])
+def test_json_formats_escape_control_characters_by_json_encoding(name: str) -> None:
+    report = poisoned_report()
+    text = rendered(REPORT_FORMATS[name], report)
+    assert RAW_CONTROLS.search(text) is None and "\\u001b]0;pwned\\u0007\\u001b[2J" in text
+    # and decoding gives back the exact names: nothing is lost for a program
+    assert any(f"a{PWNED}b" in value for value in strings(json.loads(text)))
+    if name == "json":
+        assert json.loads(text)["files"][0]["layers"][1]["name"] == f"a{PWNED}b"
+
+
+def test_a_hostile_layer_name_and_path_are_escaped_through_the_cli(cli, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    layer_name = "evil\x1b]0;pwned\x07\x1b[2J"
+    path = tmp_path / "model\r\u202e.safetensors"
+    save_file(
+        {f"{layer_name}.running_mean": np.zeros(3, np.float32), f"{layer_name}.running_var": -np.ones(3, np.float32)},
+        str(path),
+    )
+    missing = tmp_path / "gone\x1b[2J\r.pt"
+    outputs = {}
+    for fmt in FORMATS:
+        result = cli("inspect", path, missing, "--format", fmt)
+        assert result.exit_code == 2
+        for stream in (result.stdout, result.stderr):
+            assert RAW_CONTROLS.search(stream) is None, (fmt, stream)
+        outputs[fmt] = result
+    unwrapped = outputs["text"].stdout.replace("\n", "")  # rich folds a long path at the terminal's width
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J" in unwrapped and "model\\x0d\\u202e.safetensors" in unwrapped
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J" in outputs["github"].stdout
+    # JSON and SARIF name the unreadable file on stderr, escaped; the document keeps the exact names
+    assert outputs["json"].stderr == f"bncheck: {tmp_path}/gone\\x1b[2J\\x0d.pt: no such file or directory\n"
+    document = json.loads(outputs["json"].stdout)
+    assert document["files"][0]["path"] == str(path)
+    assert [layer["name"] for layer in document["files"][0]["layers"]] == [layer_name]
+
+
+def test_a_usage_error_quoting_a_control_character_is_escaped() -> None:
+    result = run_process("inspect", GOOD / "mlp-state-dict.pt", "--select", "BN\x1b[2J")
+    assert result.returncode == 2 and "\x1b" not in result.stderr and "\\x1b[2J" in result.stderr

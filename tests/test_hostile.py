@@ -158,3 +158,30 @@ def test_a_string_with_an_invalid_escape_is_refused_as_corrupt(cli, tmp_path: Pa
     assert file["error"]["code"] == "corrupt", file["error"]
     assert "invalid escape" in file["error"]["message"]
     assert result.exit_code == 2
+
+
+def test_unsafe_load_never_hands_a_file_with_a_bn101_global_to_torch(tmp_path: Path) -> None:
+    import numpy as np
+    from conftest import run_process
+
+    # statistics only torch would rebuild (so --unsafe-load would otherwise use it), beside a live payload
+    marker = tmp_path / "marker"
+    path = tmp_path / "numpy-stats-and-payload.pt"
+    torch.save(
+        {
+            "bn.running_mean": np.zeros(3, np.float32),
+            "bn.running_var": -np.ones(3, np.float32),
+            "extra": payloads(marker)["os.system"],
+        },
+        path,
+    )
+    result = run_process("inspect", path, "--json", "--unsafe-load")
+    assert not marker.exists()
+    file = json.loads(result.stdout)["files"][0]
+    assert file["format"] == "torch zip"  # bncheck's own reader, not "torch (unsafe load)"
+    assert [f["code"] for f in file["findings"]] == ["BN101"]
+    assert (
+        "--unsafe-load did not hand this file to torch: its pickle names posix.system (BN101), which torch would run"
+        in file["notes"]
+    )
+    assert result.returncode == 1

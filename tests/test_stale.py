@@ -292,3 +292,43 @@ def test_several_named_tensors_are_keyword_arguments(tmp_path: Path) -> None:
     batches = load_batches(str(tmp_path / "two.npz"), batch_size=4)
     assert [sorted(b.kwargs) for b in batches] == [["a", "b"]] * 3
     assert [b.kwargs["b"].shape[0] for b in batches] == [4, 4, 2]
+
+
+def test_recalibrated_copy_keeps_the_input_permission_bits(cli, tmp_path: Path) -> None:
+    source = tmp_path / "model.pt"
+    source.write_bytes((R / "healthy.pt").read_bytes())
+    source.chmod(0o640)  # neither mkstemp's 0600 nor what the usual umask gives a new file
+    out = tmp_path / "fixed.pt"
+    assert cli("recalibrate", source, "--model", MODEL, "--data", ORIGINAL, "-o", out).exit_code == 0
+    assert out.stat().st_mode & 0o7777 == 0o640
+
+
+def test_output_that_is_a_directory_is_refused_even_with_force(tmp_path: Path) -> None:
+    source = tmp_path / "model.pt"
+    source.write_bytes((R / "healthy.pt").read_bytes())
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep me")
+    result = run_process("recalibrate", source, "--model", MODEL, "--data", ORIGINAL, "-o", folder, "--force")
+    assert result.returncode == 2
+    assert result.stderr == f"bncheck: error: {folder} is a directory; give the path of the file to write\n"
+    assert (folder / "keep.txt").read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir() if "bncheck-tmp" in p.name] == []
+
+
+def test_the_directory_is_synced_after_the_rename(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bncheck.recalibrate as recalibrate_module
+
+    synced = []
+    real = recalibrate_module._fsync_directory
+
+    def record(folder: Path) -> None:
+        synced.append((folder, sorted(p.name for p in folder.iterdir())))
+        real(folder)
+
+    monkeypatch.setattr(recalibrate_module, "_fsync_directory", record)
+    source = tmp_path / "model.pt"
+    source.write_bytes((R / "healthy.pt").read_bytes())
+    out = tmp_path / "sub" / "fixed.pt"
+    assert cli("recalibrate", source, "--model", MODEL, "--data", ORIGINAL, "-o", out).exit_code == 0
+    assert synced == [(out.parent, ["fixed.pt"])]  # after the rename: the output is in place, the temp file gone

@@ -43,6 +43,32 @@ class Renderer:
         return function(subject, pretty=pretty) if self.indents else function(subject)
 
 
+# C0 controls (ESC, BEL, \r, \b, \n...), DEL, C1 controls (0x9b is a one-byte CSI) and the Unicode controls that
+# reorder or break what a terminal shows (bidi embeddings, overrides and isolates; line and paragraph separators)
+_CONTROLS = [
+    *range(0x00, 0x20),
+    *range(0x7F, 0xA0),
+    0x061C,
+    0x200E,
+    0x200F,
+    0x2028,
+    0x2029,
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
+_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _CONTROLS}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\u202e``), for a terminal or a log.
+
+    A layer name, a path or a message quoting a file's bytes may hold escape sequences that retitle, clear or
+    rewrite a terminal, or bidi overrides that make a name read backwards. Every line bncheck prints for people
+    (the text report, GitHub annotations, stderr) goes through here; JSON and SARIF escape them by JSON encoding.
+    """
+    return text.translate(_ESCAPES)
+
+
 def _registry(*renderers: Renderer) -> dict[str, Renderer]:
     return {renderer.name: renderer for renderer in renderers}
 

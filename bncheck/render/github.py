@@ -3,13 +3,14 @@ runner turns into annotations on the checkpoint file."""
 
 from __future__ import annotations
 
+from bncheck.render import escape_controls
 from bncheck.report import Report, Severity
 
 COMMAND = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
 
 
 def _data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return escape_controls(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _property(text: str) -> str:
@@ -26,6 +27,9 @@ def render_github(report: Report) -> str:
             title = _property(f"{finding.code}{where}")
             message = _data(f"{finding.message}. Fix: {finding.hint}")
             lines.append(f"::{COMMAND[finding.severity]} file={_property(file.path)},title={title}::{message}")
+    if report.config is not None:
+        lines += [f"::notice title=bncheck settings::{_data(note)}" for note in report.config.notes]
+        lines += [f"::warning title=bncheck settings::{_data(note)}" for note in report.config.overruled]
     counts = ", ".join(f"{report.count(s)} {s.value}{'' if report.count(s) == 1 else 's'}" for s in Severity)
     unreadable = sum(1 for f in report.files if f.error is not None)
     lines.append(

@@ -11,7 +11,17 @@ import json
 import math
 from typing import Any
 
-from bncheck.report import DiffReport, FileReport, Finding, LayerInfo, RecomputeInfo, Report, Severity, Summary
+from bncheck.report import (
+    ConfigInfo,
+    DiffReport,
+    FileReport,
+    Finding,
+    LayerInfo,
+    RecomputeInfo,
+    Report,
+    Severity,
+    Summary,
+)
 
 SCHEMA_VERSION = 1
 
@@ -109,6 +119,18 @@ def _file(file: FileReport) -> dict[str, Any]:
     }
 
 
+def _config(config: ConfigInfo | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    return {
+        "path": config.path,
+        "discovered": config.discovered,
+        "settings": dict(config.settings),
+        "notes": list(config.notes),
+        "overruled": list(config.overruled),
+    }
+
+
 def report_document(report: Report) -> dict[str, Any]:
     """The JSON document as Python data."""
     return {
@@ -116,6 +138,7 @@ def report_document(report: Report) -> dict[str, Any]:
         "tool": {"name": "bncheck", "version": report.tool_version},
         "ok": report.ok,
         "fail_on": report.fail_on.value,
+        "config": _config(report.config),
         "files": [_file(file) for file in report.files],
         "summary": {
             "files": len(report.files),

@@ -70,6 +70,9 @@ def render_sarif(report: Report, *, pretty: bool = True) -> str:
         for file in report.files
         if file.error is not None
     ]
+    config = report.config
+    settings = [{"level": "note", "message": {"text": note}} for note in (config.notes if config else ())]
+    settings += [{"level": "warning", "message": {"text": note}} for note in (config.overruled if config else ())]
     document = {
         "$schema": SARIF_SCHEMA,
         "version": "2.1.0",
@@ -84,7 +87,11 @@ def render_sarif(report: Report, *, pretty: bool = True) -> str:
                     }
                 },
                 "invocations": [
-                    {"executionSuccessful": not report.unreadable, "toolExecutionNotifications": notifications}
+                    {
+                        "executionSuccessful": not report.unreadable,
+                        "toolExecutionNotifications": notifications,
+                        "toolConfigurationNotifications": settings,
+                    }
                 ],
                 "results": results,
             }

@@ -1,7 +1,7 @@
 """The human report: a rich renderable that reads in an 80-column terminal and as plain text in a log.
 
 Every value from a checkpoint goes in as ``Text`` (never as markup), so names like ``[nan]`` or ``[bfloat16]``
-survive.
+survive, and through ``escape_controls`` (as ``_shown``), so a name cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from bncheck.render import escape_controls as _shown
 from bncheck.report import (
+    ConfigInfo,
     DiffReport,
     FileReport,
     Finding,
@@ -89,7 +91,7 @@ class LayerTable:
     MIN_NAME = 12
 
     def __init__(self, layers: list[LayerInfo], *, show_dtype: bool) -> None:
-        self.names = [Text(layer.name or "(root)", style="bold" if layer.codes else "") for layer in layers]
+        self.names = [Text(_shown(layer.name or "(root)"), style="bold" if layer.codes else "") for layer in layers]
         # (header, right-aligned) per column after the name; each cell is a list of pieces
         self.columns: list[tuple[str, bool]] = [("kind", False), ("ch", True)]
         if show_dtype:
@@ -98,11 +100,11 @@ class LayerTable:
         self.rows: list[list[list[Text]]] = []
         for layer in layers:
             row = [
-                [Text(layer.kind + ("*" if layer.kind_inferred else ""))],
+                [Text(_shown(layer.kind) + ("*" if layer.kind_inferred else ""))],
                 [Text("-" if layer.num_features is None else str(layer.num_features))],
             ]
             if show_dtype:
-                row.append([Text(layer.dtype or "-")])
+                row.append([Text(_shown(layer.dtype or "-"))])
             row += [
                 [Text("-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked))],
                 _range(layer.running_mean),
@@ -180,15 +182,15 @@ def _findings_table(findings: tuple[Finding, ...]) -> Table:
     for finding in findings:
         body = Text()
         if finding.layer is not None:
-            body.append(f"{finding.source}: " if finding.source else "")
-            body.append(finding.layer or "(root)", style="bold")
+            body.append(f"{_shown(finding.source)}: " if finding.source else "")
+            body.append(_shown(finding.layer or "(root)"), style="bold")
             body.append("  ")
-        body.append(finding.message)
+        body.append(_shown(finding.message))
         if finding.channel_count:
             body.append("\n" + _channels(finding))
-        body.append("\nfix: " + finding.hint, style="dim")
+        body.append("\nfix: " + _shown(finding.hint), style="dim")
         style = STYLE[finding.severity]
-        grid.add_row(Text(finding.code, style=style), Text(finding.severity.value, style=style), body)
+        grid.add_row(Text(_shown(finding.code), style=style), Text(finding.severity.value, style=style), body)
     return grid
 
 
@@ -211,7 +213,7 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
         f"recomputed in {info.mode} mode on {_plural(info.samples, 'sample')} "
         f"({_plural(info.batches, 'batch', 'batches')}"
         + (f", {info.batches_skipped} skipped" if info.batches_skipped else "")
-        + f") with {info.model}; variance: {info.variance_convention}"
+        + f") with {_shown(info.model)}; variance: {_shown(info.variance_convention)}"
     )
     parts: list[RenderableType] = [head]
     if info.too_few_samples:
@@ -230,7 +232,7 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
             else Text("ok", "green")
         )
         table.add_row(
-            Text(row.name or "(root)"),
+            Text(_shown(row.name or "(root)")),
             Text(f"{_num(row.mean_shift_median)} / {_num(row.mean_shift_worst)}"),
             Text(f"{_num(row.log_var_ratio_median)} / {_num(row.log_var_ratio_worst)}"),
             verdict,
@@ -240,25 +242,26 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
 
 
 def _file(file: FileReport, fail_on: Severity) -> RenderableType:
-    parts: list[RenderableType] = [Text(file.path, style="bold")]
+    parts: list[RenderableType] = [Text(_shown(file.path), style="bold")]
     meta = Text()
     if file.error is not None:
         meta.append_text(_verdict(file, fail_on))
-        meta.append(f"  {file.error.message}")
+        meta.append(f"  {_shown(file.error.message)}")
         return Group(*parts, Padding(meta, (0, 0, 0, 2), expand=False), Text())
     dtypes = {layer.dtype for layer in file.layers}
     common_dtype = f"{dtypes.pop()} · " if len(dtypes) == 1 else ""
-    meta.append(f"{file.format} · {_size(file.size_bytes)} · {_plural(len(file.layers), 'BatchNorm layer')} · ")
-    meta.append(common_dtype)
+    layer_count = _plural(len(file.layers), "BatchNorm layer")
+    meta.append(f"{_shown(file.format or '?')} · {_size(file.size_bytes)} · {layer_count} · ")
+    meta.append(_shown(common_dtype))
     meta.append_text(_verdict(file, fail_on))
     parts.append(Padding(meta, (0, 0, 0, 2), expand=False))
-    parts.extend(Padding(Text(f"note: {note}", style="dim"), (0, 0, 0, 2), expand=False) for note in file.notes)
+    parts.extend(Padding(Text(f"note: {_shown(note)}", style="dim"), (0, 0, 0, 2), expand=False) for note in file.notes)
     sources = list(dict.fromkeys(layer.source for layer in file.layers))
     for source in sources:
         layers = [layer for layer in file.layers if layer.source == source]
         if len(sources) > 1 or source:
             averaged = " (averaged weights)" if layers[0].averaged else ""
-            parts.append(Text(f"  in {source or '(root)'}{averaged}", style="bold"))
+            parts.append(Text(f"  in {_shown(source or '(root)')}{averaged}", style="bold"))
         parts.append(Padding(LayerTable(layers, show_dtype=not common_dtype), (1, 0, 0, 2), expand=False))
     if any(layer.kind_inferred for layer in file.layers):
         parts.append(Text("  * kind inferred from the layer that feeds it", style="dim"))
@@ -285,29 +288,38 @@ def render_text(report: Report) -> RenderableType:
         summary.append("FAIL", style="bold red")
     if report.fail_on is not Severity.ERROR:
         summary.append(f" (fail on {report.fail_on.value})", style="dim")
-    return Group(*(_file(f, report.fail_on) for f in report.files), summary)
+    return Group(*(_file(f, report.fail_on) for f in report.files), *_config_notes(report.config), summary)
+
+
+def _config_notes(config: ConfigInfo | None) -> list[Text]:
+    """What a discovered settings file changed or tried to drop, before the summary line that it may have moved."""
+    if config is None:
+        return []
+    lines = [Text(f"note: {_shown(note)}", style="dim") for note in config.notes]
+    lines += [Text(f"note: {_shown(note)}", style="yellow") for note in config.overruled]
+    return [*lines, Text()] if lines else []
 
 
 def render_diff_text(diff: DiffReport) -> RenderableType:
     """``bncheck diff``: what only one side has, channel-count changes, then every shared layer's drift."""
     head = Text()
-    head.append(f"A {diff.path_a}", style="bold")
-    head.append(f"  ({diff.format_a or '?'}{', ' + diff.source_a if diff.source_a else ''})\n")
-    head.append(f"B {diff.path_b}", style="bold")
-    head.append(f"  ({diff.format_b or '?'}{', ' + diff.source_b if diff.source_b else ''})")
+    head.append(f"A {_shown(diff.path_a)}", style="bold")
+    head.append(_shown(f"  ({diff.format_a or '?'}{', ' + diff.source_a if diff.source_a else ''})") + "\n")
+    head.append(f"B {_shown(diff.path_b)}", style="bold")
+    head.append(_shown(f"  ({diff.format_b or '?'}{', ' + diff.source_b if diff.source_b else ''})"))
     if diff.error is not None:
-        return Group(head, Text(f"NOT COMPARED  {diff.error.message}", style="bold red"))
+        return Group(head, Text(f"NOT COMPARED  {_shown(diff.error.message)}", style="bold red"))
     parts: list[RenderableType] = [head, Text()]
     for label, names in (("only in A", diff.only_in_a), ("only in B", diff.only_in_b)):
         if names:
-            parts.append(Text(f"{label}: {', '.join(names)}", style="yellow"))
+            parts.append(Text(_shown(f"{label}: {', '.join(names)}"), style="yellow"))
     for name, ca, cb in diff.channel_changes:
-        parts.append(Text(f"{name}: {ca} channels in A, {cb} in B", style="yellow"))
+        parts.append(Text(f"{_shown(name)}: {ca} channels in A, {cb} in B", style="yellow"))
     table = _drift_columns(
         "drift of B from A as median / worst channel", [row.name_a for row in diff.layers], with_channels=True
     )
     for row in diff.layers:
-        name = row.name_a if row.name_a == row.name_b else f"{row.name_a} ~ {row.name_b}"
+        name = _shown(row.name_a if row.name_a == row.name_b else f"{row.name_a} ~ {row.name_b}")
         table.add_row(
             Text(name),
             Text(str(row.channels)),
