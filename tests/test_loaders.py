@@ -137,7 +137,7 @@ def test_torchscript_archive_yields_the_module_tensors() -> None:
 
 
 def test_full_pickled_module_is_read_without_its_class(monkeypatch: pytest.MonkeyPatch) -> None:
-    path = GOOD / "mlp-full-module.pt"
+    path = BAD / "BN102-full-module-user-class.pt"
     checkpoint = open_checkpoint(path)
     assert isinstance(checkpoint.root, Placeholder)
     assert checkpoint.root.global_name == "__main__.MLP"
