@@ -17,6 +17,7 @@ import numpy as np
 from bncheck.discover import BNLayer
 from bncheck.drift import Drift, DriftThresholds
 from bncheck.loaders.dtypes import FLOATING, INTEGER
+from bncheck.pickle_globals import Risk, grade_global
 from bncheck.read import LayerData
 from bncheck.report import Finding, RuleInfo, Severity
 
@@ -482,128 +483,6 @@ def count_spread(layers: Sequence[LayerData], t: Thresholds) -> Iterator[tuple[L
                 )
 
 
-# Modules whose globals can run code, read or write files, or reach the network when a pickle calls them.
-_DANGEROUS_MODULES = frozenset(
-    {
-        "os",
-        "posix",
-        "nt",
-        "subprocess",
-        "_posixsubprocess",
-        "sys",
-        "runpy",
-        "importlib",
-        "pickle",
-        "_pickle",
-        "cPickle",
-        "dill",
-        "shutil",
-        "socket",
-        "ctypes",
-        "pty",
-        "webbrowser",
-        "code",
-        "codeop",
-        "marshal",
-        "multiprocessing",
-        "asyncio",
-        "signal",
-        "platform",
-        "pdb",
-        "bdb",
-        "timeit",
-        "cProfile",
-        "profile",
-        "trace",
-        "urllib",
-        "urllib2",
-        "http",
-        "httplib",
-        "requests",
-        "aiohttp",
-        "ftplib",
-        "smtplib",
-        "telnetlib",
-        "tempfile",
-        "io",
-        "_io",
-        "pathlib",
-        "glob",
-        "types",
-        "inspect",
-        "gc",
-        "ssl",
-        "threading",
-        "_thread",
-        "zipimport",
-        "pkgutil",
-        "site",
-        "pip",
-        "setuptools",
-        "distutils",
-        "commands",
-        "popen2",
-        "torch.hub",
-        "numpy.testing",
-        "_sitebuiltins",
-        "ensurepip",
-        "venv",
-        "imp",
-        "linecache",
-        "doctest",
-        "pydoc",
-        "logging.config",
-    }
-)
-_DANGEROUS_BUILTINS = frozenset(
-    {
-        "eval",
-        "exec",
-        "execfile",
-        "compile",
-        "open",
-        "__import__",
-        "getattr",
-        "setattr",
-        "delattr",
-        "globals",
-        "locals",
-        "vars",
-        "input",
-        "breakpoint",
-        "apply",
-        "reload",
-        "file",
-        "help",
-        "exit",
-        "quit",
-        "memoryview",
-    }
-)
-_DANGEROUS_IN_MODULE = {
-    "builtins": _DANGEROUS_BUILTINS,
-    "__builtin__": _DANGEROUS_BUILTINS,
-    "__builtins__": _DANGEROUS_BUILTINS,
-    "operator": frozenset({"attrgetter", "methodcaller"}),
-    "_operator": frozenset({"attrgetter", "methodcaller"}),
-    "functools": frozenset({"partial", "reduce"}),
-    "_functools": frozenset({"partial", "reduce"}),
-}
-
-
-def is_dangerous_global(name: str) -> bool:
-    """Whether calling the global ``module.name`` could execute code or touch the system."""
-    module, _, attr = name.rpartition(".")
-    if module in _DANGEROUS_IN_MODULE:
-        return attr in _DANGEROUS_IN_MODULE[module] or attr.startswith("__")
-    root = module
-    while root:
-        if root in _DANGEROUS_MODULES:
-            return True
-        root = root.rpartition(".")[0]
-    return False
-
-
 @rule(
     "BN101",
     Severity.ERROR,
@@ -612,19 +491,55 @@ def is_dangerous_global(name: str) -> bool:
     scope="file",
 )
 def dangerous_globals(globals_named: Sequence[str], t: Thresholds) -> Iterator[Hit]:
-    """What: the checkpoint's pickle names a global such as os.system, builtins.eval, subprocess.Popen,
-    runpy.run_path or importlib.import_module: a function that runs commands or code when the pickle is loaded.
+    """What: a pickle of the checkpoint names a global that runs code, writes files or reaches the network when
+    torch unpickles it: os.system, builtins.eval, subprocess.Popen, runpy.run_path, importlib.import_module,
+    torch.storage._load_from_bytes (a nested torch.load), numpy.load, logging.FileHandler, zipfile.ZipFile, a
+    dotted path such as gzip:os.system (protocol 4 walks the name as attributes, and gzip imported os) or
+    __main__:__builtins__.eval... Every pickle of the file counts: data.pkl, TorchScript's constants.pkl, the
+    header pickles of a legacy file, every shard of a sharded checkpoint.
 
-    Why: torch.load(weights_only=False), and every PyTorch before 2.6 by default, executes such calls while
-    loading, with the rights of the user who loads the file. bncheck read the file without running any of it, so
-    the statistics reported beside this finding are what the file really holds.
+    Why: torch.load(weights_only=False), and every PyTorch before 2.6 by default, resolves and calls such globals
+    while loading, with the rights of the user who loads the file. bncheck read the file without running any of
+    it, so the statistics reported beside this finding are what the file really holds. Names are judged against
+    an allow-list (bncheck/pickle_globals.py explains each entry): a name that is not known to be harmless and not
+    known to run code is BN102 instead.
 
     Fix: treat the file as hostile; do not load it with weights_only=False. Obtain the weights from a trusted
     source, preferably as safetensors.
     """
-    dangerous = [name for name in globals_named if is_dangerous_global(name)]
+    dangerous = [name for name in globals_named if grade_global(name) is Risk.CODE_EXECUTION]
     if dangerous:
         yield Hit("pickle names " + ", ".join(dangerous) + "; bncheck did not run it")
+
+
+@rule(
+    "BN102",
+    Severity.WARNING,
+    "the pickle names a global that is not known to be harmless",
+    "load the file with torch.load(weights_only=True), or only if you trust the code the names point to",
+    scope="file",
+)
+def unknown_globals(globals_named: Sequence[str], t: Thresholds) -> Iterator[Hit]:
+    """What: a pickle of the checkpoint names a global (a class or function) that is neither on bncheck's
+    allow-list of harmless names (torch's tensor and storage rebuilding, dtypes, torch.nn layers, numpy arrays,
+    OrderedDict, argparse.Namespace, pathlib paths, omegaconf containers, Lightning's AttributeDict, TorchScript
+    classes...) nor a known way to run code. The commonest case is a fully pickled model, torch.save(model), whose
+    class lives in the user's code (__main__.MLP, my_project.models.ResNet); others are a library's config class
+    or an optimizer object.
+
+    Why: torch.load(weights_only=False) imports the module and calls the class or function with arguments the
+    file chooses. Whether that is harmless depends on code bncheck does not read: a class whose constructor or
+    __setstate__ opens a file, starts a process or evaluates a string runs it for whoever crafted the file.
+    torch.load(weights_only=True), the default since PyTorch 2.6, refuses such a file unless the name is
+    allowed with torch.serialization.add_safe_globals.
+
+    Fix: save the state dict (model.state_dict()) rather than the model object, or safetensors; then nothing but
+    tensors needs unpickling. If the names are your own classes and the file comes from you, load it with
+    weights_only=True and torch.serialization.add_safe_globals([...]), or ignore BN102 for that path.
+    """
+    unknown = [name for name in globals_named if grade_global(name) is Risk.UNKNOWN]
+    if unknown:
+        yield Hit("pickle names " + ", ".join(unknown) + "; not known to be harmless, bncheck did not run it")
 
 
 def _finding(rule_: Rule, hit: Hit, t: Thresholds, layer: BNLayer | None = None) -> Finding:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bncheck.checks import is_dangerous_global
 from bncheck.errors import BncheckError
 from bncheck.loaders import is_url
 from bncheck.loaders.interface import Checkpoint
 from bncheck.loaders.restricted_pickle import Placeholder
+from bncheck.pickle_globals import Risk, grade_global
 from bncheck.read import LayerData
 from bncheck.report import FileError, FileReport, Finding, LayerInfo, RecomputeInfo, Summary
 
@@ -93,11 +93,12 @@ def _object_notes(checkpoint: Checkpoint) -> tuple[str, ...]:
             f"contains code objects of class {root.global_name} (a fully pickled model); its tensors were read "
             "without running it",
         )
-    objects = [g for g in checkpoint.globals if not g.startswith("__torch__.") and not is_dangerous_global(g)]
+    # Unknown and code-executing globals are findings (BN102, BN101); the note names the known-harmless ones.
+    objects = [g for g in checkpoint.globals if not g.startswith("__torch__.") and grade_global(g) is Risk.SAFE]
     if not objects:
         return ()
     shown = ", ".join(objects[:4]) + (f" and {len(objects) - 4} more" if len(objects) > 4 else "")
-    return (f"holds pickled objects of {shown}: read without running them",)
+    return (f"holds pickled objects of {shown} (known to be harmless): read without running them",)
 
 
 def _local_size(path: os.PathLike[str] | str) -> int | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOOD
+from conftest import BAD
 from torch import nn
 
 from bncheck.errors import BncheckError
@@ -186,7 +186,7 @@ def test_tensor_reaching_past_its_storage(cli, tmp_path: Path) -> None:
 
 
 def test_open_checkpoint_raises_only_bncheck_errors_on_truncations(tmp_path: Path) -> None:
-    data = (GOOD / "mlp-full-module.pt").read_bytes()
+    data = (BAD / "BN102-full-module-user-class.pt").read_bytes()
     for cut in range(0, len(data), max(1, len(data) // 200)):
         path = tmp_path / "cut.pt"
         path.write_bytes(data[:cut])

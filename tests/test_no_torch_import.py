@@ -29,7 +29,7 @@ def test_inspect_safetensors_zip_and_torchscript_without_torch() -> None:
         GOOD / "mlp-state-dict.pt",
         GOOD / "conv1d-torchscript.pt",
         GOOD / "conv1d-sharded",
-        GOOD / "mlp-full-module.pt",
+        BAD / "BN102-full-module-user-class.pt",
         BAD / "BN101-os-system-payload.pt",
     ]
     assert run_probe("inspect", "--json", *map(str, files)) == "exit 1 bncheck.api numpy"

@@ -25,8 +25,10 @@ __all__ = [
     "shards_named_by",
 ]
 
-# A pickled int 0x1950a86a20f9469cfc6c (torch's legacy magic number), as protocol 2 writes it.
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# torch.load reads any file that is not a zip archive as a legacy file: it unpickles the first pickle, running
+# whatever it names, before comparing it with the magic number 0x1950a86a20f9469cfc6c. So every pickle of protocol 2
+# or later (they start with PROTO) goes to the legacy reader, which reports the globals of one that is not torch's.
+_PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".index.json"
 
@@ -45,7 +47,7 @@ FORMATS: tuple[Format, ...] = (
         name="torch legacy",
         described="a torch.save file",
         suffixes=_TORCH_SUFFIXES,
-        matches=lambda head, _: head.startswith(_LEGACY_MAGIC),
+        matches=lambda head, _: head.startswith(_PICKLE_PROTOCOLS),
         reader="bncheck.loaders.torch_legacy:open_torch_legacy",
     ),
     Format(

@@ -95,9 +95,10 @@ def in_memory(array: np.ndarray, dtype: str) -> TensorRef:
 class Checkpoint:
     """What a loader found in one file (or one sharded set of files).
 
-    ``globals`` lists the pickle globals that were not on the allow-list of what torch itself writes, in the order
-    the pickle named them; each became an inert placeholder. ``notes`` are facts worth telling the user that are
-    not findings (the extension disagrees with the content, a full module was pickled...).
+    ``globals`` lists the pickle globals that bncheck's reader did not answer with a stand-in of its own, in the
+    order the pickles named them (``module.name``, or ``module:dotted.name`` for an attribute path); each became an
+    inert placeholder. The checks grade them with ``bncheck.pickle_globals``. ``notes`` are facts worth telling the
+    user that are not findings (the extension disagrees with the content, a full module was pickled...).
     """
 
     format: str

@@ -3,8 +3,9 @@
 ``find_class`` never imports anything. The handful of globals torch itself writes into a checkpoint are answered
 with bncheck's own side-effect-free stand-ins (a tensor record becomes a lazy :class:`TensorRef`); every other global
 (``argparse.Namespace``, a user's model class, ``os.system``...) becomes a :class:`Placeholder` subclass that records
-the arguments and state the pickle gives it and is never called. The names of those globals are kept so that the
-checks can say which of them could have executed code.
+the arguments and state the pickle gives it and is never called. The names of those globals are kept, as
+``module.name`` or, when the name is a dotted attribute path, ``module:dotted.name``, so that the checks can grade
+each one (``bncheck.pickle_globals``).
 """
 
 from __future__ import annotations
@@ -247,10 +248,13 @@ class RestrictedUnpickler(pickle.Unpickler):
             return StorageType(STORAGE_CLASS_DTYPES[name])
         if module == "torch" and name in TORCH_DTYPE_NAMES:
             return TorchDType(_DTYPE_ALIASES.get(name, name))
-        if full not in self._placeholders:
-            self._placeholders[full] = placeholder_class(full)
-            self.untrusted_globals.append(full)
-        return self._placeholders[full]
+        # Protocol 4 walks a dotted name as attributes from the module (gzip + os.system is os.system): keep where
+        # the import ends and the attribute walk begins, so that the name is judged as the unpickler resolves it.
+        recorded = f"{module}:{name}" if "." in name else full
+        if recorded not in self._placeholders:
+            self._placeholders[recorded] = placeholder_class(recorded)
+            self.untrusted_globals.append(recorded)
+        return self._placeholders[recorded]
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":

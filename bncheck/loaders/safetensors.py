@@ -164,6 +164,9 @@ def open_sharded(index: ByteSource) -> Checkpoint:
     formats: set[str] = set()
     batch_counter = True
     total = 0
+    named: list[str] = []  # every shard's pickle globals: torch.load unpickles each shard of a .bin index
+    unread: set[str] = set()
+    notes: list[str] = []
     root: dict[str, Any] = {}
     for name, shard_name in weight_map.items():
         if shard_name not in shards:
@@ -174,14 +177,28 @@ def open_sharded(index: ByteSource) -> Checkpoint:
             except CheckpointNotFoundError:
                 raise CorruptCheckpointError(f"shard {shard_name} listed in the index is missing") from None
             shard = open_source_checkpoint(shard_source)
+            named.extend(g for g in shard.globals if g not in named)
             if not isinstance(shard.root, dict):
-                raise CorruptCheckpointError(f"shard {shard_name} does not hold a flat dict of tensors")
-            shards[shard_name] = shard.root
+                if not shard.globals:
+                    raise CorruptCheckpointError(f"shard {shard_name} does not hold a flat dict of tensors")
+                # torch.load has run this shard's pickle by now: its globals are the finding, its tensors unread
+                unread.add(shard_name)
+                notes.append(f"shard {shard_name} does not hold a flat dict of tensors; its tensors were not read")
+            shards[shard_name] = shard.root if isinstance(shard.root, dict) else {}
             formats.add(shard.format)
             batch_counter = batch_counter and shard.batch_counter
             total += shard.size_bytes or 0
+        if shard_name in unread:
+            continue
         if name not in shards[shard_name]:
             raise CorruptCheckpointError(f"tensor {name!r} is not in shard {shard_name} as the index says")
         root[name] = shards[shard_name][name]
     kind = "/".join(sorted(formats)) or "empty"
-    return Checkpoint(format=f"{kind}, {len(shards)} shards", root=root, size_bytes=total, batch_counter=batch_counter)
+    return Checkpoint(
+        format=f"{kind}, {len(shards)} shards",
+        root=root,
+        globals=tuple(named),
+        notes=tuple(notes),
+        size_bytes=total,
+        batch_counter=batch_counter,
+    )

@@ -2,7 +2,9 @@
 
 The file is a sequence of pickles: torch's magic number, a protocol version, a dict of system information, the
 object tree (tensors point at storages by key, as in zip archives), and the sorted list of storage keys. The
-storages follow, in that order, each as an int64 element count and its raw little-endian bytes.
+storages follow, in that order, each as an int64 element count and its raw little-endian bytes. torch.load unpickles
+every one of those pickles with its full unpickler, so the globals of all five are recorded, and a file that torch
+would refuse only after running some of them is reported with their globals rather than as unreadable.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import IO, Any, cast
 
 import numpy as np
 
-from bncheck.errors import CorruptCheckpointError
+from bncheck.errors import CorruptCheckpointError, UnsupportedFormatError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource, SourceFile
 from bncheck.loaders.interface import Checkpoint, TensorRef
 from bncheck.loaders.restricted_pickle import (
     StorageRef,
+    TensorFactory,
     invalid_escapes_refused,
     strided_copy,
     unpickle,
@@ -36,6 +39,7 @@ class _Pickles:
     def __init__(self, source: ByteSource) -> None:
         self.source = source
         self.position = 0
+        self.globals: list[str] = []  # every pickle's untrusted globals, in order: torch.load resolves them all
 
     def next_bytes(self) -> bytes:
         stream = SourceFile(self.source)
@@ -60,15 +64,26 @@ class _Pickles:
         return data
 
     def plain(self, what: str) -> Any:
-        """One of the small header pickles, which hold only ints, strings and dicts."""
+        """One of the small header pickles, which torch writes with only ints, strings and dicts. torch.load
+        unpickles each of them with its full unpickler, so a global hidden in one is recorded like any other."""
 
         def no_tensors(*_: Any) -> TensorRef:
             raise CorruptCheckpointError(f"unexpected tensor in the {what} record")
 
-        value, untrusted = unpickle(self.next_bytes(), no_tensors)
-        if untrusted:
-            raise CorruptCheckpointError(f"the {what} record names {untrusted[0]}: not a torch.save file")
+        return self.unpickle(no_tensors)
+
+    def unpickle(self, make_tensor: TensorFactory, storages: dict[str, StorageRef] | None = None) -> Any:
+        value, untrusted = unpickle(self.next_bytes(), make_tensor, storages=storages)
+        self.globals.extend(g for g in untrusted if g not in self.globals)
         return value
+
+    def refused(self, reason: str) -> Checkpoint:
+        """What torch.load would refuse after running the pickles so far: an error, unless those pickles named
+        globals, which torch resolved and called before refusing; then their findings are the report."""
+        if not self.globals:
+            raise CorruptCheckpointError(reason)
+        note = f"{reason}: torch.load runs the pickles before it and then refuses the file; no layers were read"
+        return Checkpoint(format="torch legacy", root=None, globals=tuple(self.globals), notes=(note,))
 
 
 def open_torch_legacy(source: ByteSource) -> Checkpoint:
@@ -93,15 +108,17 @@ def open_torch_legacy(source: ByteSource) -> Checkpoint:
 
     pickles = _Pickles(source)
     if pickles.plain("magic number") != MAGIC_NUMBER:
-        raise CorruptCheckpointError("not a torch.save file: wrong magic number")
+        if not pickles.globals:
+            raise UnsupportedFormatError("a plain pickle, not a torch.save checkpoint")
+        return pickles.refused("not a torch.save file: its first pickle is not torch's magic number")
     if pickles.plain("protocol version") != PROTOCOL_VERSION:
-        raise CorruptCheckpointError("unsupported legacy torch.save protocol version")
+        return pickles.refused("unsupported legacy torch.save protocol version")
     pickles.plain("system information")
     storages: dict[str, StorageRef] = {}
-    root, untrusted = unpickle(pickles.next_bytes(), make_tensor, storages=storages)
+    root = pickles.unpickle(make_tensor, storages)
     keys = pickles.plain("storage key list")
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise CorruptCheckpointError("malformed storage key list")
+        return pickles.refused("malformed storage key list")
     position = pickles.position
     for key in keys:
         (count,) = struct.unpack("<q", source.read(position, 8))
@@ -113,4 +130,4 @@ def open_torch_legacy(source: ByteSource) -> Checkpoint:
         offsets[key] = position + 8
         sizes[key] = count * itemsize
         position += 8 + count * itemsize
-    return Checkpoint(format="torch legacy", root=root, globals=untrusted)
+    return Checkpoint(format="torch legacy", root=root, globals=tuple(pickles.globals))
