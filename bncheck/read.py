@@ -19,6 +19,7 @@ from bncheck.errors import CorruptCheckpointError, UnsupportedDtypeError
 from bncheck.loaders import is_url, open_checkpoint, prefetch
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.loaders.interface import Checkpoint
+from bncheck.pickle_globals import Risk, grade_global
 
 
 @dataclass(frozen=True)
@@ -85,11 +86,9 @@ def _open(path: os.PathLike[str] | str, unsafe_load: bool) -> Checkpoint:
             raise
         return _open_with_torch(path)
     if unsafe_load and checkpoint.globals and not find_bn_layers(checkpoint.root) and not is_url(path):
-        # BN101's list, imported here because checks imports this module: a pickle that names a global able to
-        # run code is never handed to torch, whatever --unsafe-load says; BN101 stays in the report
-        from bncheck.checks import is_dangerous_global
-
-        dangerous = [name for name in checkpoint.globals if is_dangerous_global(name)]
+        # a pickle that names a global able to run code is never handed to torch, whatever --unsafe-load says;
+        # BN101 stays in the report
+        dangerous = [name for name in checkpoint.globals if grade_global(name) is Risk.CODE_EXECUTION]
         if dangerous:
             note = (
                 f"--unsafe-load did not hand this file to torch: its pickle names {', '.join(dangerous)} (BN101), "
