@@ -106,7 +106,7 @@ def _inflate(raw: bytes, size: int, name: str) -> bytes:
 def _pickle_globals(data: bytes) -> tuple[str, ...]:
     """The untrusted globals a pickle that torch would not read names; a broken one names none."""
     try:
-        return unpickle(data, _unread_tensor)[1]
+        return unpickle(data, _unread_tensor, persistent_load=lambda _saved_id: None)[1]
     except CorruptCheckpointError:
         return ()
 
