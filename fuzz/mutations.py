@@ -1,11 +1,16 @@
 """Mutations of valid checkpoints for fuzzing the loaders, discovery and checks (used by tests/test_fuzz.py and
-fuzz/run.py): bit flips, truncation, safetensors header edits, zip central-directory edits, and edits of the
-pickle inside an archive (re-zipped with a valid CRC so that the unpickler, not the CRC check, meets them)."""
+fuzz/run.py): bit flips, truncation, safetensors header edits, zip central-directory edits, edits of the pickle
+inside an archive (re-zipped with a valid CRC so that the unpickler, not the CRC check, meets them), archives
+appended to archives, names that differ only in case, and the same for torch's tar format."""
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
+import struct
+import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,11 +36,75 @@ def seed_files(folder: Path) -> dict[str, bytes]:
     save_file(state, str(folder / "seed.safetensors"))
     torch.save({"model": state, "epoch": 1}, folder / "seed.pt")
     torch.save(state, folder / "seed-legacy.pt", _use_new_zipfile_serialization=False)
+    save_tar(state, folder / "seed-tar.pt")
     return {
         "safetensors": (folder / "seed.safetensors").read_bytes(),
         "zip": (folder / "seed.pt").read_bytes(),
         "legacy": (folder / "seed-legacy.pt").read_bytes(),
+        "tar": (folder / "seed-tar.pt").read_bytes(),
     }
+
+
+def save_tar(
+    obj: object,
+    path: Path,
+    *,
+    sys_info: bytes | None = None,
+    extra: list[tuple[str, bytes]] = (),  # type: ignore[assignment]
+    extra_first: bool = False,
+    first_name: str | None = None,
+) -> None:
+    """Write ``obj`` as torch's first serializer (``_save`` with tarfile, PyTorch 0.1) did: tensors are persistent
+    ids ``str(key)`` into the ``tensors`` member, whose records point into the ``storages`` member. ``extra``
+    members go last (or first), and ``first_name`` names a first, empty member (raw latin-1 bytes)."""
+    import torch
+
+    tensors: dict[int, torch.Tensor] = {}
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, value: object) -> str | None:
+            if isinstance(value, torch.Tensor):
+                tensors[id(value)] = value
+                return str(id(value))
+            return None
+
+    main = io.BytesIO()
+    Pickler(main, protocol=2).dump(obj)
+    storage_types = {
+        torch.float32: torch.FloatStorage,
+        torch.int64: torch.LongStorage,
+        torch.float16: torch.HalfStorage,
+    }
+    roots: dict[int, torch.Tensor] = {}
+    records = io.BytesIO()
+    pickle.dump(len(tensors), records, protocol=2)
+    for key, tensor in tensors.items():
+        root = id(tensor.untyped_storage())
+        roots.setdefault(root, tensor)
+        pickle.dump((key, root, torch.FloatTensor), records, protocol=2)
+        records.write(struct.pack("<i4x", tensor.dim()))
+        records.write(
+            struct.pack(f"<{2 * tensor.dim() + 1}q", *tensor.shape, *tensor.stride(), tensor.storage_offset())
+        )
+    storages = io.BytesIO()
+    pickle.dump(len(roots), storages, protocol=2)
+    for root, tensor in roots.items():
+        pickle.dump((root, "cpu", storage_types[tensor.dtype]), storages, protocol=2)
+        raw = bytes(tensor.untyped_storage())
+        storages.write(struct.pack("<q", len(raw) // tensor.element_size()) + raw)
+    pickle.dump([], storages, protocol=2)
+    info = sys_info if sys_info is not None else pickle.dumps({"protocol_version": 1000, "little_endian": True})
+    entries = [("sys_info", info), ("pickle", main.getvalue()), ("tensors", records.getvalue())]
+    entries += [("storages", storages.getvalue())]
+    entries = [*extra, *entries] if extra_first else [*entries, *extra]
+    if first_name is not None:
+        entries.insert(0, (first_name, b""))
+    options = {"format": tarfile.USTAR_FORMAT, "encoding": "latin-1"} if first_name else {"format": tarfile.PAX_FORMAT}
+    with tarfile.open(path, "w:", **options) as archive:  # type: ignore[call-overload]
+        for name, data in entries:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
 
 
 @st.composite
@@ -103,12 +172,71 @@ def pickle_edits(draw: st.DrawFn, data: bytes) -> bytes:
     return out.getvalue()
 
 
+@st.composite
+def appended_archives(draw: st.DrawFn, data: bytes) -> bytes:
+    """Two archives in one file: the seed after (or before) a copy of itself with a mutated pickle, its offsets
+    relative (plain concatenation) or absolute (as if written after the first archive)."""
+    other = draw(pickle_edits(data)) if draw(st.booleans()) else data
+    first, second = (other, data) if draw(st.booleans()) else (data, other)
+    if draw(st.booleans()):
+        return first + second
+    buffer = io.BytesIO(b"\0" * len(first))
+    with zipfile.ZipFile(io.BytesIO(second)) as source, zipfile.ZipFile(buffer, "a") as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    return first + buffer.getvalue()[len(first) :]
+
+
+@st.composite
+def case_variants(draw: st.DrawFn, data: bytes) -> bytes:
+    """A member renamed (or copied) with its letters' case changed: torch's lookup ignores case, zipfile's not."""
+    source = zipfile.ZipFile(io.BytesIO(data))
+    infos = source.infolist()
+    chosen = draw(st.sampled_from(infos)).filename
+    variant = "".join(c.upper() if draw(st.booleans()) else c for c in chosen)
+    keep = draw(st.booleans())
+    out = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "w") as target:
+        warnings.simplefilter("ignore", UserWarning)  # an unchanged copy is a duplicate name: fuzzed too
+        for info in infos:
+            if info.filename != chosen or keep:
+                target.writestr(info.filename, source.read(info))
+            if info.filename == chosen:
+                target.writestr(variant, source.read(info))
+    return out.getvalue()
+
+
+@st.composite
+def tar_member_edits(draw: st.DrawFn, data: bytes) -> bytes:
+    """One member of a tar checkpoint mutated, the tar rebuilt around it (valid headers, so the member's records
+    and pickles meet the reader), or a member duplicated so that a name occurs twice."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as source:
+        entries = [(m.name, source.extractfile(m).read()) for m in source.getmembers()]  # type: ignore[union-attr]
+    index = draw(st.integers(0, len(entries) - 1))
+    name, content = entries[index]
+    if draw(st.booleans()):
+        entries[index] = (name, draw(st.one_of(byte_overwrites(content), bit_flips(content), truncations(content))))
+    else:
+        entries.insert(draw(st.integers(0, len(entries))), (name, draw(byte_overwrites(content))))
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.PAX_FORMAT) as target:
+        for member_name, member_data in entries:
+            member = tarfile.TarInfo(member_name)
+            member.size = len(member_data)
+            target.addfile(member, io.BytesIO(member_data))
+    return out.getvalue()
+
+
 def mutations(fmt: str, data: bytes) -> st.SearchStrategy[bytes]:
     common = [bit_flips(data), truncations(data), byte_overwrites(data)]
     if fmt == "safetensors":
         return st.one_of(*common, safetensors_header_edits(data))
     if fmt == "zip":
-        return st.one_of(*common, zip_directory_edits(data), pickle_edits(data))
+        return st.one_of(
+            *common, zip_directory_edits(data), pickle_edits(data), appended_archives(data), case_variants(data)
+        )
+    if fmt == "tar":
+        return st.one_of(*common, tar_member_edits(data))
     return st.one_of(*common)
 
 

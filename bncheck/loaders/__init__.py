@@ -31,6 +31,22 @@ __all__ = [
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".index.json"
+# what the leading-bytes tests see: a tar header block is 512 bytes
+SNIFF_BYTES = 512
+
+
+def _is_tar_header(head: bytes) -> bool:
+    """Whether ``tarfile`` accepts the first block as a member header: the test torch's loader makes first."""
+    if len(head) < SNIFF_BYTES:
+        return False
+    import tarfile  # only for files that are not zip archives
+
+    try:
+        tarfile.TarInfo.frombuf(head[:SNIFF_BYTES], "utf-8", "surrogateescape")
+    except (tarfile.TarError, ValueError, UnicodeError, OverflowError):
+        return False
+    return True
+
 
 # Every format bncheck reads, in the order their leading-bytes tests are tried. A new format is a loader module and
 # one entry here: the dispatcher, the directory search, the CLI help and the rules that depend on the format's
@@ -40,8 +56,17 @@ FORMATS: tuple[Format, ...] = (
         name="torch zip",
         described="a torch.save file",
         suffixes=_TORCH_SUFFIXES,
-        matches=lambda head, _: head.startswith((b"PK\x03\x04", b"PK\x05\x06")),
+        # torch's own test (_is_zipfile): a local header first; anything else goes on to the tar and legacy tests
+        matches=lambda head, _: head.startswith(b"PK\x03\x04"),
         reader="bncheck.loaders.torch_zip:open_torch_zip",
+    ),
+    Format(
+        name="torch tar",
+        described="a torch.save file",
+        suffixes=_TORCH_SUFFIXES,
+        # torch tries tarfile before the legacy pickle, so a first block tarfile accepts wins over the legacy magic
+        matches=lambda head, _: _is_tar_header(head),
+        reader="bncheck.loaders.torch_tar:open_torch_tar",
     ),
     Format(
         name="torch legacy",
@@ -78,7 +103,7 @@ def sniff(source: ByteSource) -> Format:
     size = source.size
     if size == 0:
         raise UnsupportedFormatError("file is empty")
-    head = source.read(0, min(size, 64))
+    head = source.read(0, min(size, SNIFF_BYTES))
     for fmt in FORMATS:
         if fmt.matches(head, source.name):
             return fmt

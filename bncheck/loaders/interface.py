@@ -36,7 +36,7 @@ class Format:
     described: str
     # names that hold this format: a directory search picks them up, and a file so named is expected to be it
     suffixes: tuple[str, ...]
-    # whether the first (up to 64) bytes and the file name are this format's; tried in registry order
+    # whether the first (up to 512) bytes and the file name are this format's; tried in registry order
     matches: Callable[[bytes, str], bool]
     reader: str
     # whether a BatchNorm layer of this format stores num_batches_tracked (torch's batch counter) at all

@@ -422,16 +422,24 @@ def check_sizes(data: bytes) -> None:
 
 
 def unpickle(
-    data: bytes | IO[bytes], make_tensor: TensorFactory, *, storages: dict[str, StorageRef] | None = None
+    data: bytes | IO[bytes],
+    make_tensor: TensorFactory,
+    *,
+    storages: dict[str, StorageRef] | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, tuple[str, ...]]:
     """The object tree of a torch pickle and the untrusted globals it named; nothing in it is executed.
 
     ``data`` may be a file object positioned at the pickle; it is left just after the pickle's STOP. ``storages``
-    receives every storage record by key.
+    receives every storage record by key. ``persistent_load`` replaces the resolution of persistent ids for a
+    format whose ids are not torch's storage records (the tar format names tensors by key).
     """
     if isinstance(data, bytes):
         check_sizes(data)
-    unpickler = RestrictedUnpickler(data, make_tensor)
+    unpickler_class: type[RestrictedUnpickler] = RestrictedUnpickler
+    if persistent_load is not None:  # the C unpickler binds persistent_load when it is created: subclass it
+        unpickler_class = type("Unpickler", (RestrictedUnpickler,), {"persistent_load": staticmethod(persistent_load)})
+    unpickler = unpickler_class(data, make_tensor)
     collecting = gc.isenabled()
     gc.disable()  # a pickle builds a tree of many small objects: cycle collections during the load are wasted work
     try:

@@ -32,7 +32,7 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 
 
-class _Pickles:
+class PickleSequence:
     """The consecutive pickles at the start of the file, each located by decoding its opcodes before it is
     unpickled, so that it is unpickled from bytes whose size is known (and checked like any other pickle)."""
 
@@ -106,7 +106,7 @@ def open_torch_legacy(source: ByteSource) -> Checkpoint:
 
         return TensorRef(dtype=dtype, shape=size, reader=read)  # no ByteLocation: recalibrate writes zip files
 
-    pickles = _Pickles(source)
+    pickles = PickleSequence(source)
     if pickles.plain("magic number") != MAGIC_NUMBER:
         if not pickles.globals:
             raise UnsupportedFormatError("a plain pickle, not a torch.save checkpoint")
