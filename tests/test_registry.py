@@ -85,3 +85,20 @@ def test_inspect_help_names_every_suffix(cli) -> None:
     text = " ".join(result.stdout.split())
     for suffix in checkpoint_suffixes():
         assert suffix.removeprefix(".index") in text, suffix
+
+
+def test_a_safetensors_header_whose_length_starts_like_a_pickle(tmp_path) -> None:
+    # a 640-byte header makes the file start with 80 02, the first bytes of a protocol-2 pickle
+    import struct
+
+    from safetensors.numpy import save
+
+    for pad in range(700):
+        tensors = {"bn.running_mean": np.zeros(4, np.float32), "bn.running_var": np.ones(4, np.float32)}
+        data = save(tensors, metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", data[:8])[0] == 0x280:
+            break
+    assert data[:2] == b"\x80\x02"
+    (tmp_path / "model.safetensors").write_bytes(data)
+    file = bncheck.inspect(tmp_path / "model.safetensors").files[0]
+    assert file.error is None and file.format == "safetensors" and [layer.name for layer in file.layers] == ["bn"]

@@ -48,7 +48,7 @@ def _is_tar_header(head: bytes) -> bool:
     return True
 
 
-# Every format bncheck reads, in the order their leading-bytes tests are tried. A new format is a loader module and
+# Every format bncheck reads, in the order their leading-bytes tests are tried (torch's order for its own formats). A new format is a loader module and
 # one entry here: the dispatcher, the directory search, the CLI help and the rules that depend on the format's
 # semantics all read this table (a test keeps .pre-commit-hooks.yaml in step with it).
 FORMATS: tuple[Format, ...] = (
@@ -69,19 +69,21 @@ FORMATS: tuple[Format, ...] = (
         reader="bncheck.loaders.torch_tar:open_torch_tar",
     ),
     Format(
+        name="safetensors",
+        described="a safetensors file",
+        suffixes=(".safetensors",),
+        # an 8-byte header length, then the JSON header (whose length is checked when it is read). Tried before the
+        # pickle test: a header of 640 bytes starts the file with 80 02, as a protocol-2 pickle starts; torch's
+        # legacy magic number puts f9 where a safetensors file has its "{"
+        matches=lambda head, _: head[8:9] == b"{",
+        reader="bncheck.loaders.safetensors:open_safetensors",
+    ),
+    Format(
         name="torch legacy",
         described="a torch.save file",
         suffixes=_TORCH_SUFFIXES,
         matches=lambda head, _: head.startswith(_PICKLE_PROTOCOLS),
         reader="bncheck.loaders.torch_legacy:open_torch_legacy",
-    ),
-    Format(
-        name="safetensors",
-        described="a safetensors file",
-        suffixes=(".safetensors",),
-        # an 8-byte header length, then the JSON header (whose length is checked when it is read)
-        matches=lambda head, _: head[8:9] == b"{",
-        reader="bncheck.loaders.safetensors:open_safetensors",
     ),
     Format(
         name="shard index",
