@@ -48,9 +48,10 @@ def _is_tar_header(head: bytes) -> bool:
     return True
 
 
-# Every format bncheck reads, in the order their leading-bytes tests are tried (torch's order for its own formats). A new format is a loader module and
-# one entry here: the dispatcher, the directory search, the CLI help and the rules that depend on the format's
-# semantics all read this table (a test keeps .pre-commit-hooks.yaml in step with it).
+# Every format bncheck reads, in the order their leading-bytes tests are tried (torch's order for its own
+# formats). A new format is a loader module and one entry here: the dispatcher, the directory search, the CLI help
+# and the rules that depend on the format's semantics all read this table (a test keeps .pre-commit-hooks.yaml in
+# step with it).
 FORMATS: tuple[Format, ...] = (
     Format(
         name="torch zip",
