@@ -26,6 +26,18 @@ FOLDERS = ("good", "bad", "recompute")
 # last place, so those get the relative tolerance of one ulp of their type.
 RTOL = {"float64": 1e-4, "float32": 1e-4, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 ATOL = 1e-6
+# The one fixture whose trained values are chaotic by design: SGD on an unscaled target diverges in float32 until the
+# activations overflow, and on the way the weights pass through 1e10 and beyond, where the rounding of one kernel
+# decides the next step (two weights 1.2e10 apart between AVX2 and SSE4.1 builds). What it is for is where it is
+# non-finite, and that is compared exactly: names, dtypes and shapes as for every fixture, then for every float
+# tensor which entries are NaN, +inf or -inf, not the finite values between them.
+CHAOTIC = {"bad/BN001-diverged-nan.pt"}
+
+
+def non_finite_pattern(values: np.ndarray) -> np.ndarray:
+    """0 where finite, 1 NaN, 2 +inf, 3 -inf."""
+    values = values.astype(np.float64)
+    return np.select([np.isnan(values), values == np.inf, values == -np.inf], [1, 2, 3], 0)
 
 
 def all_tensors(node: object, path: str = "", out: dict[str, TensorRef] | None = None) -> dict[str, TensorRef]:
@@ -83,7 +95,11 @@ def test_regenerated_checkpoints_match_the_checked_in_ones(regenerated: Path) ->
             other = theirs[name]
             where = f"{label}{name}"
             assert (ref.dtype, ref.shape) == (other.dtype, other.shape), where
-            if ref.dtype in RTOL:
+            if ref.dtype in RTOL and label.as_posix() in CHAOTIC:
+                np.testing.assert_array_equal(
+                    non_finite_pattern(ref.read()), non_finite_pattern(other.read()), err_msg=where
+                )
+            elif ref.dtype in RTOL:
                 # NaN matches NaN and an infinity matches the same infinity; both are findings the fixtures carry
                 np.testing.assert_allclose(ref.read(), other.read(), rtol=RTOL[ref.dtype], atol=ATOL, err_msg=where)
             else:  # integers (num_batches_tracked, the int stats of BN004) and bools are counted, never rounded

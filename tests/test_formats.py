@@ -330,7 +330,7 @@ def test_github_annotations(cli, tmp_path: Path) -> None:
     shutil.copy(BAD / "BN008-constant-feature.pt", odd)
     lines = cli("inspect", BAD / "BN001-diverged-nan.pt", odd, tmp_path / "gone.pt", "--format", "github").stdout
     lines = lines.splitlines()
-    assert lines[0].startswith(f"::error file={BAD / 'BN001-diverged-nan.pt'},title=BN001 net.1::running_mean has 28")
+    assert lines[0].startswith(f"::error file={BAD / 'BN001-diverged-nan.pt'},title=BN001 net.1::running_mean has 25")
     assert any(line.startswith("::warning file=") and "a%2Cb%3Ac.pt,title=BN008 input_norm::" in line for line in lines)
     assert any(line.startswith("::error file=") and "gone.pt,title=bncheck::no such file" in line for line in lines)
     assert lines[-1].endswith("-> FAIL")
