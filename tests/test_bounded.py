@@ -103,12 +103,6 @@ def test_diff_of_ten_thousand_layers_is_not_quadratic(tmp_path: Path) -> None:
     assert elapsed < 10, elapsed
 
 
-def test_peak_memory_of_this_test_process_stays_bounded() -> None:
-    # a guard on the tests above: none of them may have grown this process past 1 GiB
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert peak_kib < 1024 * 1024, peak_kib
-
-
 def test_a_shared_structure_in_a_malformed_record_is_not_expanded_into_the_message(cli, tmp_path: Path) -> None:
     import pickle
     import zipfile
@@ -158,3 +152,27 @@ class _Rebuild:
 
 class _Storage:
     """Pickles as torch's persistent storage record would be, but as a plain tuple (the reader resolves it)."""
+
+
+def test_a_stride_0_statistic_does_not_expand_a_small_file_into_gigabytes(cli, tmp_path: Path) -> None:
+    expanded = torch.ones(1).expand(2**28)  # 2 ** 28 elements that all read one stored float
+    torch.save({"bn.running_mean": torch.zeros(4), "bn.running_var": expanded}, tmp_path / "expanded.pt")
+    assert (tmp_path / "expanded.pt").stat().st_size < 4096
+    start = time.perf_counter()
+    message = error_of(tmp_path / "expanded.pt", cli)["message"]
+    assert time.perf_counter() - start < 10
+    assert "repeats 1 stored element(s)" in message
+
+
+def test_a_small_expanded_statistic_is_still_read(cli, tmp_path: Path) -> None:
+    state = {"bn.running_mean": torch.zeros(1).expand(8), "bn.running_var": torch.ones(8)}
+    state["bn.num_batches_tracked"] = torch.tensor(5)
+    torch.save(state, tmp_path / "small.pt")
+    result = cli("inspect", tmp_path / "small.pt", "--json")
+    assert result.exit_code == 0 and result.json()["files"][0]["layers"][0]["running_mean"]["max"] == 0.0
+
+
+def test_peak_memory_of_this_test_process_stays_bounded() -> None:
+    # a guard on the tests above, so it stays the last test of the file: none of them may have grown this process past 1 GiB
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert peak_kib < 1024 * 1024, peak_kib

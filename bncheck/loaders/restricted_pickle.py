@@ -177,7 +177,18 @@ def view_span(offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype
         raise CorruptCheckpointError(f"malformed tensor record: {dtype}, size {size}, stride {stride}")
     if 0 in size:
         return itemsize, 0
-    return itemsize, 1 + sum([(n - 1) * s for n, s in zip(size, stride, strict=True)])  # per tensor: no generator
+    span = 1 + sum([(n - 1) * s for n, s in zip(size, stride, strict=True)])  # per tensor: no generator
+    count = math.prod(size)
+    if count > span and count > MAX_OVERLAPPING_ELEMENTS:
+        raise CorruptCheckpointError(
+            f"tensor record of size {size} repeats {span} stored element(s) {count} times over (stride {stride})"[:300]
+        )
+    return itemsize, span
+
+
+# A view whose strides revisit elements (stride 0, as expand() makes) has more elements than the bytes it reads;
+# beyond this many, a few bytes of a file would become gigabytes in memory.
+MAX_OVERLAPPING_ELEMENTS = 1 << 20
 
 
 def strided_copy(flat: np.ndarray, size: tuple[int, ...], stride: tuple[int, ...]) -> np.ndarray:
