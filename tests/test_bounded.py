@@ -173,6 +173,7 @@ def test_a_small_expanded_statistic_is_still_read(cli, tmp_path: Path) -> None:
 
 
 def test_peak_memory_of_this_test_process_stays_bounded() -> None:
-    # a guard on the tests above, so it stays the last test of the file: none of them may have grown this process past 1 GiB
+    # a guard on the tests above (so it stays the last test of the file): none may have grown this process past
+    # 1 GiB; the suite's other tests run before or after in the same process, so this bounds them too
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert peak_kib < 1024 * 1024, peak_kib
