@@ -172,6 +172,21 @@ def test_a_small_expanded_statistic_is_still_read(cli, tmp_path: Path) -> None:
     assert result.exit_code == 0 and result.json()["files"][0]["layers"][0]["running_mean"]["max"] == 0.0
 
 
+def test_a_deflated_pickle_that_would_expand_a_thousandfold(cli, tmp_path: Path) -> None:
+    import pickle
+    import zipfile
+
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        archive.writestr("bomb/data.pkl", pickle.dumps({"blob": bytes(200 * 2**20)}, protocol=2))
+        archive.writestr("bomb/byteorder", "little")
+    assert path.stat().st_size < 2**20  # 200 MiB of pickle in a file of a few hundred KiB
+    start = time.perf_counter()
+    message = error_of(path, cli)["message"]
+    assert time.perf_counter() - start < 10
+    assert "would expand" in message
+
+
 def test_peak_memory_of_this_test_process_stays_bounded() -> None:
     # a guard on the tests above (so it stays the last test of the file): none may have grown this process past
     # 1 GiB; the suite's other tests run before or after in the same process, so this bounds them too

@@ -75,6 +75,9 @@ ZIP_ERRORS = (
 )
 # data.pkl is a few hundred bytes per tensor; a member declaring more is corrupt or a decompression bomb.
 MAX_PICKLE_BYTES = 512 * 1024 * 1024
+# torch stores every member uncompressed; a deflated pickle is someone else's doing, and deflate expands up to
+# ~1000x, so a small file could unpickle into gigabytes. Decompressed pickles stay within this.
+MAX_DEFLATED_PICKLE_BYTES = 64 * 1024 * 1024
 
 
 def member_data_start(source: ByteSource, info: zipfile.ZipInfo) -> int:
@@ -219,6 +222,11 @@ class _Archive:
         if info.compress_type == zipfile.ZIP_STORED:
             data = raw
         elif info.compress_type == zipfile.ZIP_DEFLATED:
+            if info.file_size > MAX_DEFLATED_PICKLE_BYTES:
+                raise CorruptCheckpointError(
+                    f"deflated archive member {info.filename} would expand {info.compress_size} bytes to "
+                    f"{info.file_size} (at most {MAX_DEFLATED_PICKLE_BYTES} for a compressed member)"
+                )
             data = _inflate(raw, info.file_size, info.filename)
         else:
             raise CorruptCheckpointError(
@@ -308,7 +316,8 @@ class _Archive:
         available = min(end - data_start, MAX_PICKLE_BYTES)
         raw = self.source.read(data_start, min(compressed, available) if compressed else available)
         try:
-            data = _inflate(raw, min(size or MAX_PICKLE_BYTES, MAX_PICKLE_BYTES), name) if method == 8 else raw
+            limit = min(size or MAX_DEFLATED_PICKLE_BYTES, MAX_DEFLATED_PICKLE_BYTES)
+            data = _inflate(raw, limit, name) if method == 8 else raw
         except CorruptCheckpointError:
             return []
         return [(f"{name} at byte {at}", _pickle_globals(data))]
