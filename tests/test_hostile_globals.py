@@ -204,6 +204,22 @@ def test_a_plain_pickle_payload_that_torch_load_runs_is_bn101_not_unreadable(cli
     assert result.exit_code == 1
 
 
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_a_protocol_0_or_1_pickle_payload_is_bn101_not_a_text_file(cli, tmp_path: Path, protocol: int) -> None:
+    # no PROTO opcode: protocol 0 is printable text, yet torch.load runs it before looking for its magic number
+    import pickle
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(pickle.dumps(Reduce(os.system, shell(tmp_path / "marker")), protocol=protocol))
+    with pytest.raises(RuntimeError, match="magic number"):
+        torch.load(path, weights_only=False)
+    assert (tmp_path / "marker").exists()
+    (tmp_path / "marker").unlink()
+    result = cli("inspect", path, "--json")
+    assert not (tmp_path / "marker").exists()
+    assert bn101_names(result) == ["posix.system"] and result.exit_code == 1
+
+
 def test_a_payload_in_one_shard_is_bn101_for_the_index_and_the_directory(cli, tmp_path: Path) -> None:
     state = healthy_model_state()
     names = sorted(state)

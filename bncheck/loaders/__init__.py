@@ -26,13 +26,41 @@ __all__ = [
 ]
 
 # torch.load reads any file that is not a zip archive as a legacy file: it unpickles the first pickle, running
-# whatever it names, before comparing it with the magic number 0x1950a86a20f9469cfc6c. So every pickle of protocol 2
-# or later (they start with PROTO) goes to the legacy reader, which reports the globals of one that is not torch's.
+# whatever it names, before comparing it with the magic number 0x1950a86a20f9469cfc6c. So every pickle (protocol 2
+# and later start with PROTO; see _is_pickle for 0 and 1) goes to the legacy reader, which reports the globals of one
+# that is not torch's.
 _PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".index.json"
 # what the leading-bytes tests see: a tar header block is 512 bytes
 SNIFF_BYTES = 512
+
+
+# The opcodes a protocol 0 or 1 pickle (no PROTO opcode) of an object worth loading starts with: a global, a mark, an
+# instance, an empty container. torch.load runs such a pickle just the same.
+_OLD_PICKLE_STARTS = frozenset({"GLOBAL", "MARK", "INST", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE"})
+
+
+def _is_pickle(head: bytes) -> bool:
+    """Whether the file starts with a pickle: a PROTO opcode (protocol 2 and later), or a protocol 0/1 pickle whose
+    opcodes decode to its STOP, or through the whole head, from a plausible first opcode."""
+    if head.startswith(_PICKLE_PROTOCOLS):
+        return True
+    import io
+    import pickletools  # only for files that are no archive and no safetensors
+
+    decoded = 0
+    try:
+        for opcode, _, _ in pickletools.genops(io.BytesIO(head)):
+            if decoded == 0 and opcode.name not in _OLD_PICKLE_STARTS:
+                return False
+            decoded += 1
+            if opcode.name == "STOP":
+                return decoded >= 3
+    except (ValueError, TypeError, EOFError, OverflowError, UnicodeDecodeError) as exc:
+        # a valid start cut off by the end of the head, not an unknown opcode
+        return decoded >= 3 and len(head) == SNIFF_BYTES and "unknown" not in str(exc)
+    return False
 
 
 def _is_tar_header(head: bytes) -> bool:
@@ -83,7 +111,7 @@ FORMATS: tuple[Format, ...] = (
         name="torch legacy",
         described="a torch.save file",
         suffixes=_TORCH_SUFFIXES,
-        matches=lambda head, _: head.startswith(_PICKLE_PROTOCOLS),
+        matches=lambda head, _: _is_pickle(head),
         reader="bncheck.loaders.torch_legacy:open_torch_legacy",
     ),
     Format(
