@@ -48,15 +48,21 @@ def _is_pickle(head: bytes) -> bool:
         return True
     import io
     import pickletools  # only for files that are no archive and no safetensors
+    import warnings
 
     decoded = 0
     try:
-        for opcode, _, _ in pickletools.genops(io.BytesIO(head)):
-            if decoded == 0 and opcode.name not in _OLD_PICKLE_STARTS:
-                return False
-            decoded += 1
-            if opcode.name == "STOP":
-                return decoded >= 3
+        with warnings.catch_warnings():
+            # a STRING with an invalid escape decodes with a DeprecationWarning; the legacy reader refuses it
+            warnings.simplefilter("error", DeprecationWarning)
+            for opcode, _, _ in pickletools.genops(io.BytesIO(head)):
+                if decoded == 0 and opcode.name not in _OLD_PICKLE_STARTS:
+                    return False
+                decoded += 1
+                if opcode.name == "STOP":
+                    return decoded >= 3
+    except DeprecationWarning:
+        return decoded >= 3
     except (ValueError, TypeError, EOFError, OverflowError, UnicodeDecodeError) as exc:
         # a valid start cut off by the end of the head, not an unknown opcode
         return decoded >= 3 and len(head) == SNIFF_BYTES and "unknown" not in str(exc)
