@@ -30,9 +30,13 @@ class RangeServer:
         drop_after_requests: int | None = None,
         latency: float = 0.0,
         hostile: Hostile | None = None,
+        hostile_after_requests: int = 0,
+        rate: int | None = None,
     ) -> None:
         self.root = root
         self.hostile = hostile
+        self.hostile_after_requests = hostile_after_requests  # honest until then: the prefetch meets the hostility
+        self.rate = rate  # bytes per second of an honest body (a slow but steady link)
         self.latency = latency  # seconds before each GET is answered, like an object store's first byte
         self.honour_range = honour_range
         self.drop_after_requests = drop_after_requests
@@ -67,6 +71,7 @@ class RangeServer:
                 with server._lock:
                     server.requests += 1
                     dropping = server.drop_after_requests is not None and server.requests > server.drop_after_requests
+                    hostile = server.hostile is not None and server.requests > server.hostile_after_requests
                 path = self._file()
                 if path is None:
                     self.send_error(404)
@@ -86,7 +91,7 @@ class RangeServer:
                     start, end = 0, size - 1
                     self.send_response(200)
                 length = end - start + 1
-                if server.hostile is not None and match:
+                if hostile and match:
                     self._misbehave(path, start, length)
                     return
                 self.send_header("Content-Length", str(length))
@@ -96,8 +101,10 @@ class RangeServer:
                     remaining = length
                     try:
                         while remaining:
-                            chunk = handle.read(min(remaining, 1 << 20))
+                            chunk = handle.read(min(remaining, 1 << 20 if server.rate is None else server.rate // 10))
                             self.wfile.write(chunk)
+                            if server.rate is not None:
+                                time.sleep(0.1)
                             with server._lock:
                                 server.bytes_served += len(chunk)
                             remaining -= len(chunk)
