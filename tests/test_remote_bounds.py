@@ -4,11 +4,11 @@ work."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,22 @@ class Run:
     max_rss_mib: float
 
 
+# Started by a small launcher, not by pytest itself: on Linux a child's ru_maxrss counts the memory it had between
+# fork and exec, so a child of this process (grown to 2 GiB by the 1.7 GB checkpoint tests) would report 2 GiB.
+LAUNCHER = """
+import json, os, subprocess, sys, threading, time
+timeout, stdout, stderr, *command = sys.argv[1:]
+started = time.monotonic()
+with open(stdout, "w") as out, open(stderr, "w") as err:
+    child = subprocess.Popen(command, stdout=out, stderr=err)
+killer = threading.Timer(float(timeout), child.kill)
+killer.start()
+_, status, usage = os.wait4(child.pid, 0)
+killer.cancel()
+print(json.dumps([os.waitstatus_to_exitcode(status), time.monotonic() - started, usage.ru_maxrss]))
+"""
+
+
 def run_bounded(tmp_path: Path, *args: str, limits: dict[str, float] | None = None) -> Run:
     """``bncheck`` as its own process, with ``limits`` set in bncheck.loaders.remote, measured by wait4: its wall
     time and its own peak RSS; killed (and so failing the test) after twice MAX_SECONDS."""
@@ -44,18 +60,12 @@ def run_bounded(tmp_path: Path, *args: str, limits: dict[str, float] | None = No
         "main()\n"
     )
     out, err = tmp_path / "stdout", tmp_path / "stderr"
-    started = time.monotonic()
-    with out.open("w") as stdout, err.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-c", code, *args], stdout=stdout, stderr=stderr)
-    killer = threading.Timer(2 * MAX_SECONDS, process.kill)
-    killer.start()
-    try:
-        _, status, usage = os.wait4(process.pid, 0)
-    finally:
-        killer.cancel()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    seconds = time.monotonic() - started
-    return Run(process.returncode, out.read_text(), err.read_text(), seconds, usage.ru_maxrss / 1024)
+    launcher = [sys.executable, "-c", LAUNCHER, str(2 * MAX_SECONDS), str(out), str(err)]
+    measured = subprocess.run(
+        [*launcher, sys.executable, "-c", code, *args], capture_output=True, text=True, check=True
+    )
+    returncode, seconds, max_rss_kib = json.loads(measured.stdout)
+    return Run(returncode, out.read_text(), err.read_text(), seconds, max_rss_kib / 1024)
 
 
 def assert_bounded_failure(run: Run, message: str) -> None:
