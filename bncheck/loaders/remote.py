@@ -17,11 +17,11 @@ from bncheck.errors import CheckpointNotFoundError, UnreadableFileError
 # The time a request may take is a fixed allowance plus its length at a minimum throughput, checked as it goes: by
 # any moment t after the start, at least REMOTE_MIN_THROUGHPUT * (t - REMOTE_START_ALLOWANCE) bytes must have
 # arrived. The allowance covers DNS, connecting, TLS, redirects and an object store's first byte (usually well under
-# a second, occasionally several). The throughput is per request while 16 prefetch requests share one link: a
-# 16 MiB block at 32 KiB/s is 512 s, which a link of 4 Mbit/s (all 16 at once) still beats, while a server that
+# a second, occasionally several). The throughput is per request while 16 prefetch requests share one link: 16 KiB/s
+# each is 2.1 Mbit/s for all 16, so a 16 MiB block may take up to 17 minutes on a slow link, while a server that
 # drips a byte a second falls behind the pace as soon as the allowance is spent, whatever the length asked for.
 REMOTE_START_ALLOWANCE = 10.0  # seconds until the answer's headers, and before the pace starts counting
-REMOTE_MIN_THROUGHPUT = 32 * 1024  # bytes per second per request, after the allowance
+REMOTE_MIN_THROUGHPUT = 16 * 1024  # bytes per second per request, after the allowance
 # No byte at all for this long ends a request even when it is ahead of the pace: a server that has gone silent.
 REMOTE_READ_TIMEOUT = 15.0
 # Metadata (the size, from HEAD, or from GET when HEAD fails) is two answers at most, each within the allowance.
