@@ -147,6 +147,11 @@ def _remote_error(url: str, exc: BaseException) -> Exception:
     return UnreadableFileError(f"cannot read {url}: {first_line(exc)}"[:300])
 
 
+def _is_http(fs: Any) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "http" in protocols or "https" in protocols
+
+
 def _remote_errors() -> tuple[type[BaseException], ...]:
     """What fsspec and its HTTP/cloud backends raise for missing objects, refused ranges and dropped connections
     (aiohttp's errors are not OSErrors; it is imported only when a URL is read, as it is slow to import)."""
@@ -179,7 +184,7 @@ class RemoteSource(ByteSource):
         self.name = self.url
         try:
             self._fs, self._path = fsspec.core.url_to_fs(self.url)
-            info = self._fs.info(self._path)
+            info = self._info()
         except ImportError as exc:
             raise MissingDependencyError(f"no fsspec backend for {self.url}: {exc}") from None
         except _remote_errors() as exc:
@@ -190,6 +195,36 @@ class RemoteSource(ByteSource):
         if not isinstance(size, int):
             raise UnreadableFileError(f"the server does not say how large {self.url} is")
         self.size = size
+
+    def _info(self) -> dict[str, Any]:
+        if not self._fs.async_impl:
+            info: dict[str, Any] = self._fs.info(self._path)
+            return info
+        from fsspec.asyn import sync
+
+        from bncheck.loaders.remote import info_within_deadline
+
+        return cast(dict[str, Any], sync(self._fs.loop, info_within_deadline, self._fs._info(self._path), self.url))
+
+    def _bounded_read(self, offset: int, length: int) -> bytes | None:
+        """One ranged request held to the deadline and byte cap of :mod:`bncheck.loaders.remote`: read by bncheck
+        itself for http(s), through the backend's ``_cat_file`` for the other asynchronous ones; None for a
+        synchronous backend (a local or in-memory file system), which has nothing to wait for."""
+        if not self._fs.async_impl:
+            return None
+        from fsspec.asyn import sync
+
+        from bncheck.loaders import remote
+
+        if _is_http(self._fs):
+            session = sync(self._fs.loop, self._fs.set_session)
+            url = self._fs.encode_url(self._path)
+            headers = self._fs.kwargs.get("headers")
+            return cast(
+                bytes, sync(self._fs.loop, remote.read_http_range, session, url, offset, length, headers=headers)
+            )
+        fetch = self._fs._cat_file(self._path, start=offset, end=offset + length)
+        return cast(bytes, sync(self._fs.loop, remote.within_deadline, fetch, self.url, length))
 
     def _file(self) -> Any:
         if self._handle is None:
@@ -203,13 +238,7 @@ class RemoteSource(ByteSource):
         cached = self._cached(offset, length)
         if cached is not None:
             return cached
-        try:
-            handle = self._file()
-            handle.seek(offset)
-            data: bytes = handle.read(length)
-            return data
-        except _remote_errors() as exc:
-            raise _remote_error(self.url, exc) from exc
+        return self._fetch(offset, length, shared_handle=True)
 
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Fetch the ranges as merged blocks, many requests at once, so that reading a thousand tensors costs a few
@@ -231,12 +260,21 @@ class RemoteSource(ByteSource):
         self._blocks = [(start, data) for (start, _), data in zip(blocks, fetched, strict=True)]
         self._starts = [start for start, _ in self._blocks]
 
-    def _fetch(self, offset: int, length: int) -> bytes:
-        """One ranged read on a handle of its own (prefetching runs several at once)."""
+    def _fetch(self, offset: int, length: int, *, shared_handle: bool = False) -> bytes:
+        """One ranged read; a synchronous backend reads on the shared handle or, when prefetching runs several at
+        once, on a handle of its own."""
         try:
-            with self._fs.open(self._path, "rb", cache_type="none", size=self.size) as handle:
+            bounded = self._bounded_read(offset, length)
+            if bounded is not None:
+                return bounded
+            if shared_handle:
+                handle = self._file()
                 handle.seek(offset)
                 data: bytes = handle.read(length)
+                return data
+            with self._fs.open(self._path, "rb", cache_type="none", size=self.size) as handle:
+                handle.seek(offset)
+                data = handle.read(length)
                 return data
         except _remote_errors() as exc:
             raise _remote_error(self.url, exc) from exc
