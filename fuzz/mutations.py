@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import pickletools
 import struct
 import tarfile
 import warnings
@@ -37,11 +38,17 @@ def seed_files(folder: Path) -> dict[str, bytes]:
     torch.save({"model": state, "epoch": 1}, folder / "seed.pt")
     torch.save(state, folder / "seed-legacy.pt", _use_new_zipfile_serialization=False)
     save_tar(state, folder / "seed-tar.pt")
+    # a fully pickled module tree that reuses one child at every level: 2 ** 12 paths through 13 objects
+    shared: nn.Module = model[1]
+    for _ in range(12):
+        shared = nn.Sequential(shared, shared)
+    torch.save(shared, folder / "seed-shared.pt")
     return {
         "safetensors": (folder / "seed.safetensors").read_bytes(),
         "zip": (folder / "seed.pt").read_bytes(),
         "legacy": (folder / "seed-legacy.pt").read_bytes(),
         "tar": (folder / "seed-tar.pt").read_bytes(),
+        "shared": (folder / "seed-shared.pt").read_bytes(),
     }
 
 
@@ -227,11 +234,33 @@ def tar_member_edits(draw: st.DrawFn, data: bytes) -> bytes:
     return out.getvalue()
 
 
+def legacy_header_spans(data: bytes) -> list[tuple[int, int]]:
+    """Where the magic-number, protocol and system-info pickles of a legacy file lie: torch.load runs each."""
+    spans, position = [], 0
+    for _ in range(3):
+        stream = io.BytesIO(data)
+        stream.seek(position)
+        for _op in pickletools.genops(stream):
+            pass
+        spans.append((position, stream.tell()))
+        position = stream.tell()
+    return spans
+
+
+@st.composite
+def legacy_header_edits(draw: st.DrawFn, data: bytes) -> bytes:
+    """One of the header pickles that precede a legacy file's objects overwritten in place."""
+    start, end = draw(st.sampled_from(legacy_header_spans(data)))
+    return draw(byte_overwrites(data, start, end))
+
+
 def mutations(fmt: str, data: bytes) -> st.SearchStrategy[bytes]:
     common = [bit_flips(data), truncations(data), byte_overwrites(data)]
     if fmt == "safetensors":
         return st.one_of(*common, safetensors_header_edits(data))
-    if fmt == "zip":
+    if fmt == "legacy":
+        return st.one_of(*common, legacy_header_edits(data))
+    if fmt in ("zip", "shared"):
         return st.one_of(
             *common, zip_directory_edits(data), pickle_edits(data), appended_archives(data), case_variants(data)
         )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import resource
 import struct
 import time
@@ -185,6 +186,40 @@ def test_a_deflated_pickle_that_would_expand_a_thousandfold(cli, tmp_path: Path)
     message = error_of(path, cli)["message"]
     assert time.perf_counter() - start < 10
     assert "would expand" in message
+
+
+def test_a_safetensors_header_just_under_the_100_mb_limit(cli, tmp_path: Path) -> None:
+    tensors = {
+        "bn.running_mean": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "bn.running_var": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+    }
+    filler = 90 * 2**20  # the reference parser refuses headers over 100,000,000 bytes
+    header = ('{"__metadata__": {"pad": "' + "x" * filler + '"}, ' + json.dumps(tensors)[1:]).encode()
+    path = tmp_path / "big-header.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<4f", 0.0, 0.0, 1.0, 1.0))
+    start = time.perf_counter()
+    result = cli("inspect", path, "--json")
+    assert time.perf_counter() - start < 10
+    assert result.exit_code == 0 and [f["code"] for f in result.json()["files"][0]["findings"]] == ["BN007", "BN010"]
+
+
+def test_one_bad_file_never_aborts_a_run(cli, tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import BAD
+
+    shutil.copy(BAD / "BN101-os-system-payload.pt", tmp_path / "a-payload.pt")
+    (tmp_path / "b-truncated.pt").write_bytes((GOOD / "mlp-state-dict.pt").read_bytes()[:3000])
+    (tmp_path / "c-nested.safetensors").write_bytes(struct.pack("<Q", 200_001) + b"[" * 100_000 + b"]" * 100_001)
+    shutil.copy(GOOD / "mlp-state-dict.pt", tmp_path / "d-good.pt")
+    for jobs in ("1", "2"):
+        result = cli("inspect", tmp_path, "--json", "-j", jobs)
+        files = {Path(f["path"]).name: f for f in result.json()["files"]}
+        assert list(files) == ["a-payload.pt", "b-truncated.pt", "c-nested.safetensors", "d-good.pt"]
+        assert "BN101" in [f["code"] for f in files["a-payload.pt"]["findings"]]
+        assert files["b-truncated.pt"]["error"] and files["c-nested.safetensors"]["error"]
+        assert files["d-good.pt"]["error"] is None and len(files["d-good.pt"]["layers"]) == 2
+        assert result.exit_code == 2
 
 
 def test_peak_memory_of_this_test_process_stays_bounded() -> None:
