@@ -81,14 +81,23 @@ def read_checkpoint(path: os.PathLike[str] | str, *, unsafe_load: bool = False) 
 def _open(path: os.PathLike[str] | str, unsafe_load: bool) -> Checkpoint:
     try:
         checkpoint = open_checkpoint(path)
-    except (CorruptCheckpointError, UnsupportedDtypeError):
+    except (CorruptCheckpointError, UnsupportedDtypeError) as exc:
         if not unsafe_load or is_url(path):
             raise
+        from bncheck.loaders.unsafe import globals_torch_would_meet
+
+        # bncheck's reader refused the file, so its pickles were not graded: read their globals from the opcodes
+        dangerous = _code_execution(globals_torch_would_meet(Path(path)))
+        if dangerous:
+            raise type(exc)(
+                f"{exc}; --unsafe-load did not hand it to torch: its pickle names {', '.join(dangerous)}, which "
+                "torch would run"
+            ) from exc
         return _open_with_torch(path)
     if unsafe_load and checkpoint.globals and not find_bn_layers(checkpoint.root) and not is_url(path):
         # a pickle that names a global able to run code is never handed to torch, whatever --unsafe-load says;
         # BN101 stays in the report
-        dangerous = [name for name in checkpoint.globals if grade_global(name) is Risk.CODE_EXECUTION]
+        dangerous = _code_execution(checkpoint.globals)
         if dangerous:
             note = (
                 f"--unsafe-load did not hand this file to torch: its pickle names {', '.join(dangerous)} (BN101), "
@@ -97,6 +106,10 @@ def _open(path: os.PathLike[str] | str, unsafe_load: bool) -> Checkpoint:
             return dataclasses.replace(checkpoint, notes=(*checkpoint.notes, note))
         return _open_with_torch(path)
     return checkpoint
+
+
+def _code_execution(names: Sequence[str]) -> list[str]:
+    return [name for name in names if grade_global(name) is Risk.CODE_EXECUTION]
 
 
 def _open_with_torch(path: os.PathLike[str] | str) -> Checkpoint:

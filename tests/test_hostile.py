@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -162,7 +163,6 @@ def test_a_string_with_an_invalid_escape_is_refused_as_corrupt(cli, tmp_path: Pa
 
 def test_unsafe_load_never_hands_a_file_with_a_bn101_global_to_torch(tmp_path: Path) -> None:
     import numpy as np
-    from conftest import run_process
 
     # statistics only torch would rebuild (so --unsafe-load would otherwise use it), beside a live payload
     marker = tmp_path / "marker"
@@ -175,7 +175,12 @@ def test_unsafe_load_never_hands_a_file_with_a_bn101_global_to_torch(tmp_path: P
         },
         path,
     )
-    result = run_process("inspect", path, "--json", "--unsafe-load")
+    result = subprocess.run(
+        [sys.executable, "-m", "bncheck", "inspect", str(path), "--json", "--unsafe-load"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert not marker.exists()
     file = json.loads(result.stdout)["files"][0]
     assert file["format"] == "torch zip"  # bncheck's own reader, not "torch (unsafe load)"
@@ -185,3 +190,69 @@ def test_unsafe_load_never_hands_a_file_with_a_bn101_global_to_torch(tmp_path: P
         in file["notes"]
     )
     assert result.returncode == 1
+
+
+class _Storage:
+    """Stands for a storage in a pickle written with torch's persistent ids."""
+
+
+class _BadTensor:
+    """Pickles as torch._utils._rebuild_tensor_v2 with a malformed size: bncheck's reader refuses the record."""
+
+    def __reduce__(self) -> tuple:
+        import torch._utils
+
+        return (torch._utils._rebuild_tensor_v2, (_Storage(), 0, "not a size", (1,), False, {}))
+
+
+def test_unsafe_load_never_hands_torch_a_refused_file_whose_pickle_runs_code(tmp_path: Path) -> None:
+    import io
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj: object) -> object:
+            return ("storage", torch.FloatStorage, "0", "cpu", 1) if isinstance(obj, _Storage) else None
+
+    marker = tmp_path / "marker"
+    buffer = io.BytesIO()
+    payload = _Reduce(os.system, f"touch {marker}")
+    Pickler(buffer, protocol=2).dump({"a": payload, "b": _BadTensor()})
+    path = tmp_path / "broken.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("broken/data.pkl", buffer.getvalue())
+        archive.writestr("broken/data/0", bytes(4))
+        archive.writestr("broken/byteorder", "little")
+        archive.writestr("broken/version", "3\n")
+    with pytest.raises(Exception):  # noqa: B017 torch runs the payload, then fails on the malformed record
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "bncheck", "inspect", str(path), "--json", "--unsafe-load"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert not marker.exists()
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["files"][0]["error"]
+    assert "did not hand it to torch" in error["message"] and "posix.system" in error["message"]
+
+
+class _Reduce:
+    def __init__(self, function: object, *args: object) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self) -> tuple:
+        return (self.function, self.args)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_the_static_scan_names_globals_up_to_where_a_pickle_breaks(protocol: int) -> None:
+    import io
+
+    from bncheck.loaders.restricted_pickle import scan_globals
+
+    data = pickle.dumps([_Reduce(os.system, "true"), _Reduce(os.getcwd), _Reduce(os.system, "x")], protocol=protocol)
+    assert scan_globals(io.BytesIO(data)) == ("posix.system", "posix.getcwd")
+    cut = data[: data.index(b"getcwd") + 8]  # broken right after the second global
+    assert "posix.system" in scan_globals(io.BytesIO(cut))

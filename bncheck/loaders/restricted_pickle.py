@@ -202,6 +202,66 @@ def strided_copy(flat: np.ndarray, size: tuple[int, ...], stride: tuple[int, ...
     return np.array(view)
 
 
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """Protocol 2 writes Python 2 names (__builtin__, commands); they are reported and matched by their Python 3
+    names, as pickle's own find_class resolves them."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def recorded_name(module: str, name: str) -> str:
+    """How a global is reported: ``module.name``, or ``module:dotted.name`` when protocol 4 walks a dotted name as
+    attributes from the module (gzip + os.system is os.system), so it is judged where the import ends."""
+    return f"{module}:{name}" if "." in name else f"{module}.{name}"
+
+
+_STRING_OPCODES = frozenset(
+    {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8"}
+)
+
+
+def scan_globals(stream: IO[bytes]) -> tuple[str, ...]:
+    """The globals the pickle at the stream's position names, read from its opcodes as far as they decode, building
+    nothing; the stream is left after its STOP.
+
+    For a pickle the restricted unpickler refuses (broken, or crafted to break it) that torch might still run: what
+    it names before the break is known. STACK_GLOBAL takes its names from the last two strings pushed (or fetched
+    from the memo), as picklescan reads them.
+    """
+    names: list[str] = []
+    strings: list[str] = []
+    memo: dict[Any, str] = {}
+    memoized = 0
+    top: str | None = None  # the string on top of the stack, when the last push was one
+    errors = (ValueError, TypeError, EOFError, OverflowError, UnicodeDecodeError, DeprecationWarning)
+    with contextlib.suppress(*errors), warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # a STRING with a bad escape ends the scan
+        for opcode, arg, _ in pickletools.genops(stream):
+            pushed: str | None = None
+            if opcode.name in ("GLOBAL", "INST"):
+                module, _, name = str(arg).partition(" ")
+                names.append(recorded_name(*_python3_name(module, name)))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(recorded_name(*_python3_name(strings[-2], strings[-1])))
+            elif opcode.name in _STRING_OPCODES and isinstance(arg, str):
+                pushed = arg
+            elif opcode.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
+                pushed = memo[arg]
+            elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                key = memoized if opcode.name == "MEMOIZE" else arg
+                memoized += opcode.name == "MEMOIZE"
+                if top is not None:
+                    memo[key] = top
+                continue  # storing in the memo leaves the stack as it was
+            elif opcode.name == "STOP":
+                break
+            if pushed is not None:
+                strings.append(pushed)
+            top = pushed
+    return tuple(dict.fromkeys(names))
+
+
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or not all(type(v) is int for v in value):
         # reprlib bounds depth and length: a pickle can share one list at every level, whose full repr is 2 ** depth
@@ -247,11 +307,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         }
 
     def find_class(self, module: str, name: str) -> Any:
-        # Protocol 2 writes Python 2 names (__builtin__, commands); report and match them by their Python 3 names,
-        # as pickle's own find_class would resolve them.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module, name = _python3_name(module, name)
         full = f"{module}.{name}"
         if full in self._safe:
             return self._safe[full]
@@ -261,7 +317,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return TorchDType(_DTYPE_ALIASES.get(name, name))
         # Protocol 4 walks a dotted name as attributes from the module (gzip + os.system is os.system): keep where
         # the import ends and the attribute walk begins, so that the name is judged as the unpickler resolves it.
-        recorded = f"{module}:{name}" if "." in name else full
+        recorded = recorded_name(module, name)
         if recorded not in self._placeholders:
             self._placeholders[recorded] = placeholder_class(recorded)
             self.untrusted_globals.append(recorded)

@@ -6,14 +6,22 @@ methods or stored as objects bncheck does not rebuild) and that come from a trus
 
 from __future__ import annotations
 
+import contextlib
+import io
+import tarfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import numpy as np
 
 from bncheck.errors import CorruptCheckpointError, TorchRequiredError
 from bncheck.loaders.interface import Checkpoint, in_memory
+from bncheck.loaders.restricted_pickle import scan_globals
+from bncheck.loaders.torch_zip import ZIP_ERRORS
 
+# pickles are a few hundred bytes per tensor; a member larger than this is not read into memory to be scanned
+MAX_SCANNED_PICKLE_BYTES = 64 * 1024 * 1024
 WARNING = "--unsafe-load runs the code inside the checkpoint's pickle with your rights; use it only on trusted files"
 
 
@@ -35,6 +43,30 @@ def _convert(obj: Any, torch: Any, depth: int = 0) -> Any:
     if hasattr(obj, "__dict__"):
         return {key: _convert(value, torch, depth + 1) for key, value in vars(obj).items()}
     return obj
+
+
+def globals_torch_would_meet(path: Path) -> tuple[str, ...]:
+    """The globals named by every pickle torch.load could unpickle in a file bncheck's own reader refused, read
+    statically (``scan_globals``): the zip members named ``*.pkl``, a tar's members, or the five pickles a legacy
+    file starts with. Whatever cannot be parsed adds nothing."""
+    names: list[str] = []
+    with contextlib.suppress(*ZIP_ERRORS, tarfile.TarError):
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for info in archive.infolist():
+                    if info.filename.lower().endswith(".pkl") and info.file_size <= MAX_SCANNED_PICKLE_BYTES:
+                        names += scan_globals(io.BytesIO(archive.read(info)))
+        elif tarfile.is_tarfile(path):
+            with tarfile.open(path) as archive:
+                for member in archive.getmembers():
+                    handle = archive.extractfile(member) if member.size <= MAX_SCANNED_PICKLE_BYTES else None
+                    if handle is not None:
+                        names += scan_globals(io.BytesIO(handle.read()))
+        else:
+            with path.open("rb") as handle:
+                for _ in range(5):  # magic number, protocol, system information, objects, storage keys
+                    names += scan_globals(cast(IO[bytes], handle))
+    return tuple(dict.fromkeys(names))
 
 
 def open_with_torch(path: Path) -> Checkpoint:
