@@ -222,6 +222,46 @@ def test_one_bad_file_never_aborts_a_run(cli, tmp_path: Path) -> None:
         assert result.exit_code == 2
 
 
+def zip64_sizes(data: bytes, member_suffix: str, size: int) -> bytes:
+    """The archive with one central-directory entry's sizes declared through a zip64 extra field as ``size``."""
+    import zipfile
+
+    cd_start = zipfile.ZipFile(io.BytesIO(data)).start_dir
+    eocd = data.rindex(b"PK\x05\x06")
+    directory = bytearray()
+    position = cd_start
+    while data[position : position + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[position + 28 : position + 34])
+        end = position + 46 + name_len + extra_len + comment_len
+        entry = bytearray(data[position:end])
+        if bytes(entry[46 : 46 + name_len]).decode().endswith(member_suffix):
+            entry[20:28] = struct.pack("<II", 0xFFFFFFFF, 0xFFFFFFFF)
+            extra = struct.pack("<HHQQ", 1, 16, size, size)
+            entry[30:32] = struct.pack("<H", extra_len + len(extra))
+            entry[46 + name_len + extra_len : 46 + name_len + extra_len] = extra
+        directory += entry
+        position = end
+    tail = bytearray(data[eocd:])
+    tail[12:16] = struct.pack("<I", len(directory))
+    return data[:cd_start] + bytes(directory) + bytes(tail)
+
+
+def test_zip_sizes_declared_at_the_zip64_limit(cli, tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    state = {
+        "bn.running_var": torch.ones(4),
+        "bn.running_mean": torch.zeros(4),
+        "bn.num_batches_tracked": torch.tensor(3),
+    }
+    torch.save(state, buffer)
+    for member in ("data.pkl", "data/0"):
+        path = tmp_path / "huge.pt"
+        path.write_bytes(zip64_sizes(buffer.getvalue(), member, 2**64 - 1))
+        start = time.perf_counter()
+        assert "declares" in error_of(path, cli)["message"]
+        assert time.perf_counter() - start < 10
+
+
 def test_peak_memory_of_this_test_process_stays_bounded() -> None:
     # a guard on the tests above (so it stays the last test of the file): none may have grown this process past
     # 1 GiB; the suite's other tests run before or after in the same process, so this bounds them too
