@@ -100,6 +100,17 @@ def test_names_that_differ_only_in_case_are_refused_naming_the_hidden_pickle(cli
     assert code == 2
 
 
+def test_a_hidden_pickle_that_breaks_after_its_payload_is_still_named(cli, tmp_path: Path) -> None:
+    # the payload's REDUCE comes first; what follows it no unpickler can read, yet torch would have run the payload
+    broken = evil(tmp_path / "marker")[:-1] + b"\xff\xff"
+    entries = members()
+    path = tmp_path / "case.pt"
+    path.write_bytes(zip_of([("archive/DATA.PKL", broken), *entries[1:], entries[0]]))
+    file, code = inspect(cli, path)
+    assert "hidden pickle archive/DATA.PKL names posix.system" in file["error"]["message"]
+    assert code == 2
+
+
 def test_an_upper_case_data_pickle_alone_is_the_one_torch_reads(cli, tmp_path: Path) -> None:
     path = tmp_path / "upper.pt"
     assert_live(path, tmp_path, lambda marker: zip_of(with_evil_pickle(marker, "archive/DATA.PKL")))

@@ -28,6 +28,7 @@ Each case, as checked by running torch 2.13 on crafted files:
 
 from __future__ import annotations
 
+import io
 import struct
 import zipfile
 import zlib
@@ -39,7 +40,7 @@ from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
-from bncheck.loaders.restricted_pickle import StorageRef, strided_copy, unpickle, view_span
+from bncheck.loaders.restricted_pickle import StorageRef, scan_globals, strided_copy, unpickle, view_span
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), file name length, extra field length
 # signature, version, flags, method, time, date, crc, compressed size, size, name length, extra length
@@ -107,11 +108,12 @@ def _inflate(raw: bytes, size: int, name: str) -> bytes:
 
 
 def _pickle_globals(data: bytes) -> tuple[str, ...]:
-    """The untrusted globals a pickle that torch would not read names; a broken one names none."""
+    """The untrusted globals a pickle that torch would not read names; for a broken one, those its opcodes name
+    up to the break."""
     try:
         return unpickle(data, _unread_tensor, persistent_load=lambda _saved_id: None)[1]
     except CorruptCheckpointError:
-        return ()
+        return scan_globals(io.BytesIO(data))
 
 
 def _named(hidden: list[tuple[str, tuple[str, ...]]]) -> str:
