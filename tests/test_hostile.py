@@ -7,12 +7,13 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_process
+from test_hostile_corpus import Reduce
 from torch import nn
 
 
@@ -124,7 +125,6 @@ def test_payload_in_a_legacy_file_is_flagged_not_run(cli, tmp_path: Path) -> Non
 
 def test_unsafe_load_is_opt_in_and_warns(tmp_path: Path) -> None:
     import numpy as np
-    from conftest import run_process
 
     # running statistics stored as numpy arrays: bncheck's reader records them as objects, torch rebuilds them
     path = tmp_path / "numpy-stats.pt"
@@ -175,12 +175,7 @@ def test_unsafe_load_never_hands_a_file_with_a_bn101_global_to_torch(tmp_path: P
         },
         path,
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "bncheck", "inspect", str(path), "--json", "--unsafe-load"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_process("inspect", path, "--json", "--unsafe-load")
     assert not marker.exists()
     file = json.loads(result.stdout)["files"][0]
     assert file["format"] == "torch zip"  # bncheck's own reader, not "torch (unsafe load)"
@@ -214,7 +209,7 @@ def test_unsafe_load_never_hands_torch_a_refused_file_whose_pickle_runs_code(tmp
 
     marker = tmp_path / "marker"
     buffer = io.BytesIO()
-    payload = _Reduce(os.system, f"touch {marker}")
+    payload = Reduce(os.system, f"touch {marker}")
     Pickler(buffer, protocol=2).dump({"a": payload, "b": _BadTensor()})
     path = tmp_path / "broken.pt"
     with zipfile.ZipFile(path, "w") as archive:
@@ -226,24 +221,11 @@ def test_unsafe_load_never_hands_torch_a_refused_file_whose_pickle_runs_code(tmp
         torch.load(path, weights_only=False)
     assert marker.exists()
     marker.unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "bncheck", "inspect", str(path), "--json", "--unsafe-load"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_process("inspect", path, "--json", "--unsafe-load")
     assert not marker.exists()
     assert result.returncode == 2
     error = json.loads(result.stdout)["files"][0]["error"]
     assert "did not hand it to torch" in error["message"] and "posix.system" in error["message"]
-
-
-class _Reduce:
-    def __init__(self, function: object, *args: object) -> None:
-        self.function, self.args = function, args
-
-    def __reduce__(self) -> tuple:
-        return (self.function, self.args)
 
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
@@ -252,7 +234,7 @@ def test_the_static_scan_names_globals_up_to_where_a_pickle_breaks(protocol: int
 
     from bncheck.loaders.restricted_pickle import scan_globals
 
-    data = pickle.dumps([_Reduce(os.system, "true"), _Reduce(os.getcwd), _Reduce(os.system, "x")], protocol=protocol)
+    data = pickle.dumps([Reduce(os.system, "true"), Reduce(os.getcwd), Reduce(os.system, "x")], protocol=protocol)
     assert scan_globals(io.BytesIO(data)) == ("posix.system", "posix.getcwd")
     cut = data[: data.index(b"getcwd") + 8]  # broken right after the second global
     assert "posix.system" in scan_globals(io.BytesIO(cut))
