@@ -200,7 +200,26 @@ class _BadTensor:
         return (torch._utils._rebuild_tensor_v2, (_Storage(), 0, "not a size", (1,), False, {}))
 
 
-def test_unsafe_load_never_hands_torch_a_refused_file_whose_pickle_runs_code(tmp_path: Path) -> None:
+def with_bad_crc(path: Path, name: str) -> None:
+    """The member's CRC-32 made wrong in its local header and the central directory: zipfile refuses to read the
+    member, torch's reader does not check."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+        directory = archive.start_dir
+    wrong = struct.pack("<I", info.CRC ^ 0xFFFFFFFF)
+    data[info.header_offset + 14 : info.header_offset + 18] = wrong
+    entry = data.index(b"PK\x01\x02", directory)
+    while not data[entry + 46 :].startswith(name.encode()):
+        entry = data.index(b"PK\x01\x02", entry + 4)
+    data[entry + 16 : entry + 20] = wrong
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("bad_crc", [False, True], ids=["crc-ok", "crc-wrong"])
+def test_unsafe_load_never_hands_torch_a_refused_file_whose_pickle_runs_code(tmp_path: Path, bad_crc: bool) -> None:
     import io
 
     class Pickler(pickle.Pickler):
@@ -217,6 +236,8 @@ def test_unsafe_load_never_hands_torch_a_refused_file_whose_pickle_runs_code(tmp
         archive.writestr("broken/data/0", bytes(4))
         archive.writestr("broken/byteorder", "little")
         archive.writestr("broken/version", "3\n")
+    if bad_crc:
+        with_bad_crc(path, "broken/data.pkl")
     with pytest.raises(Exception):  # noqa: B017 torch runs the payload, then fails on the malformed record
         torch.load(path, weights_only=False)
     assert marker.exists()

@@ -28,6 +28,7 @@ Each case, as checked by running torch 2.13 on crafted files:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import zipfile
@@ -88,6 +89,45 @@ def member_data_start(source: ByteSource, info: zipfile.ZipInfo) -> int:
     if signature != _LOCAL_SIGNATURE:
         raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
     return int(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
+
+
+def member_bytes(source: ByteSource, info: zipfile.ZipInfo) -> bytes:
+    """A whole (small) member, read as torch's reader reads it: from the data offset its local header gives,
+    whatever name the local header carries and whatever its CRC."""
+    if info.file_size > MAX_PICKLE_BYTES or info.compress_size > source.size:
+        raise CorruptCheckpointError(f"archive member {info.filename} declares {info.file_size} bytes: too large")
+    if info.flag_bits & 0x1:
+        raise CorruptCheckpointError(f"archive member {info.filename} is encrypted")
+    raw = source.read(member_data_start(source, info), info.compress_size)
+    if info.compress_type == zipfile.ZIP_STORED:
+        data = raw
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        if info.file_size > MAX_DEFLATED_PICKLE_BYTES:
+            raise CorruptCheckpointError(
+                f"deflated archive member {info.filename} would expand {info.compress_size} bytes to "
+                f"{info.file_size} (at most {MAX_DEFLATED_PICKLE_BYTES} for a compressed member)"
+            )
+        data = _inflate(raw, info.file_size, info.filename)
+    else:
+        raise CorruptCheckpointError(
+            f"archive member {info.filename} uses compression method {info.compress_type}, which torch cannot read"
+        )
+    if len(data) != info.file_size:
+        raise CorruptCheckpointError(f"archive member {info.filename} is not the size its entry declares")
+    return data
+
+
+def scan_pickle_members(source: ByteSource) -> tuple[str, ...]:
+    """The globals every member torch would unpickle names, read from its opcodes (``scan_globals``) as torch's
+    reader finds its bytes, CRC unchecked: for an archive bncheck's reader refused. A member that cannot be read
+    adds nothing and does not stop the others."""
+    names: list[str] = []
+    with source.open() as handle, zipfile.ZipFile(handle) as archive:
+        for info in archive.infolist():
+            if _is_pickle_name(info.filename):
+                with contextlib.suppress(CorruptCheckpointError):
+                    names += scan_globals(io.BytesIO(member_bytes(source, info)))
+    return tuple(dict.fromkeys(names))
 
 
 def fold_case(name: str) -> str:
@@ -213,29 +253,9 @@ class _Archive:
         return self.read_full(self.member(name))
 
     def read_full(self, info: zipfile.ZipInfo, *, noted: bool = True) -> bytes:
-        """A whole (small) member, read as torch's reader reads it: from the data offset its local header gives,
-        whatever name the local header carries and whatever its CRC; pickles and records, never storages."""
-        if info.file_size > MAX_PICKLE_BYTES or info.compress_size > self.source.size:
-            raise CorruptCheckpointError(f"archive member {info.filename} declares {info.file_size} bytes: too large")
-        if info.flag_bits & 0x1:
-            raise CorruptCheckpointError(f"archive member {info.filename} is encrypted")
-        start = member_data_start(self.source, info)
-        raw = self.source.read(start, info.compress_size)
-        if info.compress_type == zipfile.ZIP_STORED:
-            data = raw
-        elif info.compress_type == zipfile.ZIP_DEFLATED:
-            if info.file_size > MAX_DEFLATED_PICKLE_BYTES:
-                raise CorruptCheckpointError(
-                    f"deflated archive member {info.filename} would expand {info.compress_size} bytes to "
-                    f"{info.file_size} (at most {MAX_DEFLATED_PICKLE_BYTES} for a compressed member)"
-                )
-            data = _inflate(raw, info.file_size, info.filename)
-        else:
-            raise CorruptCheckpointError(
-                f"archive member {info.filename} uses compression method {info.compress_type}, which torch cannot read"
-            )
-        if len(data) != info.file_size:
-            raise CorruptCheckpointError(f"archive member {info.filename} is not the size its entry declares")
+        """A whole (small) member, read as torch's reader reads it (see :func:`member_bytes`); pickles and records,
+        never storages."""
+        data = member_bytes(self.source, info)
         if noted:
             self._note_disagreements(info, data)
         return data

@@ -15,12 +15,13 @@ from typing import IO, Any, cast
 
 import numpy as np
 
-from bncheck.errors import CorruptCheckpointError, TorchRequiredError
+from bncheck.errors import BncheckError, CorruptCheckpointError, TorchRequiredError
+from bncheck.loaders.files import LocalSource
 from bncheck.loaders.interface import Checkpoint, in_memory
 from bncheck.loaders.restricted_pickle import scan_globals
-from bncheck.loaders.torch_zip import ZIP_ERRORS
+from bncheck.loaders.torch_zip import ZIP_ERRORS, scan_pickle_members
 
-# pickles are a few hundred bytes per tensor; a member larger than this is not read into memory to be scanned
+# pickles are a few hundred bytes per tensor; a tar member larger than this is not read into memory to be scanned
 MAX_SCANNED_PICKLE_BYTES = 64 * 1024 * 1024
 WARNING = "--unsafe-load runs the code inside the checkpoint's pickle with your rights; use it only on trusted files"
 
@@ -47,16 +48,17 @@ def _convert(obj: Any, torch: Any, depth: int = 0) -> Any:
 
 def globals_torch_would_meet(path: Path) -> tuple[str, ...]:
     """The globals named by every pickle torch.load could unpickle in a file bncheck's own reader refused, read
-    statically (``scan_globals``): the zip members named ``*.pkl``, a tar's members, or the five pickles a legacy
-    file starts with. Whatever cannot be parsed adds nothing."""
+    statically (``scan_globals``): a zip's pickle members as torch's reader finds them, a tar's members, or the five
+    pickles a legacy file starts with. Whatever cannot be parsed adds nothing."""
     names: list[str] = []
-    with contextlib.suppress(*ZIP_ERRORS, tarfile.TarError):
+    with contextlib.suppress(*ZIP_ERRORS, tarfile.TarError, BncheckError):
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                for info in archive.infolist():
-                    if info.filename.lower().endswith(".pkl") and info.file_size <= MAX_SCANNED_PICKLE_BYTES:
-                        names += scan_globals(io.BytesIO(archive.read(info)))
-        elif tarfile.is_tarfile(path):
+            source = LocalSource(path)
+            try:
+                return scan_pickle_members(source)
+            finally:
+                source.close()
+        if tarfile.is_tarfile(path):
             with tarfile.open(path) as archive:
                 for member in archive.getmembers():
                     handle = archive.extractfile(member) if member.size <= MAX_SCANNED_PICKLE_BYTES else None
