@@ -73,7 +73,12 @@ def _is_tar_header(head: bytes) -> bool:
     """Whether ``tarfile`` accepts the first block as a member header: the test torch's loader makes first."""
     if len(head) < SNIFF_BYTES:
         return False
-    import tarfile  # only for files that are not zip archives
+    # the checksum field holds octal digits padded with NUL or spaces (or, first byte 0x80/0xff, a base-256 number):
+    # anything else tarfile refuses too, so a safetensors or pickle file is turned away without importing tarfile
+    checksum = head[148:156]
+    if checksum[:1] not in (b"\x80", b"\xff") and checksum.translate(None, b"01234567 \x00"):
+        return False
+    import tarfile  # only for files that could be tar archives
 
     try:
         tarfile.TarInfo.frombuf(head[:SNIFF_BYTES], "utf-8", "surrogateescape")
