@@ -259,8 +259,9 @@ MAX_CONFIG_BYTES = 1024 * 1024
 
 def _read_text(path: Path) -> str:
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"config {path} is too large ({path.stat().st_size} bytes; at most {MAX_CONFIG_BYTES})")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path} is too large ({size} bytes; at most {MAX_CONFIG_BYTES})")
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
