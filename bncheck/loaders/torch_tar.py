@@ -32,7 +32,15 @@ from bncheck.errors import CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import Checkpoint, TensorRef
-from bncheck.loaders.restricted_pickle import StorageRef, StorageType, strided_copy, unpickle, view_span
+from bncheck.loaders.restricted_pickle import (
+    StorageRef,
+    StorageType,
+    globals_of,
+    no_tensor,
+    strided_copy,
+    unpickle,
+    view_span,
+)
 from bncheck.loaders.torch_legacy import PickleSequence, open_torch_legacy
 
 # a pickle outside the three members torch reads is scanned when it is at most this large
@@ -170,19 +178,8 @@ def _hidden_pickles(source: ByteSource, members: list[tarfile.TarInfo], read: se
             continue
         data = source.read(member.offset_data, member.size)
         if data.startswith(_PICKLE_START):
-            try:
-                found.append((member.name, *unpickle(data, _no_tensor, persistent_load=_ignored)[1]))
-            except CorruptCheckpointError:
-                continue
+            found.append((member.name, *globals_of(data)))
     return found
-
-
-def _ignored(_saved_id: Any) -> None:
-    """Persistent ids of a pickle torch never reads: they name nothing, and must not stop the scan."""
-
-
-def _no_tensor(*_: Any) -> TensorRef:
-    raise CorruptCheckpointError("tensors of this pickle are not read")
 
 
 def open_torch_tar(source: ByteSource) -> Checkpoint:
@@ -232,7 +229,7 @@ def open_torch_tar(source: ByteSource) -> Checkpoint:
     if pickle_member.size > MAX_PICKLE_BYTES:
         raise CorruptCheckpointError(f"tar member pickle declares {pickle_member.size} bytes: too large")
     root, named = unpickle(
-        source.read(pickle_member.offset_data, pickle_member.size), _no_tensor, persistent_load=persistent_load
+        source.read(pickle_member.offset_data, pickle_member.size), no_tensor, persistent_load=persistent_load
     )
     globals_named += [g for g in named if g not in globals_named]
     # the tensor records name the tensor's class (torch.FloatTensor), which torch reads and ignores

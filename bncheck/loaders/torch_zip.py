@@ -41,7 +41,7 @@ from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
-from bncheck.loaders.restricted_pickle import StorageRef, scan_globals, strided_copy, unpickle, view_span
+from bncheck.loaders.restricted_pickle import StorageRef, globals_of, scan_globals, strided_copy, unpickle, view_span
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), file name length, extra field length
 # signature, version, flags, method, time, date, crc, compressed size, size, name length, extra length
@@ -147,15 +147,6 @@ def _inflate(raw: bytes, size: int, name: str) -> bytes:
         raise CorruptCheckpointError(f"cannot inflate archive member {name}: {exc}") from exc
 
 
-def _pickle_globals(data: bytes) -> tuple[str, ...]:
-    """The untrusted globals a pickle that torch would not read names; for a broken one, those its opcodes name
-    up to the break."""
-    try:
-        return unpickle(data, _unread_tensor, persistent_load=lambda _saved_id: None)[1]
-    except CorruptCheckpointError:
-        return scan_globals(io.BytesIO(data))
-
-
 def _named(hidden: list[tuple[str, tuple[str, ...]]]) -> str:
     """The end of a refusal: what the pickles that hide in the ambiguity name."""
     named = [f"{name} names {', '.join(found[:4])}" for name, found in hidden if found]
@@ -180,7 +171,7 @@ class _Archive:
         for info in suspects:
             if _is_pickle_name(info.filename):
                 try:
-                    hidden.append((info.filename, _pickle_globals(self.read_full(info, noted=False))))
+                    hidden.append((info.filename, globals_of(self.read_full(info, noted=False))))
                 except CorruptCheckpointError:
                     continue
         return CorruptCheckpointError(reason + _named(hidden))
@@ -342,7 +333,7 @@ class _Archive:
             data = _inflate(raw, limit, name) if method == 8 else raw
         except CorruptCheckpointError:
             return []
-        return [(f"{name} at byte {at}", _pickle_globals(data))]
+        return [(f"{name} at byte {at}", globals_of(data))]
 
     def read_bytes(self, info: zipfile.ZipInfo, start: int, length: int) -> bytes:
         """``length`` bytes from ``start`` within a member, read in place when the member is stored."""
