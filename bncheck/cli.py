@@ -452,7 +452,7 @@ def inspect_command(
         if unsafe_load:
             from bncheck.loaders.unsafe import WARNING
 
-            sys.stderr.write(f"bncheck: warning: {WARNING}\n")
+            _say(f"warning: {WARNING}")
         settings = with_overrides(
             load_settings(config),
             select=_split(select) or None,
@@ -584,8 +584,9 @@ def recalibrate_command(
     except BncheckError as exc:
         return _fail(str(exc))
     _console(stderr=True).print(Text(f"wrote {escape_controls(str(output))}"))
-    _emit(REPORT_FORMATS["text"], Report(files=(report,), tool_version=__version__))
-    return exit_code(Report(files=(report,)))
+    written = Report(files=(report,), tool_version=__version__)
+    _emit(REPORT_FORMATS["text"], written)
+    return exit_code(written)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -605,7 +606,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         _say(f"internal error: {type(exc).__name__}: {exc}")
         return EXIT_NOT_CHECKED
     if code == EXIT_INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into this exit code
-        sys.stderr.write("bncheck: interrupted\n")
+        _say("interrupted")
     return code if isinstance(code, int) else EXIT_OK
 
 
