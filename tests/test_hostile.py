@@ -249,6 +249,21 @@ def test_unsafe_load_never_hands_torch_a_refused_file_whose_pickle_runs_code(tmp
     assert "did not hand it to torch" in error["message"] and "posix.system" in error["message"]
 
 
+def test_unsafe_load_never_hands_torch_a_broken_legacy_pickle_that_runs_code(tmp_path: Path) -> None:
+    # the payload's REDUCE, then an opcode no unpickler knows: torch runs the payload before it fails
+    marker = tmp_path / "marker"
+    path = tmp_path / "broken-legacy.pt"
+    path.write_bytes(pickle.dumps(Reduce(os.system, f"touch {marker}"), protocol=2)[:-1] + b"\xff")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    result = run_process("inspect", path, "--json", "--unsafe-load")
+    assert not marker.exists() and result.returncode == 2
+    error = json.loads(result.stdout)["files"][0]["error"]
+    assert "did not hand it to torch" in error["message"] and "posix.system" in error["message"]
+
+
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_the_static_scan_names_globals_up_to_where_a_pickle_breaks(protocol: int) -> None:
     import io

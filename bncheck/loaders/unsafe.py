@@ -11,7 +11,7 @@ import io
 import tarfile
 import zipfile
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from bncheck.loaders.interface import Checkpoint, in_memory
 from bncheck.loaders.restricted_pickle import scan_globals
 from bncheck.loaders.torch_zip import ZIP_ERRORS, scan_pickle_members
 
-# pickles are a few hundred bytes per tensor; a tar member larger than this is not read into memory to be scanned
+# pickles are a few hundred bytes per tensor: a tar member, or the start of a legacy file, is scanned up to this size
 MAX_SCANNED_PICKLE_BYTES = 64 * 1024 * 1024
 WARNING = "--unsafe-load runs the code inside the checkpoint's pickle with your rights; use it only on trusted files"
 
@@ -65,9 +65,12 @@ def globals_torch_would_meet(path: Path) -> tuple[str, ...]:
                     if handle is not None:
                         names += scan_globals(io.BytesIO(handle.read()))
         else:
+            # the pickles come first and are small (the storages follow them): an opcode claiming gigabytes of
+            # bytes reads at most this prefix
             with path.open("rb") as handle:
-                for _ in range(5):  # magic number, protocol, system information, objects, storage keys
-                    names += scan_globals(cast(IO[bytes], handle))
+                head = io.BytesIO(handle.read(MAX_SCANNED_PICKLE_BYTES))
+            for _ in range(5):  # magic number, protocol, system information, objects, storage keys
+                names += scan_globals(head)
     return tuple(dict.fromkeys(names))
 
 
