@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bncheck.checks import RULES, run_checks
+from bncheck.checks import RULES, LayerDrift, run_checks
 from bncheck.config import Options
 from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
 from bncheck.loaders import find_checkpoints
 from bncheck.read import read_checkpoint
-from bncheck.report import ConfigInfo, FileReport, Report, RuleInfo
-from bncheck.summary import file_report, unreadable_report
+from bncheck.report import ConfigInfo, FileError, FileReport, RecomputeInfo, Report, RuleInfo
+from bncheck.summary import file_error, file_report, unreadable_report
 
 if TYPE_CHECKING:  # recomputation, worker processes and torch are loaded only when asked for
-    from bncheck.recompute import RecomputeRequest, Workload
+    from bncheck.recompute import Progress, RecomputeRequest, Workload
 
 PathLike = str | os.PathLike[str]
 
@@ -27,15 +27,15 @@ def inspect(
     *,
     options: Options | None = None,
     recompute: RecomputeRequest | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Report:
     """Inspect checkpoints (files, shard indexes, directories searched recursively, URLs) and return the report.
 
     Never raises for a bad file: an unreadable checkpoint is a FileReport whose ``error`` says why. ``options``
     holds the thresholds, the rule selection, the fail level, the exclude globs and the number of worker processes.
-    With ``recompute``, the model is run over the sample data for every checkpoint (BN012), and ``progress`` is
-    called with the number of samples of each batch; a model or data spec that cannot be loaded raises ModelError
-    / DataError, since no file could be checked with it.
+    With ``recompute``, the model is run over the sample data for every checkpoint (BN012), and ``progress`` hears
+    how far each pass is; a model or data spec that cannot be loaded raises ModelError / DataError, since no file
+    could be checked with it. A file the model does not fit keeps its static findings beside ``recompute_error``.
     """
     from bncheck import __version__
 
@@ -106,7 +106,7 @@ def _inspect_job(unit: tuple[Path | str, bool], options: Options) -> FileReport 
     return _inspect_one(path, options, None, excluded=excluded)
 
 
-def _prepare(request: RecomputeRequest, progress: Callable[[int], None] | None) -> Workload:
+def _prepare(request: RecomputeRequest, progress: Progress | None) -> Workload:
     from bncheck.recompute import prepare
 
     return prepare(request, progress)
@@ -119,14 +119,18 @@ def _inspect_one(
     security findings count, and it is left out (None) when it has none."""
     try:
         checkpoint, layers = read_checkpoint(path, unsafe_load=options.unsafe_load)
-        if workload is not None:
-            from bncheck.recompute import measure_checkpoint
-
-            drifts, recomputed = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
-        else:
-            drifts, recomputed = [], None
     except BncheckError as exc:
         return None if excluded else unreadable_report(path, exc)
+    drifts: list[LayerDrift] = []
+    recomputed: RecomputeInfo | None = None
+    recompute_error: FileError | None = None
+    if workload is not None:
+        from bncheck.recompute import measure_checkpoint
+
+        try:
+            drifts, recomputed = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
+        except BncheckError as exc:  # the model does not fit this file: its static findings still stand
+            recompute_error = file_error(exc)
     findings, notes = [], []
     for finding in run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=options.thresholds):
         reported, note = options.verdict(finding.code, str(path), excluded=excluded)
@@ -136,5 +140,5 @@ def _inspect_one(
             notes.append(note)
     if excluded and not findings:
         return None
-    report = file_report(path, checkpoint, layers, findings, recomputed)
+    report = file_report(path, checkpoint, layers, findings, recomputed, recompute_error)
     return dataclasses.replace(report, notes=report.notes + tuple(notes)) if notes else report

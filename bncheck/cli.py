@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -213,8 +213,36 @@ _RequiredData = Annotated[str | None, typer.Option(help=_DATA_HELP + " Required.
 _ModelKwargs = Annotated[
     str | None, typer.Option(help="JSON object of keyword arguments for the factory.", rich_help_panel=_PANEL)
 ]
-_BatchSize = Annotated[int, typer.Option(min=1, help="Samples per batch.", rich_help_panel=_PANEL)]
-_MaxSamples = Annotated[int | None, typer.Option(min=1, help="Use at most this many samples.", rich_help_panel=_PANEL)]
+_BatchSize = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Samples per batch of a tensor file (a callable's loader sets its own). In train mode each BatchNorm "
+        "normalises with its batch's statistics: below 16 deeper layers drift, and 1 cannot be used.",
+        rich_help_panel=_PANEL,
+    ),
+]
+# recompute.DEFAULT_MAX_SAMPLES (a test keeps them equal): --help must not import the recompute stack
+_DEFAULT_MAX_SAMPLES = "4096"
+_MaxSamples = Annotated[
+    str,
+    typer.Option(
+        metavar="N|all",
+        help="Use at most N samples, reading one batch at a time; 'all' reads the whole loader (an endless one "
+        "never ends).",
+        rich_help_panel=_PANEL,
+    ),
+]
+_Inputs = Annotated[
+    str | None,
+    typer.Option(
+        metavar="KEYS",
+        help="Which elements of each tuple or dict batch are the model's inputs: indexes or keys, comma-separated "
+        "(e.g. 0, or image, or input_ids,attention_mask). Default: the whole batch, or its first element when the "
+        "model takes one input.",
+        rich_help_panel=_PANEL,
+    ),
+]
 _Estimator = Annotated[
     Literal["exact", "pytorch"],
     typer.Option(
@@ -239,7 +267,8 @@ def _request(
     data: str | None,
     model_kwargs: str | None,
     batch_size: int,
-    max_samples: int | None,
+    max_samples: str,
+    inputs: str | None,
     estimator: str,
     device: str,
     source: str | None,
@@ -258,7 +287,8 @@ def _request(
         data=data,
         model_kwargs=parse_kwargs(model_kwargs),
         batch_size=batch_size,
-        max_samples=max_samples,
+        max_samples=_sample_budget(max_samples),
+        inputs=tuple(key.strip() for key in (inputs or "").split(",") if key.strip()),
         mode="eval" if mode == "eval" else "train",
         estimator="pytorch" if estimator == "pytorch" else "exact",
         device=device,
@@ -267,23 +297,61 @@ def _request(
     )
 
 
+def _sample_budget(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--max-samples takes a positive number or 'all', not {text!r}")
+    return value
+
+
+class _ProgressBar:
+    """The recompute progress on stderr: what is loading before the first batch, then samples against the total
+    (with an estimate of the time left) when the data says how many there are."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.task = bar.add_task("loading the model and data", total=None)
+
+    def start(self, total_samples: int | None) -> None:
+        self.bar.reset(self.task, total=total_samples, description="loading the first batch")
+
+    def advance(self, samples: int) -> None:
+        self.bar.update(self.task, advance=samples, description="running the model")
+
+
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    """A samples counter on stderr while the model runs, only when a person is watching."""
+def _progress(enabled: bool) -> Iterator[_ProgressBar | None]:
+    """A progress bar on stderr while the model runs, only when a person is watching."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(
         SpinnerColumn(),
-        TextColumn("running the model: {task.completed} samples"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=_console(stderr=True),
         transient=True,
     ) as bar:
-        task = bar.add_task("recompute", total=None)
-        yield lambda samples: bar.advance(task, samples)
+        yield _ProgressBar(bar)
 
 
 def _console(*, stderr: bool = False) -> Any:
@@ -399,7 +467,8 @@ def inspect_command(
     data: _Data = None,
     model_kwargs: _ModelKwargs = None,
     batch_size: _BatchSize = 64,
-    max_samples: _MaxSamples = None,
+    max_samples: _MaxSamples = _DEFAULT_MAX_SAMPLES,
+    inputs: _Inputs = None,
     estimator: _Estimator = "exact",
     device: _Device = "cpu",
     source: _Source = None,
@@ -443,6 +512,7 @@ def inspect_command(
             model_kwargs=model_kwargs,
             batch_size=batch_size,
             max_samples=max_samples,
+            inputs=inputs,
             estimator=estimator,
             device=device,
             source=source,
@@ -470,8 +540,8 @@ def inspect_command(
     _emit(renderer, report)
     if not renderer.names_unreadable:
         for file in report.files:
-            if file.error is not None:
-                _say(f"{file.path}: {file.error.message}")
+            for error in file.errors:
+                _say(f"{file.path}: {error.message}")
     return exit_code(report)
 
 
@@ -545,7 +615,8 @@ def recalibrate_command(
     data: _RequiredData = None,
     model_kwargs: _ModelKwargs = None,
     batch_size: _BatchSize = 64,
-    max_samples: _MaxSamples = None,
+    max_samples: _MaxSamples = _DEFAULT_MAX_SAMPLES,
+    inputs: _Inputs = None,
     estimator: _Estimator = "exact",
     device: _Device = "cpu",
     source: _Source = None,
@@ -574,6 +645,7 @@ def recalibrate_command(
             model_kwargs=model_kwargs,
             batch_size=batch_size,
             max_samples=max_samples,
+            inputs=inputs,
             estimator=estimator,
             device=device,
             source=source,

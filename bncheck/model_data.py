@@ -13,6 +13,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from bncheck.discover import StateDict
 from bncheck.errors import BncheckError, DataError, ModelError, TorchRequiredError, first_line
-from bncheck.recompute import Batch
+from bncheck.recompute import DEFAULT_MAX_SAMPLES, Batch, batch_size_of
 
 if TYPE_CHECKING:
     import torch
@@ -69,9 +70,11 @@ def load_model(spec: str, *, kwargs: Mapping[str, Any] | None = None) -> torch.n
     """Build the model from a factory spec or load a TorchScript archive."""
     torch = require_torch()
     path = Path(spec)
-    if ":" not in spec or (path.is_file() and not spec.endswith(".py")):
+    if path.suffix == ".py" and ":" not in spec:
+        raise ModelError(f"{spec} is a Python file: name the function that builds the model ({spec}:NAME)")
+    if ":" not in spec or (path.is_file() and path.suffix != ".py"):
         if not path.is_file():
-            raise ModelError(f"{spec!r} is neither module:factory, file.py:factory nor a TorchScript file")
+            raise ModelError(f"no such file: {spec} (expected a TorchScript archive, module:factory or file.py:NAME)")
         try:
             return torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-any-return]
         except (RuntimeError, ValueError) as exc:
@@ -106,8 +109,8 @@ def _tensor_file(path: Path) -> dict[str, np.ndarray]:
 
     suffix = path.suffix.lower()
     try:
-        if suffix == ".npy":
-            return {"": np.load(path, allow_pickle=False)}
+        if suffix == ".npy":  # memory-mapped: each batch is read from disk when it is needed
+            return {"": np.load(path, mmap_mode="r", allow_pickle=False)}
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 return {name: archive[name] for name in archive.files}
@@ -133,74 +136,187 @@ def _to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(array, requirements=["C", "W"]))
 
 
-def _sliced(arrays: dict[str, np.ndarray], batch_size: int, max_samples: int | None) -> Iterator[Batch]:
+@dataclass(frozen=True, kw_only=True)
+class SampleData:
+    """A DATA spec's batches, read one at a time each time they are iterated (once per checkpoint).
+
+    ``max_samples`` None means the whole loader. ``inputs`` chooses the model's inputs from each tuple or dict
+    batch (indexes or keys); empty: the whole batch, or its first element when the model takes one input.
+    """
+
+    spec: str
+    batch_size: int = 64
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
+    inputs: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Raise DataError now for a spec that cannot give batches, before any model runs."""
+        if self._tensor_path() is not None:
+            _tensor_file(Path(self.spec))
+        else:
+            load_callable(self.spec, error=DataError)
+
+    def items(self) -> Iterator[Any]:
+        """The raw batches: a tensor, a tuple or list, or a dict of tensors each."""
+        path = self._tensor_path()
+        if path is not None:
+            yield from _sliced(_tensor_file(path), self.batch_size)
+        else:
+            yield from _from_callable(self.spec)
+
+    def total_samples(self) -> int | None:
+        """How many samples one pass will use, when that is known before it starts (for a progress bar)."""
+        path = self._tensor_path()
+        if path is None or path.suffix.lower() != ".npy":
+            return None
+        try:
+            known = int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return known if self.max_samples is None else min(known, self.max_samples)
+
+    def _tensor_path(self) -> Path | None:
+        """The tensor file the spec names; None for a callable spec; DataError for neither."""
+        path = Path(self.spec)
+        if path.is_file() and path.suffix != ".py":
+            return path
+        if ":" in self.spec and not path.exists():
+            return None
+        if path.suffix == ".py" and path.is_file():
+            raise DataError(f"{self.spec} is a Python file: name the callable that returns batches ({self.spec}:NAME)")
+        if not path.exists():
+            raise DataError(f"no such file: {self.spec}")
+        raise DataError(f"{self.spec} is not a file: give a tensor file or module:callable / file.py:callable")
+
+
+def _sliced(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[Any]:
     lengths = {name: (array.shape[0] if array.ndim else None) for name, array in arrays.items()}
     if any(n is None for n in lengths.values()):
         raise DataError("data tensors need a sample axis (their first dimension); got a scalar")
     if len(set(lengths.values())) != 1:
         raise DataError(f"data tensors disagree on the number of samples: {lengths}")
     total = next(iter(lengths.values())) or 0
-    if max_samples is not None:
-        total = min(total, max_samples)
     for start in range(0, total, batch_size):
-        part = {name: _to_tensor(array[start : min(start + batch_size, total)]) for name, array in arrays.items()}
-        if len(part) == 1:  # one tensor is the one positional argument, whatever its name
-            yield Batch(tuple(part.values()))
-        else:
-            yield Batch((), part)
+        part = {name: _to_tensor(array[start : start + batch_size]) for name, array in arrays.items()}
+        # one tensor is the one input, whatever its name; several are a dict batch
+        yield next(iter(part.values())) if len(part) == 1 else part
 
 
-def _from_callable(spec: str, max_samples: int | None) -> Iterator[Batch]:
-    torch = require_torch()
+def _from_callable(spec: str) -> Iterator[Any]:
     provider = load_callable(spec, error=DataError)
     try:
         batches = provider() if callable(provider) else provider
         iterator = iter(batches)
     except Exception as exc:  # the user's data code raised
         raise DataError(f"data callable {spec} raised {first_line(exc)}") from exc
-    seen = 0
-    while max_samples is None or seen < max_samples:
+    while True:
         try:
             item = next(iterator)
         except StopIteration:
             return
         except Exception as exc:  # a data loader that fails midway
             raise DataError(f"data callable {spec} raised {first_line(exc)}") from exc
-        if isinstance(item, torch.Tensor):
+        yield item
+
+
+def input_count(model: torch.nn.Module) -> int | None:
+    """How many positional inputs ``model`` takes, when its signature says so exactly (None: it varies)."""
+    import inspect
+
+    import torch
+
+    if isinstance(model, torch.jit.ScriptModule):
+        try:
+            arguments = model.forward.schema.arguments[1:]  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):
+            return None
+        return len(arguments)
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return None
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.default is not p.empty for p in positional):
+        return None
+    return len(positional)
+
+
+def _select(item: Any, inputs: tuple[str, ...], spec: str) -> Batch:
+    """The elements ``--inputs`` names: one is the model's one positional input; several from a tuple are
+    positional arguments in that order, several from a dict keyword arguments."""
+    chosen = []
+    for key in inputs:
+        try:
+            if isinstance(item, Mapping):
+                chosen.append(item[key])
+            elif isinstance(item, tuple | list):
+                chosen.append(item[int(key)])
+            else:
+                raise DataError(f"--inputs {','.join(inputs)} needs tuple or dict batches; {spec} yields a tensor")
+        except (KeyError, IndexError, ValueError):
+            have = list(item) if isinstance(item, Mapping) else f"indexes 0..{len(item) - 1}"
+            raise DataError(f"--inputs: the batches of {spec} have no element {key!r} (they have {have})") from None
+    if isinstance(item, Mapping) and len(inputs) > 1:
+        return Batch((), dict(zip(inputs, chosen, strict=True)))
+    return Batch(tuple(chosen))
+
+
+def model_batches(data: SampleData, model: torch.nn.Module, notes: list[str]) -> Iterator[Batch]:
+    """The model's inputs from each batch of ``data``, at most ``data.max_samples`` samples, one batch at a time.
+
+    A tensor batch is the one input, a tuple the positional inputs and a dict the keyword inputs; when the model
+    takes exactly one input and a tuple batch holds more (``(inputs, labels)``), its first element is used and
+    ``notes`` says so.
+    """
+    import torch
+
+    single = input_count(model) == 1
+    seen = 0
+    for item in data.items():
+        if data.max_samples is not None and seen >= data.max_samples:
+            return
+        if data.inputs:
+            batch = _select(item, data.inputs, data.spec)
+        elif isinstance(item, torch.Tensor):
             batch = Batch((item,))
         elif isinstance(item, tuple | list):
+            if single and len(item) > 1 and isinstance(item[0], torch.Tensor):
+                note = (
+                    f"each batch holds {len(item)} elements and the model takes one input: element 0 was used "
+                    "(choose with --inputs)"
+                )
+                if note not in notes:
+                    notes.append(note)
+                item = item[:1]
             batch = Batch(tuple(item))
         elif isinstance(item, Mapping):
             batch = Batch((), dict(item))
         else:
-            raise DataError(f"data callable {spec} yielded {type(item).__name__}: expected a tensor, tuple or dict")
-        size = next((v.shape[0] for v in (*batch.args, *batch.kwargs.values()) if isinstance(v, torch.Tensor)), 0)
-        if max_samples is not None and seen + size > max_samples:
-            keep = max_samples - seen
+            raise DataError(f"{data.spec} yielded {type(item).__name__}: expected a tensor, tuple or dict")
+        size = batch_size_of(batch)
+        if data.max_samples is not None and seen + size > data.max_samples:
+            keep = data.max_samples - seen
             batch = Batch(
-                tuple(v[:keep] if isinstance(v, torch.Tensor) else v for v in batch.args),
-                {k: v[:keep] if isinstance(v, torch.Tensor) else v for k, v in batch.kwargs.items()},
+                tuple(_first_rows(v, keep) for v in batch.args),
+                {k: _first_rows(v, keep) for k, v in batch.kwargs.items()},
             )
             size = keep
         seen += size
         yield batch
 
 
-def load_batches(spec: str, *, batch_size: int = 64, max_samples: int | None = None) -> list[Batch]:
-    """The sample batches a DATA spec stands for (read fully: sample data is small)."""
-    require_torch()
-    if batch_size < 1:
-        raise DataError("--batch-size must be at least 1")
-    path = Path(spec)
-    if path.is_file() and not spec.endswith(".py"):
-        batches = list(_sliced(_tensor_file(path), batch_size, max_samples))
-    elif ":" in spec:
-        batches = list(_from_callable(spec, max_samples))
-    else:
-        raise DataError(f"{spec!r} is neither a tensor file nor module:callable / file.py:callable")
-    if not batches:
-        raise DataError(f"{spec} holds no samples")
-    return batches
+def _first_rows(value: Any, rows: int) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value[:rows]
+    if isinstance(value, tuple | list):
+        return type(value)(_first_rows(v, rows) for v in value)
+    if isinstance(value, Mapping):
+        return {k: _first_rows(v, rows) for k, v in value.items()}
+    return value
 
 
 def _listing(names: list[str]) -> str:
@@ -240,7 +356,9 @@ def load_state_into(
     ranked = sorted(state_dicts, key=lambda sd: (-_prefix_for(model_keys, sd.tensors)[1], sd.averaged))
     chosen = ranked[0]
     prefix, _ = _prefix_for(model_keys, chosen.tensors)
-    missing = [k for k in model_keys if prefix + k not in chosen.tensors]
+    # torch's strict load accepts a state dict without num_batches_tracked when it carries no version metadata,
+    # which no safetensors file and no state dict bncheck reads does: the layer keeps its own counter
+    missing = [k for k in model_keys if prefix + k not in chosen.tensors and not _optional_counter(model, k)]
     unexpected = [
         name[len(prefix) :]
         for name in chosen.tensors
@@ -256,6 +374,8 @@ def load_state_into(
         raise ModelError(f"checkpoint does not fit the model{where}; " + "; ".join(parts))
     state = {}
     for key in model_keys:
+        if prefix + key not in chosen.tensors:
+            continue
         array = chosen.tensors[prefix + key].read()
         state[key] = _to_tensor(array)
     try:
@@ -264,3 +384,16 @@ def load_state_into(
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [first_line(exc)]
         raise ModelError(f"checkpoint does not fit the model: {_listing(details)}") from exc
     return chosen, prefix
+
+
+def _optional_counter(model: torch.nn.Module, key: str) -> bool:
+    """Whether ``key`` is a BatchNorm's num_batches_tracked, which torch's loader fills in when it is missing."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    owner, _, name = key.rpartition(".")
+    if name != "num_batches_tracked":
+        return False
+    try:
+        return isinstance(model.get_submodule(owner), _NormBase)
+    except AttributeError:
+        return False

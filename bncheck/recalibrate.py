@@ -10,6 +10,7 @@ target.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -33,7 +34,7 @@ from bncheck.loaders.dtypes import ITEMSIZE, array_to_bytes
 from bncheck.loaders.files import LocalSource
 from bncheck.loaders.interface import ByteLocation, TensorRef
 from bncheck.loaders.torch_zip import member_data_start
-from bncheck.recompute import RecomputeRequest, prepare, run_model
+from bncheck.recompute import Progress, RecomputeRequest, prepare, run_model
 from bncheck.report import FileReport, Severity
 
 PathLike = str | os.PathLike[str]
@@ -46,13 +47,15 @@ def recalibrate(
     *,
     force: bool = False,
     thresholds: Thresholds | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> FileReport:
     """Write ``output``: ``checkpoint`` with the running statistics recomputed in train mode on the sample data.
 
     Only the BatchNorm buffers of the state dict that fits the model change (``num_batches_tracked`` becomes the
-    number of batches used); every other byte is kept. The copy is inspected before it is renamed into place.
-    Returns the report of the written file; raises BncheckError when nothing could be written.
+    number of batches used); every other byte is kept. A layer the model run did not measure (not reached, or a
+    TorchScript layer traced in eval mode) is left exactly as stored and named in the report. The copy is inspected
+    before it is renamed into place. Returns the report of the written file; raises BncheckError when nothing could
+    be written.
     """
     source, target = _check_paths(checkpoint, output, request, force=force)
     options = Options(thresholds=thresholds or Thresholds())
@@ -82,7 +85,13 @@ def recalibrate(
             raise WriteError(f"the recalibrated copy fails inspection: {errors[0].code} {errors[0].message}")
 
     patch_copy(source, target, patches, verify=verify)
-    return inspect_file(target, options=options)
+    report = inspect_file(target, options=options)
+    kept = tuple(
+        f"not recalibrated, left as stored: {prefix + module or '(root)'} ({reason})"
+        for module, reason in result.unmeasured.items()
+        if prefix + module in layers
+    )
+    return dataclasses.replace(report, notes=report.notes + result.notes + kept)
 
 
 def _check_paths(

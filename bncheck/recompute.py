@@ -9,24 +9,31 @@ stored statistics. Either way the model is left exactly as it was found.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
 from bncheck.checks import LayerDrift, Thresholds
 from bncheck.discover import StateDict, find_state_dicts
 from bncheck.drift import measure_drift
-from bncheck.errors import ModelError, first_line
+from bncheck.errors import DataError, ModelError, first_line
 from bncheck.read import LayerData
-from bncheck.report import LayerDriftInfo, RecomputeInfo
+from bncheck.report import LayerDriftInfo, RecomputeInfo, UnmeasuredLayer
 
 if TYPE_CHECKING:
     import torch
 
+    from bncheck.model_data import SampleData
+
 Mode = Literal["train", "eval"]
+
+# What recomputation reads unless told otherwise: enough samples for BN012's noise floor to sit below its practical
+# limits on most layers, few enough that an endless or huge loader ends in seconds on a CPU.
+DEFAULT_MAX_SAMPLES = 4096
 Estimator = Literal["exact", "pytorch"]
 
 VARIANCE_CONVENTIONS = {
@@ -43,7 +50,10 @@ class RecomputeRequest:
     data: str
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 64
-    max_samples: int | None = None
+    # None: the whole loader
+    max_samples: int | None = DEFAULT_MAX_SAMPLES
+    # indexes or keys choosing the model's inputs from each tuple or dict batch (--inputs)
+    inputs: tuple[str, ...] = ()
     mode: Mode = "train"
     estimator: Estimator = "exact"
     device: str = "cpu"
@@ -119,7 +129,7 @@ class LayerStatistics:
         return self.mean_pooled, self.var_pooled
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RecomputeResult:
     layers: dict[str, LayerStatistics]
     batches_used: int
@@ -128,6 +138,17 @@ class RecomputeResult:
     mode: Mode
     # False for TorchScript models, whose layers cannot be hooked: only per-batch statistics exist
     pooled: bool = True
+    # BatchNorm modules that were not measured, and why; their statistics must never be written
+    unmeasured: Mapping[str, str] = field(default_factory=dict)
+    # what was done to the inputs on the way (a cast), for the report
+    notes: tuple[str, ...] = ()
+
+
+NOT_REACHED = "not reached by the forward pass on this data"
+
+# Below this many samples per batch, train-mode statistics of deeper layers drift from those of training-sized
+# batches (README, "Batch size").
+SMALL_BATCH = 16
 
 
 class _SkipBatch(Exception):
@@ -202,6 +223,7 @@ def recompute_statistics(
     if isinstance(model, torch.jit.ScriptModule):
         return _recompute_scripted(model, batches, mode=mode, device=device, on_batch=on_batch)
     modules = batchnorm_modules(model)
+    dtype, casts = _floating_dtype(model), set[str]()
     accumulators = {name: _LayerAccumulator() for name in modules}
     pending: dict[str, tuple[int, int, np.ndarray, np.ndarray]] = {}
     expected_calls: dict[str, int] | None = None  # learnt on the first batch
@@ -247,8 +269,7 @@ def recompute_statistics(
             for batch in batches:
                 pending.clear()
                 calls.clear()
-                args = tuple(_to_device(a, device) for a in batch.args)
-                kwargs = {k: _to_device(v, device) for k, v in batch.kwargs.items()}
+                args, kwargs = _moved(batch, device, dtype, casts)
                 try:
                     model(*args, **kwargs)
                 except _SkipBatch:
@@ -263,7 +284,7 @@ def recompute_statistics(
                 for name, (count, batch_samples, mean, m2) in pending.items():
                     accumulators[name].add(count, batch_samples, mean, m2)
                 used += 1
-                batch_size = _batch_size(args, kwargs)
+                batch_size = batch_size_of(batch)
                 samples += batch_size
                 if on_batch is not None:
                     on_batch(batch_size)
@@ -277,6 +298,8 @@ def recompute_statistics(
         batches_skipped=skipped,
         samples=samples,
         mode=mode,
+        unmeasured={name: NOT_REACHED for name, acc in accumulators.items() if not acc.batches},
+        notes=_cast_notes(casts, dtype),
     )
 
 
@@ -288,15 +311,18 @@ def _recompute_scripted(
     device: str,
     on_batch: Callable[[int], None] | None,
 ) -> RecomputeResult:
-    """TorchScript runs no Python hooks, so the layers' own update is used: with the stored statistics zeroed
-    before each batch, one train-mode step leaves ``momentum * batch statistic`` in the buffers. Only per-batch
-    statistics are available this way, so the result is the per-batch average (update_bn's convention)."""
+    """TorchScript runs no Python hooks, so each layer's own update is read back: with the stored statistics zeroed
+    before each batch, one train-mode step leaves ``factor * batch statistic`` in the buffers, where the factor is
+    the momentum the layer really uses (see ``scripted_update_factors``). Only per-batch statistics are available
+    this way, so the result is the per-batch average (update_bn's convention)."""
     import torch
 
     if mode != "train":
         raise ModelError("eval mode needs each layer's input, which a TorchScript model does not expose")
     modules = batchnorm_modules(model)
-    accumulators = {name: _LayerAccumulator() for name in modules}
+    factors, unmeasured = scripted_update_factors(modules)
+    dtype, casts = _floating_dtype(model), set[str]()
+    accumulators = {name: _LayerAccumulator() for name in factors}
     used = skipped = samples = 0
     preserved = _Preserved(model, modules)
     try:
@@ -309,8 +335,7 @@ def _recompute_scripted(
                     for name, buffer in module.named_buffers(recurse=False):
                         if name in ("running_mean", "running_var", "num_batches_tracked"):
                             buffer.zero_()
-                args = tuple(_to_device(a, device) for a in batch.args)
-                kwargs = {k: _to_device(v, device) for k, v in batch.kwargs.items()}
+                args, kwargs = _moved(batch, device, dtype, casts)
                 try:
                     model(*args, **kwargs)
                 except Exception as exc:
@@ -318,13 +343,11 @@ def _recompute_scripted(
                         raise _model_failed(exc) from exc
                     skipped += 1
                     continue
-                size = _batch_size(args, kwargs)
-                for name, module in modules.items():
-                    buffers = dict(module.named_buffers(recurse=False))
+                size = batch_size_of(batch)
+                for name, factor in factors.items():
+                    buffers = dict(modules[name].named_buffers(recurse=False))
                     if int(buffers["num_batches_tracked"]) == 0:
                         continue  # not reached by this batch
-                    momentum = getattr(module, "momentum", None)
-                    factor = 1.0 if momentum is None else float(momentum)
                     mean = buffers["running_mean"].double().cpu().numpy() / factor
                     var = buffers["running_var"].double().cpu().numpy() / factor
                     accumulators[name].add_batch(size, mean, var)
@@ -339,7 +362,63 @@ def _recompute_scripted(
         if acc.batches and acc.batch_mean_sum is not None and acc.batch_var_sum is not None:
             mean, var = acc.batch_mean_sum / acc.batches, acc.batch_var_sum / acc.batches
             layers[name] = LayerStatistics(name, mean, var, mean, var, acc.samples, 0, acc.batches)
-    return RecomputeResult(layers, used, skipped, samples, mode, pooled=False)
+        else:
+            unmeasured[name] = NOT_REACHED
+    return RecomputeResult(
+        layers=layers,
+        batches_used=used,
+        batches_skipped=skipped,
+        samples=samples,
+        mode=mode,
+        pooled=False,
+        unmeasured=unmeasured,
+        notes=_cast_notes(casts, dtype),
+    )
+
+
+def scripted_update_factors(modules: Mapping[str, torch.nn.Module]) -> tuple[dict[str, float], dict[str, str]]:
+    """For each TorchScript BatchNorm, the weight of the new batch in one train-mode update from zeroed buffers,
+    or why the layer cannot be measured.
+
+    A scripted layer (``torch.jit.script``) keeps its Python logic: it follows ``train()`` and its ``momentum``
+    attribute (None: cumulative, which weighs the first batch by 1). A traced layer (``torch.jit.trace``) has
+    neither: the ``training`` flag and momentum of its ``batch_norm`` call were baked into the graph as constants
+    when it was traced, so they are read from there; a layer traced in eval mode always normalises with its stored
+    statistics and cannot be measured at all.
+    """
+    factors: dict[str, float] = {}
+    unmeasured: dict[str, str] = {}
+    for name, module in modules.items():
+        if hasattr(module, "momentum"):
+            momentum: Any = module.momentum
+            factors[name] = 1.0 if momentum is None else float(momentum)
+            if not 0 < factors[name] <= 1:
+                unmeasured[name] = f"its momentum {momentum} never lets a batch into the running statistics"
+                del factors[name]
+            continue
+        graph: Any = module.graph
+        calls = [node for node in graph.nodes() if node.kind() == "aten::batch_norm"]
+        if len(calls) != 1:
+            unmeasured[name] = f"its traced graph has {len(calls)} batch_norm calls; exactly one can be read back"
+            continue
+        arguments = list(calls[0].inputs())  # input, weight, bias, mean, var, training, momentum, eps, cudnn
+        training, momentum = (_constant(value) for value in arguments[5:7])
+        if training is False:
+            unmeasured[name] = (
+                "traced in eval mode: its batch_norm call always normalises with the stored statistics, so its "
+                "input cannot be measured (trace the model in train mode, or give a module factory)"
+            )
+        elif training is not True or not isinstance(momentum, float) or not 0 < momentum <= 1:
+            unmeasured[name] = "its traced batch_norm call does not state a constant training flag and momentum"
+        else:
+            factors[name] = momentum
+    return factors, unmeasured
+
+
+def _constant(value: Any) -> Any:
+    """The value of a TorchScript graph input that is a constant, else None."""
+    node = value.node()
+    return node.output().toIValue() if node.kind() == "prim::Constant" else None
 
 
 def _finish(name: str, acc: _LayerAccumulator) -> LayerStatistics:
@@ -359,58 +438,132 @@ def _finish(name: str, acc: _LayerAccumulator) -> LayerStatistics:
     )
 
 
-def _to_device(value: Any, device: str) -> Any:
+def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter or buffer: what its floating inputs are cast to."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def _moved(
+    batch: Batch, device: str, dtype: torch.dtype | None, casts: set[str]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The batch's tensors, nested ones included, on ``device``; floating ones cast to the model's dtype (each
+    dtype cast is recorded in ``casts``)."""
     import torch
 
-    return value.to(device) if isinstance(value, torch.Tensor) else value
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if dtype is not None and value.is_floating_point() and value.dtype != dtype:
+                casts.add(str(value.dtype).removeprefix("torch."))
+                value = value.to(dtype)
+            return value.to(device)
+        if isinstance(value, tuple | list):
+            return type(value)(move(v) for v in value)
+        if isinstance(value, Mapping):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    return tuple(move(a) for a in batch.args), {k: move(v) for k, v in batch.kwargs.items()}
 
 
-def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+def _cast_notes(casts: set[str], dtype: torch.dtype | None) -> tuple[str, ...]:
+    target = str(dtype).removeprefix("torch.")
+    return tuple(f"{source} inputs were cast to {target}, the model's dtype" for source in sorted(casts))
+
+
+def batch_size_of(batch: Batch) -> int:
+    """The number of samples of a batch: the first dimension of its first tensor, nested ones included."""
     import torch
 
-    for value in (*args, *kwargs.values()):
+    stack: list[Any] = [*batch.args, *batch.kwargs.values()]
+    while stack:
+        value = stack.pop(0)
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
+        if isinstance(value, tuple | list):
+            stack[:0] = list(value)
+        elif isinstance(value, Mapping):
+            stack[:0] = list(value.values())
     return 0
 
 
 def _model_failed(exc: Exception) -> ModelError:
-    return ModelError(f"the model failed on the sample data: {first_line(exc)}")
+    message = f"the model failed on the sample data: {first_line(exc)}"
+    if isinstance(exc, TypeError | AttributeError):  # the usual sign of batches shaped unlike the model's inputs
+        message += "; if each batch holds more than the model's inputs, choose them with --inputs (e.g. 0 or image)"
+    return ModelError(message)
+
+
+class Progress(Protocol):
+    """Where recomputation says how far it is (a progress bar)."""
+
+    def start(self, total_samples: int | None) -> None:
+        """A pass over the data begins; its number of samples when known."""
+
+    def advance(self, samples: int) -> None:
+        """A batch of this many samples was processed."""
 
 
 @dataclass
 class Workload:
-    """The model and batches of a RecomputeRequest, built once and shared by every checkpoint."""
+    """The model and sample data of a RecomputeRequest, built once and shared by every checkpoint."""
 
     request: RecomputeRequest
     model: Any
-    batches: list[Batch]
-    progress: Callable[[int], None] | None = None
+    data: SampleData
+    progress: Progress | None = None
 
 
-def prepare(request: RecomputeRequest, progress: Callable[[int], None] | None = None) -> Workload:
-    """Build the model and load the batches; a spec that cannot be loaded raises ModelError / DataError."""
-    from bncheck.model_data import load_batches, load_model
+def prepare(request: RecomputeRequest, progress: Progress | None = None) -> Workload:
+    """Build the model and check the data spec; a spec that cannot be loaded raises ModelError / DataError."""
+    from bncheck.model_data import SampleData, load_model, require_torch
 
-    batches = load_batches(request.data, batch_size=request.batch_size, max_samples=request.max_samples)
+    require_torch()
+    if request.batch_size < 1:
+        raise DataError("--batch-size must be at least 1")
+    data = SampleData(
+        spec=request.data, batch_size=request.batch_size, max_samples=request.max_samples, inputs=request.inputs
+    )
+    data.check()
     model = load_model(request.model, kwargs=request.model_kwargs)
     try:
         model = model.to(request.device)
     except (RuntimeError, AssertionError, ValueError) as exc:  # no such device, or torch built without it
         raise ModelError(f"cannot use device {request.device!r}: {first_line(exc)}") from exc
-    return Workload(request, model, batches, progress)
+    return Workload(request, model, data, progress)
 
 
 def run_model(root: Any, workload: Workload, mode: Mode) -> tuple[StateDict, str, RecomputeResult]:
-    """Load the checkpoint's state dict that fits the model into it, then rerun the model on the sample data."""
-    from bncheck.model_data import load_state_into
+    """Load the checkpoint's state dict that fits the model into it, then rerun the model on the sample data,
+    one batch at a time. Raises DataError when no batch could be used and ModelError when no layer was measured.
+    """
+    from bncheck.model_data import load_state_into, model_batches
 
-    request = workload.request
+    request, data, progress = workload.request, workload.data, workload.progress
     state, prefix = load_state_into(workload.model, find_state_dicts(root), source=request.source)
+    notes: list[str] = []
+    if progress is not None:
+        progress.start(data.total_samples())
     result = recompute_statistics(
-        workload.model, workload.batches, mode=mode, device=request.device, on_batch=workload.progress
+        workload.model,
+        model_batches(data, workload.model, notes),
+        mode=mode,
+        device=request.device,
+        on_batch=progress.advance if progress is not None else None,
     )
-    return state, prefix, result
+    if result.batches_used == 0:
+        if result.batches_skipped == 0:
+            raise DataError(f"{request.data} holds no samples")
+        raise DataError(
+            f"every batch was skipped ({result.batches_skipped}): in train mode a BatchNorm needs more than one "
+            "value per channel, and each batch gave one (batches of a single sample?); use --batch-size 2 or more"
+        )
+    if not result.layers:
+        reasons = sorted(set(result.unmeasured.values()))
+        raise ModelError("no BatchNorm layer could be measured: " + "; ".join(reasons or ["the model has none"]))
+    return state, prefix, dataclasses.replace(result, notes=tuple(notes) + result.notes)
 
 
 def measure_checkpoint(
@@ -455,6 +608,14 @@ def measure_checkpoint(
             )
         )
     estimator = request.estimator if result.pooled else "pytorch"
+    notes = list(result.notes)
+    batch_mean = result.samples / result.batches_used
+    if request.mode == "train" and batch_mean < SMALL_BATCH:
+        notes.append(
+            f"batches of {batch_mean:.3g} samples on average: in train mode every BatchNorm normalises with its "
+            f"batch's statistics, so the inputs of deeper layers depend on the batch size; use batches of at least "
+            f"{SMALL_BATCH} samples (--batch-size)"
+        )
     info = RecomputeInfo(
         model=request.model,
         data=request.data,
@@ -469,5 +630,10 @@ def measure_checkpoint(
         batches_skipped=result.batches_skipped,
         too_few_samples=any(d.drift.too_few_samples(thresholds.drift) for d in drifts),
         layers=tuple(rows),
+        unmeasured=tuple(
+            UnmeasuredLayer(name=prefix + module, module=module, reason=reason)
+            for module, reason in result.unmeasured.items()
+        ),
+        notes=tuple(notes),
     )
     return drifts, info

@@ -96,6 +96,15 @@ class LayerDriftInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class UnmeasuredLayer:
+    """A BatchNorm layer of the model that recomputation could not measure: its statistics are left alone."""
+
+    name: str
+    module: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class RecomputeInfo:
     """How the statistics were recomputed, and the drift of every layer the model ran through."""
 
@@ -111,6 +120,9 @@ class RecomputeInfo:
     batches_skipped: int
     too_few_samples: bool
     layers: tuple[LayerDriftInfo, ...]
+    unmeasured: tuple[UnmeasuredLayer, ...] = ()
+    # how the data was fed to the model (inputs chosen from each batch, a dtype cast, small batches)
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +141,18 @@ class FileReport:
     error: FileError | None = None
     notes: tuple[str, ...] = ()
     recompute: RecomputeInfo | None = None
+    # recomputation failed for this file (the model does not fit it, ...): its static findings still stand
+    recompute_error: FileError | None = None
+
+    @property
+    def errors(self) -> tuple[FileError, ...]:
+        """What kept a check from running: the file could not be read, or recomputation failed for it."""
+        return tuple(error for error in (self.error, self.recompute_error) if error is not None)
+
+    @property
+    def checked(self) -> bool:
+        """Whether every check asked for ran: the file was read, and recomputation (if asked for) did not fail."""
+        return self.error is None and self.recompute_error is None
 
     def count(self, severity: Severity) -> int:
         return sum(1 for f in self.findings if f.severity is severity)
@@ -216,7 +240,7 @@ class Report:
     @property
     def unreadable(self) -> bool:
         """At least one path could not be checked."""
-        return any(f.error is not None for f in self.files)
+        return any(not f.checked for f in self.files)
 
     @property
     def failed(self) -> bool:

@@ -23,6 +23,7 @@ def file_report(
     layers: Sequence[LayerData],
     findings: Sequence[Finding],
     recompute: RecomputeInfo | None = None,
+    recompute_error: FileError | None = None,
 ) -> FileReport:
     """The report of a file that could be read."""
     return FileReport(
@@ -33,7 +34,13 @@ def file_report(
         findings=tuple(findings),
         notes=checkpoint.notes + _object_notes(checkpoint) + (() if layers else ("no BatchNorm layers",)),
         recompute=recompute,
+        recompute_error=recompute_error,
     )
+
+
+def file_error(exc: BncheckError) -> FileError:
+    """A failure as the report carries it: its code and why, in one line (it may quote bytes of the file)."""
+    return FileError(code=exc.code, message=_one_line(str(exc)))
 
 
 def unreadable_report(path: os.PathLike[str] | str, exc: BncheckError) -> FileReport:
@@ -42,7 +49,7 @@ def unreadable_report(path: os.PathLike[str] | str, exc: BncheckError) -> FileRe
         path=str(path),
         format=None,
         size_bytes=_local_size(path),
-        error=FileError(code=exc.code, message=_one_line(str(exc))),
+        error=file_error(exc),
     )
 
 

@@ -72,7 +72,17 @@ def test_json_document_shape(cli) -> None:
     assert document["tool"] == {"name": "bncheck", "version": __version__}
     assert document["ok"] is False
     nan_file = document["files"][0]
-    assert list(nan_file) == ["path", "format", "size_bytes", "error", "notes", "layers", "findings", "recompute"]
+    assert list(nan_file) == [
+        "path",
+        "format",
+        "size_bytes",
+        "error",
+        "notes",
+        "layers",
+        "findings",
+        "recompute",
+        "recompute_error",
+    ]
     assert nan_file["recompute"] is None
     assert nan_file["format"] == "torch zip"
     assert nan_file["size_bytes"] == NAN_FILE.stat().st_size
@@ -104,7 +114,15 @@ def test_json_document_shape(cli) -> None:
         "hint",
     ]
     summary = document["summary"]
-    assert summary == {"files": 2, "unreadable": 0, "layers": 4, "errors": 8, "warnings": 0, "infos": 0}
+    assert summary == {
+        "files": 2,
+        "unreadable": 0,
+        "recompute_failed": 0,
+        "layers": 4,
+        "errors": 8,
+        "warnings": 0,
+        "infos": 0,
+    }
 
 
 def test_nonfinite_numbers_are_strings_in_json(cli) -> None:

@@ -290,7 +290,15 @@ def test_schema_rejects_what_the_report_never_writes() -> None:
         "fail_on": "error",
         "config": None,
         "files": [],
-        "summary": {"files": 0, "unreadable": 0, "layers": 0, "errors": 0, "warnings": 0, "infos": 0},
+        "summary": {
+            "files": 0,
+            "unreadable": 0,
+            "recompute_failed": 0,
+            "layers": 0,
+            "errors": 0,
+            "warnings": 0,
+            "infos": 0,
+        },
     }
     assert validator.is_valid(document)
     assert not validator.is_valid({**document, "timestamp": "2026-01-01"})

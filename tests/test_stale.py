@@ -214,14 +214,16 @@ BAD_ARGUMENTS = {
         ["--model", MODEL, "--model-kwargs", '{"hidden": 32}', "--data", ORIGINAL],
         "does not fit the model",
     ),
-    "data file missing": (["--model", MODEL, "--data", "nowhere.npy"], "neither a tensor file"),
+    "data file missing": (["--model", MODEL, "--data", "nowhere.npy"], "no such file: nowhere.npy"),
+    "data file without callable": (["--model", MODEL, "--data", R / "models.py"], "models.py:NAME"),
+    "model file without factory": (["--model", R / "models.py", "--data", ORIGINAL], "models.py:NAME"),
     "data without sample axis": (["--model", MODEL, "--data", "SCALAR"], "need a sample axis"),
     "data of the wrong width": (
         ["--model", MODEL, "--data", "NARROW"],
         "the model failed on the sample data: RuntimeError: mat1 and mat2 shapes cannot be multiplied",
     ),
     "model without data": (["--model", MODEL], "--model and --data go together"),
-    "not a module spec": (["--model", "justaword", "--data", ORIGINAL], "neither module:factory"),
+    "not a module spec": (["--model", "justaword", "--data", ORIGINAL], "no such file: justaword (expected"),
     "importing fails": (["--model", "no_such_package_xyz:make", "--data", ORIGINAL], "importing no_such_package_xyz"),
     "unknown device": (["--model", MODEL, "--data", ORIGINAL, "--device", "gpu9"], "cannot use device 'gpu9'"),
 }
@@ -286,10 +288,11 @@ def test_tensor_file_data_formats(cli, tmp_path: Path) -> None:
 
 
 def test_several_named_tensors_are_keyword_arguments(tmp_path: Path) -> None:
-    from bncheck.model_data import load_batches
+    from bncheck.model_data import SampleData, model_batches
 
     np.savez(tmp_path / "two.npz", a=np.zeros((10, 3), np.float32), b=np.ones((10, 2), np.float32))
-    batches = load_batches(str(tmp_path / "two.npz"), batch_size=4)
+    data = SampleData(spec=str(tmp_path / "two.npz"), batch_size=4)
+    batches = list(model_batches(data, torch.nn.BatchNorm1d(3), []))
     assert [sorted(b.kwargs) for b in batches] == [["a", "b"]] * 3
     assert [b.kwargs["b"].shape[0] for b in batches] == [4, 4, 2]
 

@@ -20,8 +20,8 @@ def _property(text: str) -> str:
 def render_github(report: Report) -> str:
     lines = []
     for file in report.files:
-        if file.error is not None:
-            lines.append(f"::error file={_property(file.path)},title=bncheck::{_data(file.error.message)}")
+        for error in file.errors:
+            lines.append(f"::error file={_property(file.path)},title=bncheck::{_data(error.message)}")
         for finding in file.findings:
             where = f" {finding.layer or '(root)'}" if finding.layer is not None else ""
             title = _property(f"{finding.code}{where}")
@@ -31,7 +31,7 @@ def render_github(report: Report) -> str:
         lines += [f"::notice title=bncheck settings::{_data(note)}" for note in report.config.notes]
         lines += [f"::warning title=bncheck settings::{_data(note)}" for note in report.config.overruled]
     counts = ", ".join(f"{report.count(s)} {s.value}{'' if report.count(s) == 1 else 's'}" for s in Severity)
-    unreadable = sum(1 for f in report.files if f.error is not None)
+    unreadable = sum(1 for f in report.files if not f.checked)
     lines.append(
         f"bncheck: {len(report.files)} files, {report.layer_count} layers: {counts}"
         + (f", {unreadable} not checked" if unreadable else "")

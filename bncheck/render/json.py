@@ -14,6 +14,7 @@ from typing import Any
 from bncheck.report import (
     ConfigInfo,
     DiffReport,
+    FileError,
     FileReport,
     Finding,
     LayerInfo,
@@ -103,7 +104,13 @@ def _recompute(info: RecomputeInfo | None) -> dict[str, Any] | None:
             }
             for row in info.layers
         ],
+        "unmeasured": [{"name": u.name, "module": u.module, "reason": u.reason} for u in info.unmeasured],
+        "notes": list(info.notes),
     }
+
+
+def _error(error: FileError | None) -> dict[str, str] | None:
+    return None if error is None else {"code": error.code, "message": error.message}
 
 
 def _file(file: FileReport) -> dict[str, Any]:
@@ -111,11 +118,12 @@ def _file(file: FileReport) -> dict[str, Any]:
         "path": file.path,
         "format": file.format,
         "size_bytes": file.size_bytes,
-        "error": None if file.error is None else {"code": file.error.code, "message": file.error.message},
+        "error": _error(file.error),
         "notes": list(file.notes),
         "layers": [_layer(layer) for layer in file.layers],
         "findings": [_finding(finding) for finding in file.findings],
         "recompute": _recompute(file.recompute),
+        "recompute_error": _error(file.recompute_error),
     }
 
 
@@ -143,6 +151,7 @@ def report_document(report: Report) -> dict[str, Any]:
         "summary": {
             "files": len(report.files),
             "unreadable": sum(1 for f in report.files if f.error is not None),
+            "recompute_failed": sum(1 for f in report.files if f.recompute_error is not None),
             "layers": report.layer_count,
             "errors": report.count(Severity.ERROR),
             "warnings": report.count(Severity.WARNING),
@@ -170,7 +179,7 @@ def render_diff_json(diff: DiffReport, *, pretty: bool = True) -> str:
         "tool": {"name": "bncheck", "version": diff.tool_version},
         "a": {"path": diff.path_a, "format": diff.format_a, "source": diff.source_a},
         "b": {"path": diff.path_b, "format": diff.format_b, "source": diff.source_b},
-        "error": None if diff.error is None else {"code": diff.error.code, "message": diff.error.message},
+        "error": _error(diff.error),
         "differs": diff.differs,
         "only_in_a": list(diff.only_in_a),
         "only_in_b": list(diff.only_in_b),

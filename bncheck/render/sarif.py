@@ -63,12 +63,12 @@ def render_sarif(report: Report, *, pretty: bool = True) -> str:
     notifications = [
         {
             "level": "error",
-            "message": {"text": f"{file.path}: {file.error.message}"},
+            "message": {"text": f"{file.path}: {error.message}"},
             "locations": [_location(file)],
-            "descriptor": {"id": file.error.code},
+            "descriptor": {"id": error.code},
         }
         for file in report.files
-        if file.error is not None
+        for error in file.errors
     ]
     config = report.config
     settings = [{"level": "note", "message": {"text": note}} for note in (config.notes if config else ())]

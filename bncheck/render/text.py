@@ -75,6 +75,8 @@ def _verdict(file: FileReport, fail_on: Severity) -> Text:
         return Text("NOT CHECKED", style="bold red")
     counts = [_plural(file.count(s), s.value) for s in Severity if file.count(s)]
     detail = f" ({', '.join(counts)})" if counts else ""
+    if file.recompute_error is not None:
+        return Text(f"NOT RECOMPUTED{detail}", style="bold red")
     if file.fails(fail_on):
         return Text(f"FAIL{detail}", style="bold red")
     return Text(f"PASS{detail}", style="bold green")
@@ -216,6 +218,7 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
         + f") with {_shown(info.model)}; variance: {_shown(info.variance_convention)}"
     )
     parts: list[RenderableType] = [head]
+    parts.extend(Text(f"note: {_shown(note)}", style="dim") for note in info.notes)
     if info.too_few_samples:
         parts.append(Text(f"too few samples to judge small drift ({info.samples}); use more with --data", "yellow"))
     table = _drift_columns(
@@ -238,6 +241,10 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
             verdict,
         )
     parts.append(table)
+    parts.extend(
+        Text(f"not measured: {_shown(layer.name or '(root)')}: {_shown(layer.reason)}", "yellow")
+        for layer in info.unmeasured
+    )
     return Group(*parts)
 
 
@@ -267,6 +274,9 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
         parts.append(Text("  * kind inferred from the layer that feeds it", style="dim"))
     if file.recompute is not None:
         parts.append(Padding(_drift_table(file.recompute), (1, 0, 0, 2), expand=False))
+    if file.recompute_error is not None:
+        failed = Text(f"recompute failed: {_shown(file.recompute_error.message)}", "bold red")
+        parts.append(Padding(failed, (1, 0, 0, 2), expand=False))
     if file.findings:
         parts.append(Padding(_findings_table(file.findings), (1, 0, 0, 2), expand=False))
     parts.append(Text())
@@ -277,7 +287,7 @@ def render_text(report: Report) -> RenderableType:
     """The whole report: one section per file, then a summary line."""
     summary = Text()
     counts = ", ".join(_plural(report.count(s), s.value) for s in Severity)
-    unreadable = sum(1 for f in report.files if f.error is not None)
+    unreadable = sum(1 for f in report.files if not f.checked)
     summary.append(f"{_plural(len(report.files), 'file')}, {_plural(report.layer_count, 'layer')}: {counts}")
     if unreadable:
         summary.append(f", {unreadable} not checked")
