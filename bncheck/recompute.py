@@ -321,6 +321,7 @@ def _recompute_scripted(
         raise ModelError("eval mode needs each layer's input, which a TorchScript model does not expose")
     modules = batchnorm_modules(model)
     factors, unmeasured = scripted_update_factors(modules)
+    notes = _baked_dropout(model)
     dtype, casts = _floating_dtype(model), set[str]()
     accumulators = {name: _LayerAccumulator() for name in factors}
     used = skipped = samples = 0
@@ -372,8 +373,29 @@ def _recompute_scripted(
         mode=mode,
         pooled=False,
         unmeasured=unmeasured,
-        notes=_cast_notes(casts, dtype),
+        notes=notes + _cast_notes(casts, dtype),
     )
+
+
+_DROPOUT_CALLS = frozenset({"aten::dropout", "aten::feature_dropout", "aten::alpha_dropout"})
+
+
+def _baked_dropout(model: torch.nn.Module) -> tuple[str, ...]:
+    """A note when a traced graph runs dropout in train mode whatever ``eval()`` says (baked when traced)."""
+    for module in model.modules():
+        graph: Any = getattr(module, "graph", None)
+        if graph is None:
+            continue
+        for node in graph.nodes():
+            if node.kind() not in _DROPOUT_CALLS:
+                continue
+            _, rate, train = (_constant(value) for value in node.inputs())
+            if train is True and rate != 0:
+                return (
+                    "this traced model runs dropout in train mode (baked in when it was traced), so the inputs of "
+                    "deeper BatchNorm layers include dropout noise",
+                )
+    return ()
 
 
 def scripted_update_factors(modules: Mapping[str, torch.nn.Module]) -> tuple[dict[str, float], dict[str, str]]:
