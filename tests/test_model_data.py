@@ -125,7 +125,8 @@ def endless():
 if __name__ == "__main__":
     checkpoint, budget = sys.argv[1], sys.argv[2]
     extra = [] if budget == "default" else ["--max-samples", budget]
-    code = run(["inspect", checkpoint, "--model", f"{__file__}:wide", "--data", f"{__file__}:endless", "--json", *extra])
+    here = __file__
+    code = run(["inspect", checkpoint, "--model", f"{here}:wide", "--data", f"{here}:endless", "--json", *extra])
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)  # peak RSS, MiB
     sys.exit(code)
 """
