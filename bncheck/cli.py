@@ -330,17 +330,24 @@ def _progress(enabled: bool) -> Iterator[_ProgressBar | None]:
     if not enabled or not sys.stderr.isatty():
         yield None
         return
+    from rich.progress import Progress
+
+    with Progress(*progress_columns(), console=_console(stderr=True), transient=True) as bar:
+        yield _ProgressBar(bar)
+
+
+def progress_columns() -> tuple[Any, ...]:
+    """What the progress bar shows: a spinner, the stage, the bar, samples done of the total, time, time left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         SpinnerColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    with Progress(
+    return (
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
@@ -348,10 +355,7 @@ def _progress(enabled: bool) -> Iterator[_ProgressBar | None]:
         TextColumn("samples"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=_console(stderr=True),
-        transient=True,
-    ) as bar:
-        yield _ProgressBar(bar)
+    )
 
 
 def _console(*, stderr: bool = False) -> Any:

@@ -285,6 +285,8 @@ def test_layers_the_forward_pass_never_reaches_are_listed_and_left_alone(cli, tm
     assert info["unmeasured"] == [
         {"name": "aux", "module": "aux", "reason": "not reached by the forward pass on this data"}
     ]
+    text = cli("inspect", checkpoint, "--model", f"{feed}:WithAux", "--data", ORIGINAL)
+    assert "not measured: aux: not reached by the forward pass" in " ".join(text.stdout.split())
     out = tmp_path / "recalibrated.safetensors"
     written = cli("recalibrate", checkpoint, "--model", f"{feed}:WithAux", "--data", ORIGINAL, "-o", out)
     assert written.exit_code == 0, written.stderr
@@ -318,3 +320,25 @@ def test_small_batches_are_warned_about(cli) -> None:
     assert any("batches of 8 samples on average" in note for note in small["recompute"]["notes"])
     _, usual = recompute_of(cli, R / "healthy.pt", ORIGINAL)
     assert not any("batches of" in note for note in usual["recompute"]["notes"])
+
+
+def test_the_progress_bar_shows_loading_then_samples_of_the_total() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from bncheck.cli import _ProgressBar, progress_columns
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, color_system=None, width=160)
+    with Progress(*progress_columns(), console=console, auto_refresh=False) as progress:
+        bar = _ProgressBar(progress)
+        progress.refresh()
+        bar.start(1000)
+        progress.refresh()
+        bar.advance(300)
+        progress.refresh()
+    frames = screen.getvalue()
+    assert "loading the model and data" in frames and "loading the first batch" in frames
+    assert "running the model" in frames and "300/1000 samples" in frames
