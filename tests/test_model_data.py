@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ R = FIXTURES / "recompute"
 MODEL = f"{R / 'models.py'}:tabular_mlp"
 ORIGINAL = R / "sample-original.npy"
 LABELS = R / "labels.npy"
+SCHEMA = json.loads((ROOT / "bncheck" / "schema" / "report-v1.schema.json").read_text())
 
 
 def write_module(tmp_path: Path, body: str, name: str = "feed.py") -> Path:
@@ -242,6 +244,9 @@ def test_a_model_that_does_not_fit_keeps_the_files_static_findings(cli) -> None:
     assert code == 2 and file["error"] is None
     assert "BN002" in {f["code"] for f in file["findings"]}
     assert "does not fit the model" in file["recompute_error"]["message"]
+    document = cli("inspect", bad, "--model", MODEL, "--data", ORIGINAL, "--json").json()
+    jsonschema.Draft202012Validator(SCHEMA).validate(document)
+    assert document["summary"]["recompute_failed"] == 1 and document["ok"] is False
     text = cli("inspect", bad, "--model", MODEL, "--data", ORIGINAL)
     out = " ".join(text.stdout.split())
     assert "BN002" in out and "recompute failed: checkpoint does not fit the model" in out
@@ -280,6 +285,7 @@ def test_layers_the_forward_pass_never_reaches_are_listed_and_left_alone(cli, tm
     checkpoint = tmp_path / "aux.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
     result = cli("inspect", checkpoint, "--model", f"{feed}:WithAux", "--data", ORIGINAL, "--json")
+    jsonschema.Draft202012Validator(SCHEMA).validate(result.json())
     info = result.json()["files"][0]["recompute"]
     assert [row["name"] for row in info["layers"]] == ["bn"]
     assert info["unmeasured"] == [
