@@ -250,7 +250,7 @@ def test_a_model_that_does_not_fit_keeps_the_files_static_findings(cli) -> None:
     text = cli("inspect", bad, "--model", MODEL, "--data", ORIGINAL)
     out = " ".join(text.stdout.split())
     assert "BN002" in out and "recompute failed: checkpoint does not fit the model" in out
-    assert "NOT RECOMPUTED" in out and text.exit_code == 2
+    assert "NOT RECOMPUTED" in out and "1 not recomputed -> FAIL" in out and text.exit_code == 2
 
 
 AUX = """

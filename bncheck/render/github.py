@@ -31,10 +31,12 @@ def render_github(report: Report) -> str:
         lines += [f"::notice title=bncheck settings::{_data(note)}" for note in report.config.notes]
         lines += [f"::warning title=bncheck settings::{_data(note)}" for note in report.config.overruled]
     counts = ", ".join(f"{report.count(s)} {s.value}{'' if report.count(s) == 1 else 's'}" for s in Severity)
-    unreadable = sum(1 for f in report.files if not f.checked)
+    unreadable = sum(1 for f in report.files if f.error is not None)
+    not_recomputed = sum(1 for f in report.files if f.recompute_error is not None)
     lines.append(
         f"bncheck: {len(report.files)} files, {report.layer_count} layers: {counts}"
         + (f", {unreadable} not checked" if unreadable else "")
+        + (f", {not_recomputed} not recomputed" if not_recomputed else "")
         + (" -> PASS" if report.ok else " -> FAIL")
     )
     return "\n".join(lines)

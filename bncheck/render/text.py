@@ -287,10 +287,13 @@ def render_text(report: Report) -> RenderableType:
     """The whole report: one section per file, then a summary line."""
     summary = Text()
     counts = ", ".join(_plural(report.count(s), s.value) for s in Severity)
-    unreadable = sum(1 for f in report.files if not f.checked)
+    unreadable = sum(1 for f in report.files if f.error is not None)
+    not_recomputed = sum(1 for f in report.files if f.recompute_error is not None)
     summary.append(f"{_plural(len(report.files), 'file')}, {_plural(report.layer_count, 'layer')}: {counts}")
     if unreadable:
         summary.append(f", {unreadable} not checked")
+    if not_recomputed:
+        summary.append(f", {not_recomputed} not recomputed")
     summary.append(" -> ")
     if report.ok:
         summary.append("PASS", style="bold green")
