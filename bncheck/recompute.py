@@ -480,6 +480,7 @@ def measure_checkpoint(
             samples=stats.samples,
             eps=thresholds.drift.eps,
             other_var=other_var,
+            kurtosis=stats.kurtosis,
         )
         silenced = any(fnmatch.fnmatchcase(data.layer.name, pattern) for pattern in request.silence_layers)
         drifts.append(LayerDrift(data.layer, module, drift, silenced))
