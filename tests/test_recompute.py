@@ -53,6 +53,12 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
+def mean_err(mean: np.ndarray, ref_mean: np.ndarray, ref_var: np.ndarray) -> float:
+    """A mean's error relative to the channel's std + |mean|: a later layer's mean can be near 0, where the
+    ~1e-7 differences between two float32 normalisations of the layers before it are not small relatively."""
+    return float(np.max(np.abs(mean - ref_mean) / (np.sqrt(ref_var) + np.abs(ref_mean))))
+
+
 def test_single_batch_equals_update_bn() -> None:
     model, x = conv_model(), inputs()
     reference = copy.deepcopy(model)
@@ -62,7 +68,8 @@ def test_single_batch_equals_update_bn() -> None:
         module = reference.get_submodule(name)
         for estimator in ("exact", "pytorch"):
             mean, var = stats.for_estimator(estimator)
-            assert rel_err(mean, module.running_mean.double().numpy()) < 1e-6
+            ref_mean, ref_var = module.running_mean.double().numpy(), module.running_var.double().numpy()
+            assert mean_err(mean, ref_mean, ref_var) < TRAIN_TOLERANCE
             assert rel_err(var, module.running_var.double().numpy()) < 1e-6  # the unbiased batch variance
 
 
@@ -74,7 +81,8 @@ def test_pytorch_estimator_equals_update_bn_on_many_batches() -> None:
     for name, stats in result.layers.items():
         module = reference.get_submodule(name)
         mean, var = stats.for_estimator("pytorch")
-        assert rel_err(mean, module.running_mean.double().numpy()) < 1e-6
+        ref_mean, ref_var = module.running_mean.double().numpy(), module.running_var.double().numpy()
+        assert mean_err(mean, ref_mean, ref_var) < TRAIN_TOLERANCE
         assert rel_err(var, module.running_var.double().numpy()) < 1e-6
 
 
@@ -101,7 +109,8 @@ def test_exact_estimator_equals_a_float64_reference_over_all_samples(batch_size:
     for name, values in captured_inputs(model, batches).items():
         per_channel = values.transpose(0, 1).reshape(values.shape[1], -1)
         stats = result.layers[name]
-        assert rel_err(stats.mean_pooled, per_channel.mean(1).numpy()) < TRAIN_TOLERANCE
+        ref_var = per_channel.var(1, unbiased=True).numpy()
+        assert mean_err(stats.mean_pooled, per_channel.mean(1).numpy(), ref_var) < TRAIN_TOLERANCE
         assert rel_err(stats.var_pooled, per_channel.var(1, unbiased=True).numpy()) < TRAIN_TOLERANCE
         assert stats.values_per_channel == per_channel.shape[1]
         assert stats.samples == len(x)
