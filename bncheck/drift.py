@@ -41,6 +41,11 @@ class Drift:
     noise_mean_shift_worst: float
     noise_log_var_ratio_median: float
     noise_log_var_ratio_worst: float
+    # With per-channel kurtosis each channel has its own variance floor (heavy-tailed channels are noisier); the
+    # worst-channel test then asks whether any channel is beyond both the limit and its own floor. Empty: one
+    # floor (noise_log_var_ratio_worst) for every channel.
+    channel_log_var_ratio: tuple[float, ...] = ()
+    channel_noise_log_var_ratio: tuple[float, ...] = ()
 
     def reasons(self, limits: DriftThresholds) -> list[str]:
         """Why the layer is stale; empty when it is not."""
@@ -66,19 +71,24 @@ class Drift:
                 self.noise_log_var_ratio_median,
                 "",
             ),
-            (
-                f"worst |log var ratio| (channel {self.log_var_ratio_worst_channel})",
-                self.log_var_ratio_worst,
-                limits.log_var_ratio_worst,
-                self.noise_log_var_ratio_worst,
-                "",
-            ),
+            self._worst_variance_check(limits.log_var_ratio_worst),
         ]
         return [
             f"{label} {value:.3g}{unit and ' ' + unit} > {max(limit, noise):.3g}"
             for label, value, limit, noise, unit in checks
             if value > max(limit, noise)
         ]
+
+    def _worst_variance_check(self, limit: float) -> tuple[str, float, float, float, str]:
+        """The worst-channel variance test: the largest ratio, or with per-channel floors the largest ratio among
+        the channels beyond both the limit and their own floor (any such channel makes the layer stale)."""
+        channel, value = self.log_var_ratio_worst_channel, self.log_var_ratio_worst
+        noise = self.noise_log_var_ratio_worst
+        if self.channel_noise_log_var_ratio:
+            pairs = zip(self.channel_log_var_ratio, self.channel_noise_log_var_ratio, strict=True)
+            beyond = [(ratio, c, floor) for c, (ratio, floor) in enumerate(pairs) if ratio > max(limit, floor)]
+            value, channel, noise = max(beyond, default=(0.0, channel, math.inf))
+        return f"worst |log var ratio| (channel {channel})", value, limit, noise, ""
 
     def too_few_samples(self, limits: DriftThresholds) -> bool:
         """Whether noise, not the practical limits, sets the bar: smaller real drift would go unseen."""
@@ -99,6 +109,7 @@ def measure_drift(
     samples: int | None,
     eps: float = 1e-5,
     other_var: np.ndarray | None = None,
+    kurtosis: np.ndarray | None = None,
 ) -> Drift:
     """Compare stored statistics with freshly measured ones.
 
@@ -106,7 +117,10 @@ def measure_drift(
     positions of one sequence or image are correlated); None when both sides are stored statistics, which carry no
     sampling noise of the comparison's own. ``other_var`` is the same variance under the other
     convention (pooled vs per-batch average); a stored variance is judged against whichever of the two it is closer
-    to, so that the convention alone never makes a healthy layer look stale.
+    to, so that the convention alone never makes a healthy layer look stale. ``kurtosis`` is each channel's
+    (non-excess) kurtosis measured on the same samples; it sets the noise floor of the variance, which grows with
+    the tails of the data. None (unknown: two stored checkpoints, a TorchScript model) keeps one floor for all
+    channels, fit for moderately heavy tails.
     """
     stored_mean, stored_var = np.asarray(stored_mean, np.float64), np.asarray(stored_var, np.float64)
     new_mean, new_var = np.asarray(new_mean, np.float64), np.asarray(new_var, np.float64)
@@ -121,12 +135,12 @@ def measure_drift(
     ratio = np.where(np.isfinite(ratio), ratio, np.inf)
     channels = max(int(shift.size), 1)
     n = max(samples, 2) if samples is not None else math.inf
-    # Standard errors of a standardised mean (1/sqrt(n)) and of a log variance (sqrt(2/(n-1)) for Gaussian data,
-    # doubled for the heavier tails of post-ReLU activations); the worst of C channels reaches about
-    # sqrt(2 ln 2C) standard errors by chance, plus a margin for the noise of the stored running average itself.
+    # The worst of C channels reaches about sqrt(2 ln 2C) standard errors by chance, plus a margin.
     worst_factor = math.sqrt(2 * math.log(2 * channels)) + 1
     se_mean = 1 / math.sqrt(n)
-    se_log_var = 2 * math.sqrt(2 / (n - 1)) if n != math.inf else 0.0
+    se_log_var = log_var_standard_error(n, kurtosis, channels)
+    floors = worst_factor * se_log_var
+    per_channel = kurtosis is not None and samples is not None and floors.size == ratio.size
     return Drift(
         mean_shift_median=float(np.median(shift)) if shift.size else 0.0,
         mean_shift_worst=float(shift.max()) if shift.size else 0.0,
@@ -137,6 +151,35 @@ def measure_drift(
         samples=samples,
         noise_mean_shift_median=2 * se_mean,
         noise_mean_shift_worst=worst_factor * se_mean,
-        noise_log_var_ratio_median=2 * se_log_var,
-        noise_log_var_ratio_worst=worst_factor * se_log_var,
+        noise_log_var_ratio_median=2 * float(np.median(se_log_var)),
+        noise_log_var_ratio_worst=float(np.median(floors)),
+        channel_log_var_ratio=tuple(float(r) for r in ratio) if per_channel else (),
+        channel_noise_log_var_ratio=tuple(float(f) for f in floors) if per_channel else (),
     )
+
+
+# The stored statistics are a running average over training batches: an estimate with noise of its own, from
+# an effective sample count of about batch * (2 - momentum) / momentum (608 for batches of 32 and momentum 0.1).
+# Taking it as noisy as the recomputed side (at least as many samples) multiplies the standard error by sqrt(2).
+STORED_NOISE_MARGIN = math.sqrt(2)
+
+
+def log_var_standard_error(n: float, kurtosis: np.ndarray | None, channels: int) -> np.ndarray:
+    """Standard error of |log(stored var / new var)| per channel (one value for all without kurtosis).
+
+    A variance estimated from n samples has Var(s^2) = sigma^4 (kappa - (n-3)/(n-1)) / n, so se(log s^2) is about
+    sqrt((kappa - 1 + 2/(n-1)) / n): sqrt(2/n) for Gaussian data (kappa = 3), several times more for heavy tails
+    (kappa of lognormal(1) data is about 110). A measured kappa below 3 is taken as 3 (a sample of a heavy-tailed
+    channel that missed its rare large values looks light-tailed), NaN (a constant channel) as 3. Without
+    kurtosis: sqrt(2/(n-1)) doubled, for moderately heavy tails such as post-ReLU activations.
+    """
+    if n == math.inf:
+        return np.zeros(1 if kurtosis is None else max(int(np.size(kurtosis)), 1))
+    if kurtosis is None:
+        return np.full(1, 2 * math.sqrt(2 / (n - 1)))
+    kappa = np.asarray(kurtosis, np.float64).reshape(-1)
+    kappa = np.maximum(np.where(np.isfinite(kappa), kappa, 3.0), 3.0)
+    if kappa.size == 0:
+        kappa = np.full(max(channels, 1), 3.0)
+    result: np.ndarray = STORED_NOISE_MARGIN * np.sqrt((kappa - 1 + 2 / (n - 1)) / n)
+    return result

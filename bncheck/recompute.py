@@ -21,6 +21,7 @@ from bncheck.checks import LayerDrift, Thresholds
 from bncheck.discover import StateDict, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import DataError, ModelError, first_line
+from bncheck.moments import TAIL_SAMPLES, Moments, channel_moments, reduced_dims, tail_moments
 from bncheck.read import LayerData
 from bncheck.report import LayerDriftInfo, RecomputeInfo, UnmeasuredLayer
 
@@ -72,35 +73,32 @@ class Batch:
 
 
 @dataclass
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations, merged exactly across batches (Chan et al.)."""
+class _Call:
+    """What one forward pass measured at one BatchNorm module (both calls merged when it runs twice)."""
 
-    count: int = 0
-    mean: np.ndarray | None = None
-    m2: np.ndarray | None = None
+    samples: int
+    moments: Moments  # count, mean, M2 of every value the layer normalised
+    tail: Moments  # M2..M4 of a subsample, for the kurtosis
 
-    def merge(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        if self.mean is None or self.m2 is None or self.count == 0:
-            self.count, self.mean, self.m2 = count, mean.copy(), m2.copy()
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
-        self.count = total
+    def merge(self, other: _Call) -> None:
+        self.moments.merge(other.moments)
+        self.tail.merge(other.tail)
 
 
 @dataclass
 class _LayerAccumulator:
-    pooled: _Moments = field(default_factory=_Moments)
+    pooled: Moments = field(default_factory=Moments)
+    tail: Moments = field(default_factory=Moments)
     batch_mean_sum: np.ndarray | None = None
     batch_var_sum: np.ndarray | None = None
     batches: int = 0
     samples: int = 0
 
-    def add(self, count: int, samples: int, mean: np.ndarray, m2: np.ndarray) -> None:
-        self.pooled.merge(count, mean, m2)
-        self.add_batch(samples, mean, m2 / (count - 1) if count > 1 else np.full_like(m2, np.nan))
+    def add(self, call: _Call) -> None:
+        self.pooled.merge(call.moments)
+        self.tail.merge(call.tail)
+        assert call.moments.mean is not None
+        self.add_batch(call.samples, call.moments.mean, call.moments.variance())
 
     def add_batch(self, samples: int, mean: np.ndarray, var: np.ndarray) -> None:
         """One batch's mean and unbiased variance, for the per-batch average (all a TorchScript model gives)."""
@@ -122,6 +120,9 @@ class LayerStatistics:
     samples: int
     values_per_channel: int
     batches: int
+    # per-channel kurtosis of the layer's input (3 for Gaussian data), for the noise floor of the variance;
+    # None when only per-batch statistics exist (TorchScript)
+    kurtosis: np.ndarray | None = None
 
     def for_estimator(self, estimator: Estimator) -> tuple[np.ndarray, np.ndarray]:
         if estimator == "pytorch":
@@ -175,15 +176,6 @@ def batchnorm_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def _channel_moments(x: torch.Tensor) -> tuple[int, np.ndarray, np.ndarray]:
-    import torch
-
-    values = x.detach().to(torch.float64).transpose(0, 1).reshape(x.shape[1], -1)
-    mean = values.mean(dim=1)
-    m2 = ((values - mean[:, None]) ** 2).sum(dim=1)
-    return values.shape[1], mean.cpu().numpy(), m2.cpu().numpy()
-
-
 class _Preserved:
     """Every module's training flag and every BatchNorm buffer, restored on exit."""
 
@@ -206,6 +198,49 @@ class _Preserved:
             module.training = flag
 
 
+def _plain_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether the module runs _BatchNorm's own forward (BatchNorm1d/2d/3d, lazy ones), so that a forward doing
+    the same normalisation may stand in for it; SyncBatchNorm and subclasses with a forward of their own keep it."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return type(module).forward is _BatchNorm.forward and "forward" not in vars(module)
+
+
+class _BatchStatisticsForward:
+    """Replaces a BatchNorm's train-mode forward until ``remove()`` (listed with the hook handles, which are
+    removed the same way). The stand-in computes each channel's batch mean and biased variance once, records them,
+    and normalises with them through ``F.batch_norm(training=False)``: the train-mode output, without the
+    layer's own second pass over the statistics and without touching its running statistics. The two-pass
+    reduction runs in the input's dtype (float32: about 1e-7 relative to float64, within 1e-6 by
+    bench/recompute_speed.py); other dtypes keep the layer's own forward and are measured in float64."""
+
+    def __init__(self, module: Any, measured: dict[str, Moments], name: str) -> None:
+        # Any: the BatchNorm attributes (eps, weight, _check_input_dim) are not on torch.nn.Module's type
+        import torch
+        import torch.nn.functional as F
+        from torch.nn.modules.batchnorm import _BatchNorm
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if x.dtype not in (torch.float32, torch.float64):
+                measured[name] = channel_moments(x)
+                return _BatchNorm.forward(module, x)
+            module._check_input_dim(x)
+            dims = reduced_dims(x)
+            count = x.numel() // x.shape[1]
+            mean = x.mean(dim=dims, keepdim=True)
+            var = (x - mean).square_().mean(dim=dims)
+            mean = mean.flatten()
+            moments = Moments(count, mean.double().cpu().numpy(), var.double().cpu().numpy() * count)
+            measured[name] = moments
+            return F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
+
+        self.module = module
+        module.forward = forward
+
+    def remove(self) -> None:
+        del self.module.forward
+
+
 def recompute_statistics(
     model: torch.nn.Module,
     batches: Iterable[Batch],
@@ -225,29 +260,34 @@ def recompute_statistics(
     modules = batchnorm_modules(model)
     dtype, casts = _floating_dtype(model), set[str]()
     accumulators = {name: _LayerAccumulator() for name in modules}
-    pending: dict[str, tuple[int, int, np.ndarray, np.ndarray]] = {}
+    pending: dict[str, _Call] = {}
     expected_calls: dict[str, int] | None = None  # learnt on the first batch
     calls: dict[str, int] = {}
+    measured: dict[str, Moments] = {}  # this call's moments, from the pre-hook or the replaced forward
+    tails: dict[str, Moments] = {}
+    replaced = {name for name, module in modules.items() if mode == "train" and _plain_batchnorm(module)}
+
+    def record(name: str, call: _Call) -> None:
+        if name in pending:  # a module called twice in one pass: merge both calls
+            pending[name].merge(call)
+        else:
+            pending[name] = call
 
     def pre_hook(name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
             x = inputs[0]
-            count, mean, m2 = _channel_moments(x)
-            if mode == "train" and count == 1:
+            if mode == "train" and x.numel() == x.shape[1]:
                 raise _SkipBatch
-            if name in pending:  # a module called twice in one pass: merge both calls
-                old = pending[name]
-                moments = _Moments(old[0], old[2], old[3])
-                moments.merge(count, mean, m2)
-                assert moments.mean is not None and moments.m2 is not None
-                pending[name] = (moments.count, old[1], moments.mean, moments.m2)
-            else:
-                pending[name] = (count, int(x.shape[0]), mean, m2)
+            if accumulators[name].samples < TAIL_SAMPLES:
+                tails[name] = tail_moments(x)
+            if name not in replaced:
+                measured[name] = channel_moments(x)
 
         return hook
 
     def post_hook(name: str) -> Callable[..., None]:
         def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            record(name, _Call(int(inputs[0].shape[0]), measured.pop(name), tails.pop(name, Moments())))
             calls[name] = calls.get(name, 0) + 1
             if expected_calls is not None and all(calls.get(n, 0) >= c for n, c in expected_calls.items()):
                 raise _StopForward
@@ -255,10 +295,12 @@ def recompute_statistics(
         return hook
 
     preserved = _Preserved(model, modules)
-    handles = []
+    handles: list[Any] = []
     for name, module in modules.items():
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook(name)))
+        if name in replaced:
+            handles.append(_BatchStatisticsForward(module, measured, name))
     used = skipped = samples = 0
     try:
         model.eval()
@@ -281,8 +323,8 @@ def recompute_statistics(
                     raise _model_failed(exc) from exc
                 if expected_calls is None:
                     expected_calls = dict(calls)
-                for name, (count, batch_samples, mean, m2) in pending.items():
-                    accumulators[name].add(count, batch_samples, mean, m2)
+                for name, call in pending.items():
+                    accumulators[name].add(call)
                 used += 1
                 batch_size = batch_size_of(batch)
                 samples += batch_size
@@ -447,7 +489,7 @@ def _finish(name: str, acc: _LayerAccumulator) -> LayerStatistics:
     pooled = acc.pooled
     assert pooled.mean is not None and pooled.m2 is not None
     assert acc.batch_mean_sum is not None and acc.batch_var_sum is not None
-    var_pooled = pooled.m2 / (pooled.count - 1) if pooled.count > 1 else np.full_like(pooled.m2, np.nan)
+    var_pooled = pooled.variance()
     return LayerStatistics(
         module=name,
         mean_pooled=pooled.mean,
@@ -457,6 +499,7 @@ def _finish(name: str, acc: _LayerAccumulator) -> LayerStatistics:
         samples=acc.samples,
         values_per_channel=pooled.count,
         batches=acc.batches,
+        kurtosis=acc.tail.kurtosis(),
     )
 
 
@@ -612,6 +655,7 @@ def measure_checkpoint(
             samples=stats.samples,
             eps=thresholds.drift.eps,
             other_var=other_var,
+            kurtosis=stats.kurtosis,
         )
         silenced = any(fnmatch.fnmatchcase(data.layer.name, pattern) for pattern in request.silence_layers)
         drifts.append(LayerDrift(data.layer, module, drift, silenced))

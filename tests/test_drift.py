@@ -52,3 +52,25 @@ def test_the_closer_variance_convention_is_used() -> None:
 def test_non_finite_stored_values_count_as_infinitely_far() -> None:
     drift = measure_drift(np.array([np.nan, 0.0]), np.ones(2), np.zeros(2), np.ones(2), samples=None)
     assert drift.mean_shift_worst == math.inf and drift.mean_shift_worst_channel == 0
+
+
+def test_kurtosis_widens_the_variance_floor_per_channel() -> None:
+    mean, stored_var = np.zeros(64), np.ones(64)
+    new_var = np.ones(64)
+    new_var[0] = new_var[1] = 1 / 5  # |log ratio| 1.61 > log(4) in two channels
+    gaussian = np.full(64, 3.0)
+    heavy = gaussian.copy()
+    heavy[0] = 200.0  # channel 0 is so heavy-tailed that a 5x ratio is within its noise at 256 samples
+    without = measure_drift(mean, stored_var, mean, new_var, samples=256)
+    with_kurtosis = measure_drift(mean, stored_var, mean, new_var, samples=256, kurtosis=heavy)
+    assert any("channel 0" in r for r in without.reasons(LIMITS))
+    assert [r.split(")")[0] for r in with_kurtosis.reasons(LIMITS)] == ["worst |log var ratio| (channel 1"]
+    new_var[1] = 1.0
+    assert measure_drift(mean, stored_var, mean, new_var, samples=256, kurtosis=heavy).reasons(LIMITS) == []
+    assert measure_drift(mean, stored_var, mean, new_var, samples=256, kurtosis=gaussian).reasons(LIMITS) != []
+
+
+def test_heavy_tails_raise_the_median_floor() -> None:
+    mean, stored_var, new_var = np.zeros(8), np.ones(8), np.full(8, 1 / 1.8)  # beyond log(1.5) in every channel
+    assert measure_drift(mean, stored_var, mean, new_var, samples=256, kurtosis=np.full(8, 3.0)).reasons(LIMITS)
+    assert not measure_drift(mean, stored_var, mean, new_var, samples=256, kurtosis=np.full(8, 60.0)).reasons(LIMITS)

@@ -43,8 +43,20 @@ def batches_of(x: torch.Tensor, size: int) -> list[Batch]:
     return [Batch((x[i : i + size],)) for i in range(0, len(x), size)]
 
 
+# Train mode reduces each batch in the input's dtype (float32 here) and merges batches exactly in float64: about
+# 1e-7 of a float64 computation over everything (bench/recompute_speed.py measures it on larger nets). Eval mode
+# measures in float64 throughout.
+TRAIN_TOLERANCE = 1e-6
+
+
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+def mean_err(mean: np.ndarray, ref_mean: np.ndarray, ref_var: np.ndarray) -> float:
+    """A mean's error relative to the channel's std + |mean|: a later layer's mean can be near 0, where the
+    ~1e-7 differences between two float32 normalisations of the layers before it are not small relatively."""
+    return float(np.max(np.abs(mean - ref_mean) / (np.sqrt(ref_var) + np.abs(ref_mean))))
 
 
 def test_single_batch_equals_update_bn() -> None:
@@ -56,7 +68,8 @@ def test_single_batch_equals_update_bn() -> None:
         module = reference.get_submodule(name)
         for estimator in ("exact", "pytorch"):
             mean, var = stats.for_estimator(estimator)
-            assert rel_err(mean, module.running_mean.double().numpy()) < 1e-6
+            ref_mean, ref_var = module.running_mean.double().numpy(), module.running_var.double().numpy()
+            assert mean_err(mean, ref_mean, ref_var) < TRAIN_TOLERANCE
             assert rel_err(var, module.running_var.double().numpy()) < 1e-6  # the unbiased batch variance
 
 
@@ -68,7 +81,8 @@ def test_pytorch_estimator_equals_update_bn_on_many_batches() -> None:
     for name, stats in result.layers.items():
         module = reference.get_submodule(name)
         mean, var = stats.for_estimator("pytorch")
-        assert rel_err(mean, module.running_mean.double().numpy()) < 1e-6
+        ref_mean, ref_var = module.running_mean.double().numpy(), module.running_var.double().numpy()
+        assert mean_err(mean, ref_mean, ref_var) < TRAIN_TOLERANCE
         assert rel_err(var, module.running_var.double().numpy()) < 1e-6
 
 
@@ -95,8 +109,9 @@ def test_exact_estimator_equals_a_float64_reference_over_all_samples(batch_size:
     for name, values in captured_inputs(model, batches).items():
         per_channel = values.transpose(0, 1).reshape(values.shape[1], -1)
         stats = result.layers[name]
-        assert rel_err(stats.mean_pooled, per_channel.mean(1).numpy()) < 1e-9
-        assert rel_err(stats.var_pooled, per_channel.var(1, unbiased=True).numpy()) < 1e-9
+        ref_var = per_channel.var(1, unbiased=True).numpy()
+        assert mean_err(stats.mean_pooled, per_channel.mean(1).numpy(), ref_var) < TRAIN_TOLERANCE
+        assert rel_err(stats.var_pooled, per_channel.var(1, unbiased=True).numpy()) < TRAIN_TOLERANCE
         assert stats.values_per_channel == per_channel.shape[1]
         assert stats.samples == len(x)
 
@@ -106,7 +121,8 @@ def test_first_layer_statistics_do_not_depend_on_batching() -> None:
     first = "1"
     a = recompute_statistics(model, batches_of(x, 8)).layers[first]
     b = recompute_statistics(model, batches_of(x, 96)).layers[first]
-    assert rel_err(a.mean_pooled, b.mean_pooled) < 1e-12 and rel_err(a.var_pooled, b.var_pooled) < 1e-12
+    tolerance = TRAIN_TOLERANCE
+    assert rel_err(a.mean_pooled, b.mean_pooled) < tolerance and rel_err(a.var_pooled, b.var_pooled) < tolerance
 
 
 def test_2d_layers_reduce_over_every_axis_but_channels() -> None:
@@ -189,4 +205,4 @@ def test_keyword_batches_are_passed_as_keywords() -> None:
 
     a, b = torch.randn(20, 3), torch.randn(20, 3)
     stats = recompute_statistics(TwoInputs(), [Batch((), {"a": a, "b": b})]).layers["bn"]
-    assert rel_err(stats.mean_pooled, (a + b).double().mean(0).numpy()) < 1e-9
+    assert rel_err(stats.mean_pooled, (a + b).double().mean(0).numpy()) < TRAIN_TOLERANCE
