@@ -206,3 +206,22 @@ def test_keyword_batches_are_passed_as_keywords() -> None:
     a, b = torch.randn(20, 3), torch.randn(20, 3)
     stats = recompute_statistics(TwoInputs(), [Batch((), {"a": a, "b": b})]).layers["bn"]
     assert rel_err(stats.mean_pooled, (a + b).double().mean(0).numpy()) < TRAIN_TOLERANCE
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_far_below_eps_and_far_from_zero_are_exact(channels_last: bool) -> None:
+    """The fused kernel gives 1/sqrt(var + eps); a variance far below eps must not lose its digits there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        model[0].weight[:2] *= 1e-5  # two channels with variance ~1e-10, far below eps = 1e-5
+    x = torch.randn(64, 3, 16, 16) * 2 + 50
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    stats = recompute_statistics(model, [Batch((x[i : i + 16],)) for i in range(0, 64, 16)]).layers["1"]
+    with torch.no_grad():
+        values = model[0](x).double().transpose(0, 1).reshape(8, -1)
+    variance, mean = values.var(1).numpy(), values.mean(1).numpy()
+    assert variance[:2].max() < 1e-8
+    assert rel_err(stats.var_pooled, variance) < 1e-6
+    assert np.max(np.abs(stats.mean_pooled - mean) / (np.sqrt(variance) + np.abs(mean))) < 1e-6
