@@ -265,7 +265,10 @@ def _score(
             try:
                 outputs = model(*args, **kwargs)
             except Exception as exc:  # the model's own code failed on this data
-                raise ModelError(f"the model failed on the validation data: {first_line(exc)}") from exc
+                message = f"the model failed on the validation data: {first_line(exc)}"
+                if isinstance(exc, TypeError | AttributeError):  # batches shaped unlike the model's inputs
+                    message += "; choose the model's inputs of each batch with --inputs (e.g. 0 or image)"
+                raise ModelError(message) from exc
             if metric is None:
                 metric = _metric(validate, targets)
             metric.add(outputs, targets.to(device))
