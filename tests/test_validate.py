@@ -357,3 +357,32 @@ def test_a_real_process_refuses_with_exit_2_and_no_traceback(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
     assert not out.exists()
+
+
+def test_the_readme_numbers_and_refusal_are_real(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    import shlex
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- validate-table: checked by tests/test_validate.py -->")[1].split("\n\n")[0]
+    rows = re.findall(r"^\| `([^`]+)` \| [^|]+ \| (\w+) \| ([\d.]+) \| ([\d.]+) \|$", table, flags=re.MULTILINE)
+    assert len(rows) == 5
+    for name, kind, stored, recalibrated in rows:
+        request = RecomputeRequest(model=MODEL, data=str(R / f"sample-{kind}.npy"), max_samples=512)
+        holdout = f"{R / 'models.py'}:{kind}_holdout"
+        _, validation = recalibrate_validated(R / name, tmp_path / name, request, validate=holdout, allow_worse=True)
+        assert validation is not None
+        assert (f"{validation.stored:.3f}", f"{validation.recalibrated:.3f}") == (stored, recalibrated), name
+    # the command and the refusal it prints
+    section = readme[readme.index("give `recalibrate` some with `--validate`") :]
+    command = re.search(r"```sh\n(.*?)\n```", section, flags=re.DOTALL).group(1).replace("\\\n", " ")
+    shown = re.search(r"```text\n(.*?)\n```", section, flags=re.DOTALL).group(1)
+    args = shlex.split(command)
+    assert args[:2] == ["bncheck", "recalibrate"]
+    args[args.index("-o") + 1] = str(tmp_path / "recalibrated.ckpt")
+    monkeypatch.chdir(ROOT)
+    result = cli(*args[1:])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == shown
