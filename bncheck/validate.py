@@ -46,8 +46,10 @@ class ValidationRequest:
     ``data`` is a tensor file or a ``module:callable`` / ``file.py:callable`` (see the module docstring).
     ``target`` names the target tensor, key or tuple index; None: found as the module docstring says.
     ``metric`` is ``accuracy``, ``mse``, or a ``module:fn`` / ``file.py:fn`` taking ``(outputs, targets)`` and
-    returning a number; None: accuracy for integer targets, mse for floating ones. ``mode`` says whether a metric
-    callable's higher (``max``, its default) or lower (``min``) values are better; the built-in metrics know theirs.
+    returning a number (every batch's outputs concatenated along the sample axis; a list of them when the model
+    returns something other than a tensor); None: accuracy for integer targets, mse for floating ones. ``mode``
+    says whether a metric callable's higher (``max``, its default) or lower (``min``) values are better; the
+    built-in metrics know theirs.
     ``inputs`` chooses the model's inputs from each batch as ``--inputs`` does (None: the recompute request's).
     ``max_samples`` None: the recompute request's budget.
     """
@@ -206,11 +208,14 @@ def validate_statistics(
     from bncheck.recompute import batchnorm_modules
 
     modules = batchnorm_modules(model)
+    custom = validate.metric is not None and validate.metric not in BUILTIN_METRICS
+    # the user's metric module is imported once, not once per pass
+    function = load_callable(validate.metric, error=DataError) if custom and validate.metric else None
     preserved = _Preserved(model, modules)
     try:
-        stored, samples = _score(model, validate, batch_size, inputs, max_samples, device)
+        stored, samples = _score(model, validate, function, batch_size, inputs, max_samples, device)
         _assign(modules, recomputed)
-        recalibrated, _ = _score(model, validate, batch_size, inputs, max_samples, device)
+        recalibrated, _ = _score(model, validate, function, batch_size, inputs, max_samples, device)
     finally:
         preserved.restore()
     return Validation(
@@ -233,18 +238,18 @@ def _assign(modules: Mapping[str, torch.nn.Module], recomputed: Mapping[str, Map
                 buffer.copy_(torch.as_tensor(array).reshape(buffer.shape).to(buffer.dtype))
 
 
-def _metric(validate: ValidationRequest, targets: torch.Tensor | None) -> _Metric:
+def _metric(validate: ValidationRequest, function: Any, targets: torch.Tensor) -> _Metric:
     if validate.metric is None:
-        floating = targets is not None and targets.is_floating_point()
-        return _Metric("mse" if floating else "accuracy")
-    if validate.metric in BUILTIN_METRICS:
+        return _Metric("mse" if targets.is_floating_point() else "accuracy")
+    if function is None:
         return _Metric(validate.metric)
-    return _Metric(validate.metric, load_callable(validate.metric, error=DataError), validate.mode or "max")
+    return _Metric(validate.metric, function, validate.mode or "max")
 
 
 def _score(
     model: torch.nn.Module,
     validate: ValidationRequest,
+    function: Any,
     batch_size: int,
     inputs: tuple[str, ...],
     max_samples: int | None,
@@ -270,7 +275,7 @@ def _score(
                     message += "; choose the model's inputs of each batch with --inputs (e.g. 0 or image)"
                 raise ModelError(message) from exc
             if metric is None:
-                metric = _metric(validate, targets)
+                metric = _metric(validate, function, targets)
             metric.add(outputs, targets.to(device))
             samples += int(targets.shape[0])
     if metric is None or samples == 0:
