@@ -65,8 +65,8 @@ def recalibrate(
 
     ``force`` replaces an existing ``output``. ``validate`` (labelled data: a ``ValidationRequest``, or its data
     spec alone) scores the model in eval mode with the stored and with the recomputed statistics on the same
-    batches; the result is a note of the report, and when recalibration scores worse nothing is written
-    (``bncheck.validate.WorseAfterRecalibrationError``, which carries the numbers) unless ``allow_worse``.
+    batches; the result is a note of the report, and when recalibration scores worse nothing is written (a
+    WriteError that names both scores) unless ``allow_worse``.
     """
     report, _ = recalibrate_validated(
         checkpoint,

@@ -95,17 +95,6 @@ class Validation:
         )
 
 
-class WorseAfterRecalibrationError(WriteError):
-    """The recalibrated model scores worse on the validation data; nothing was written."""
-
-    def __init__(self, validation: Validation) -> None:
-        self.validation = validation
-        super().__init__(
-            f"recalibration makes the model worse, so nothing was written: {validation.summary()}; "
-            "pass --allow-worse to write it anyway"
-        )
-
-
 @dataclass
 class _Metric:
     """Accumulates one pass of (outputs, targets) batches into a score."""
@@ -367,15 +356,21 @@ def _split(item: Any, target: str | None, spec: str, *, from_file: bool, keep_wh
 
 
 def check_not_worse(validation: Validation, *, allow_worse: bool) -> None:
-    """Raise WorseAfterRecalibrationError when recalibration scores worse and that was not allowed."""
+    """Raise WriteError, naming both scores, when recalibration scores worse and that was not allowed.
+
+    (A class of its own would belong in ``errors.py``; until then the refusal is a WriteError whose message holds
+    the numbers, and ``recalibrate_validated(..., allow_worse=True)`` returns them as a ``Validation``.)
+    """
     if validation.worse and not allow_worse:
-        raise WorseAfterRecalibrationError(validation)
+        raise WriteError(
+            f"recalibration makes the model worse, so nothing was written: {validation.summary()}; "
+            "pass --allow-worse to write it anyway"
+        )
 
 
 __all__ = [
     "Validation",
     "ValidationRequest",
-    "WorseAfterRecalibrationError",
     "check_not_worse",
     "check_validation",
     "labelled_batches",

@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import FIXTURES, run_process
 
-from bncheck.errors import ModelError
+from bncheck.errors import ModelError, WriteError
 from bncheck.recalibrate import recalibrate_validated
 from bncheck.recompute import RecomputeRequest
-from bncheck.validate import Validation, ValidationRequest, WorseAfterRecalibrationError, validate_statistics
+from bncheck.validate import Validation, ValidationRequest, validate_statistics
 
 R = FIXTURES / "recompute"
 MODEL = f"{R / 'models.py'}:tabular_mlp"
@@ -125,13 +125,17 @@ def test_a_frozen_bn_finetune_is_refused_and_written_only_with_allow_worse(cli, 
     assert f"recalibrated {after:.3f}" in line  # the refusal named the score the written copy has
 
 
-def test_the_library_refusal_carries_the_numbers(tmp_path: Path) -> None:
+def test_the_library_refuses_with_both_numbers_and_writes_nothing(tmp_path: Path) -> None:
     request = RecomputeRequest(model=MODEL, data=str(SHIFTED), max_samples=512)
-    with pytest.raises(WorseAfterRecalibrationError) as refused:
+    _, validation = recalibrate_validated(
+        FROZEN, tmp_path / "allowed.ckpt", request, validate=HOLDOUT, allow_worse=True
+    )
+    assert validation is not None and validation.worse
+    assert validation.stored == accuracy(load_state(FROZEN))
+    with pytest.raises(WriteError) as refused:
         recalibrate_validated(FROZEN, tmp_path / "out.ckpt", request, validate=HOLDOUT)
-    validation = refused.value.validation
-    assert validation.worse and validation.stored == accuracy(load_state(FROZEN))
-    assert list(tmp_path.iterdir()) == []
+    assert validation.summary() in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["allowed.ckpt"]
 
 
 LOADERS = """
