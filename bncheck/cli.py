@@ -46,6 +46,7 @@ _OUTPUT = "Output"
 _RULES = "Rules and settings"
 _OPTIONS = "Options"
 _PANEL = "Recompute statistics on sample data (BN012)"
+_VALIDATE_PANEL = "Validate before writing"
 
 # --format's choices are the registry's keys. mypy sees plain strings; typer sees an Enum it can complete.
 if TYPE_CHECKING:
@@ -614,7 +615,14 @@ def recalibrate_command(
         Path | None,
         typer.Option("-o", "--output", metavar="PATH", help="Where to write the recalibrated checkpoint. Required."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace OUTPUT if it exists (never a directory). It does not override a worse validation score: "
+            "that is --allow-worse.",
+        ),
+    ] = False,
     model: _RequiredModel = None,
     data: _RequiredData = None,
     model_kwargs: _ModelKwargs = None,
@@ -624,6 +632,51 @@ def recalibrate_command(
     estimator: _Estimator = "exact",
     device: _Device = "cpu",
     source: _Source = None,
+    validate: Annotated[
+        str | None,
+        typer.Option(
+            metavar="VDATA",
+            help="Labelled data to score the model on with the stored and with the recomputed statistics (eval mode, "
+            "same batches); nothing is written when recalibration scores worse. A tensor file of inputs and targets "
+            "(.npz/.safetensors/.pt) or module:callable / file.py:callable returning (inputs, targets) tuples or "
+            "dicts. --batch-size, --max-samples and --inputs apply to it too.",
+            rich_help_panel=_VALIDATE_PANEL,
+        ),
+    ] = None,
+    validate_target: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help="The target in VDATA: a tensor name or dict key, or a tuple index. Default: the tensor or key "
+            "named labels, label, targets, target or y; a tuple's last element.",
+            rich_help_panel=_VALIDATE_PANEL,
+        ),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            metavar="METRIC",
+            help="accuracy (argmax of the output on axis 1 against class labels; higher is better), mse (mean "
+            "squared error; lower is better), or module:fn / file.py:fn called once with all outputs and all "
+            "targets, returning a number. Default: accuracy for integer targets, mse for floating ones.",
+            rich_help_panel=_VALIDATE_PANEL,
+        ),
+    ] = None,
+    metric_mode: Annotated[
+        Literal["max", "min"] | None,
+        typer.Option(
+            help="Whether a metric callable's higher (max, the default) or lower (min) values are better.",
+            rich_help_panel=_VALIDATE_PANEL,
+        ),
+    ] = None,
+    allow_worse: Annotated[
+        bool,
+        typer.Option(
+            "--allow-worse",
+            help="Write the copy even when it scores worse than the stored statistics on VDATA.",
+            rich_help_panel=_VALIDATE_PANEL,
+        ),
+    ] = False,
 ) -> int:
     """Write a copy of CHECKPOINT whose running statistics are recomputed on sample data; nothing else changes.
 
@@ -631,17 +684,30 @@ def recalibrate_command(
     averaging, pruning). Do not use it on a fine-tune whose BatchNorm was frozen on purpose: its weights fit the
     stored statistics.
 
+    When unsure, give --validate with labelled held-out data: the model is scored with both statistics and the
+    copy is written only if recalibration does not make it worse.
+
     The copy keeps the input's format and every other entry byte for byte, is written beside OUTPUT, checked,
     and only then renamed into place.
     """
     from rich.text import Text
 
     from bncheck.errors import BncheckError
-    from bncheck.recalibrate import recalibrate as recalibrate_path
+    from bncheck.recalibrate import recalibrate_validated
     from bncheck.report import Report
 
     if model is None or data is None or output is None:
         raise UsageError("recalibrate needs --model, --data and -o/--output")
+    if validate is None:
+        given = {
+            "--validate-target": validate_target,
+            "--metric": metric,
+            "--metric-mode": metric_mode,
+            "--allow-worse": allow_worse or None,
+        }
+        needless = [name for name, value in given.items() if value is not None]
+        if needless:
+            raise UsageError(f"{needless[0]} needs --validate")
     try:
         request = _request(
             model=model,
@@ -655,10 +721,27 @@ def recalibrate_command(
             source=source,
         )
         assert request is not None
+        validation_request = None
+        if validate is not None:
+            from bncheck.validate import ValidationRequest
+
+            validation_request = ValidationRequest(
+                data=validate, target=validate_target, metric=metric, mode=metric_mode
+            )
         with _progress(True) as progress:
-            report = recalibrate_path(checkpoint, output, request, force=force, progress=progress)
+            report, validation = recalibrate_validated(
+                checkpoint,
+                output,
+                request,
+                force=force,
+                validate=validation_request,
+                allow_worse=allow_worse,
+                progress=progress,
+            )
     except BncheckError as exc:
         return _fail(str(exc))
+    if validation is not None:
+        _say(validation.summary())
     _console(stderr=True).print(Text(f"wrote {escape_controls(str(output))}"))
     written = Report(files=(report,), tool_version=__version__)
     _emit(REPORT_FORMATS["text"], written)

@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from bncheck.loaders.torch_zip import member_data_start
 from bncheck.recompute import Progress, RecomputeRequest, prepare, run_model
 from bncheck.report import FileReport, Severity
 
+if TYPE_CHECKING:
+    from bncheck.validate import Validation, ValidationRequest
+
 PathLike = str | os.PathLike[str]
 
 
@@ -46,6 +50,8 @@ def recalibrate(
     request: RecomputeRequest,
     *,
     force: bool = False,
+    validate: ValidationRequest | str | None = None,
+    allow_worse: bool = False,
     thresholds: Thresholds | None = None,
     progress: Progress | None = None,
 ) -> FileReport:
@@ -56,14 +62,54 @@ def recalibrate(
     TorchScript layer traced in eval mode) is left exactly as stored and named in the report. The copy is inspected
     before it is renamed into place. Returns the report of the written file; raises BncheckError when nothing could
     be written.
+
+    ``force`` replaces an existing ``output``. ``validate`` (labelled data: a ``ValidationRequest``, or its data
+    spec alone) scores the model in eval mode with the stored and with the recomputed statistics on the same
+    batches; the result is a note of the report, and when recalibration scores worse nothing is written (a
+    WriteError that names both scores) unless ``allow_worse``.
     """
+    report, _ = recalibrate_validated(
+        checkpoint,
+        output,
+        request,
+        force=force,
+        validate=validate,
+        allow_worse=allow_worse,
+        thresholds=thresholds,
+        progress=progress,
+    )
+    return report
+
+
+def recalibrate_validated(
+    checkpoint: PathLike,
+    output: PathLike,
+    request: RecomputeRequest,
+    *,
+    force: bool = False,
+    validate: ValidationRequest | str | None = None,
+    allow_worse: bool = False,
+    thresholds: Thresholds | None = None,
+    progress: Progress | None = None,
+) -> tuple[FileReport, Validation | None]:
+    """``recalibrate``, also returning the validation scores (None without ``validate``)."""
     source, target = _check_paths(checkpoint, output, request, force=force)
+    if isinstance(validate, str):
+        from bncheck.validate import ValidationRequest
+
+        validate = ValidationRequest(data=validate)
+    if validate is not None:
+        from bncheck.validate import check_validation
+
+        check_validation(validate, batch_size=request.batch_size)
     options = Options(thresholds=thresholds or Thresholds())
     workload = prepare(request, progress)
     root = open_checkpoint(source).root
     state, prefix, result = run_model(root, workload, "train")
     layers = {layer.name: layer for layer in find_bn_layers(root) if layer.source == state.source}
     patches = {}
+    # what the copy will hold, per module and buffer, rounded to the file's dtype: what validation scores
+    new_buffers: dict[str, dict[str, Any]] = {}
     for module, stats in result.layers.items():
         layer = layers.get(prefix + module)
         if layer is None:
@@ -73,8 +119,24 @@ def recalibrate(
         for name, values in new_values.items():
             if name in layer.tensors:
                 patches[layer.tensors[name]] = values
+                if name != "num_batches_tracked":
+                    new_buffers.setdefault(module, {})[name] = _as_stored(values, layer.tensors[name].dtype)
     if not patches:
         raise WriteError("the model ran no BatchNorm layer that the checkpoint stores; nothing to recalibrate")
+    validation = None
+    if validate is not None:
+        from bncheck.validate import check_not_worse, validate_statistics
+
+        validation = validate_statistics(
+            workload.model,
+            validate,
+            new_buffers,
+            batch_size=request.batch_size,
+            inputs=request.inputs,
+            max_samples=request.max_samples,
+            device=request.device,
+        )
+        check_not_worse(validation, allow_worse=allow_worse)
 
     def verify(written: Path) -> None:
         report = inspect_file(written, options=options)
@@ -91,7 +153,17 @@ def recalibrate(
         for module, reason in result.unmeasured.items()
         if prefix + module in layers
     )
-    return dataclasses.replace(report, notes=report.notes + result.notes + kept)
+    scored = () if validation is None else (validation.summary(),)
+    return dataclasses.replace(report, notes=report.notes + result.notes + kept + scored), validation
+
+
+def _as_stored(values: np.ndarray, dtype: str) -> Any:
+    """``values`` as the copy will hold them: rounded to the tensor's dtype in the file (fp16, bf16...)."""
+    import torch
+
+    stored = getattr(torch, dtype, None)
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    return tensor.to(stored) if isinstance(stored, torch.dtype) and stored.is_floating_point else tensor
 
 
 def _check_paths(
