@@ -176,7 +176,7 @@ def batchnorm_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-class _Preserved:
+class PreservedModel:
     """Every module's training flag and every BatchNorm buffer, restored on exit."""
 
     def __init__(self, model: torch.nn.Module, modules: Mapping[str, torch.nn.Module]) -> None:
@@ -282,7 +282,7 @@ def recompute_statistics(
     if isinstance(model, torch.jit.ScriptModule):
         return _recompute_scripted(model, batches, mode=mode, device=device, on_batch=on_batch)
     modules = batchnorm_modules(model)
-    dtype, casts = _floating_dtype(model), set[str]()
+    dtype, casts = floating_dtype(model), set[str]()
     accumulators = {name: _LayerAccumulator() for name in modules}
     pending: dict[str, _Call] = {}
     expected_calls: dict[str, int] | None = None  # learnt on the first batch
@@ -318,7 +318,7 @@ def recompute_statistics(
 
         return hook
 
-    preserved = _Preserved(model, modules)
+    preserved = PreservedModel(model, modules)
     handles: list[Any] = []
     for name, module in modules.items():
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
@@ -335,7 +335,7 @@ def recompute_statistics(
             for batch in batches:
                 pending.clear()
                 calls.clear()
-                args, kwargs = _moved(batch, device, dtype, casts)
+                args, kwargs = moved_inputs(batch, device, dtype, casts)
                 try:
                     model(*args, **kwargs)
                 except _SkipBatch:
@@ -388,10 +388,10 @@ def _recompute_scripted(
     modules = batchnorm_modules(model)
     factors, unmeasured = scripted_update_factors(modules)
     notes = _baked_dropout(model)
-    dtype, casts = _floating_dtype(model), set[str]()
+    dtype, casts = floating_dtype(model), set[str]()
     accumulators = {name: _LayerAccumulator() for name in factors}
     used = skipped = samples = 0
-    preserved = _Preserved(model, modules)
+    preserved = PreservedModel(model, modules)
     try:
         model.eval()
         for module in modules.values():
@@ -402,7 +402,7 @@ def _recompute_scripted(
                     for name, buffer in module.named_buffers(recurse=False):
                         if name in ("running_mean", "running_var", "num_batches_tracked"):
                             buffer.zero_()
-                args, kwargs = _moved(batch, device, dtype, casts)
+                args, kwargs = moved_inputs(batch, device, dtype, casts)
                 try:
                     model(*args, **kwargs)
                 except Exception as exc:
@@ -527,7 +527,7 @@ def _finish(name: str, acc: _LayerAccumulator) -> LayerStatistics:
     )
 
 
-def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
+def floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype of the model's first floating parameter or buffer: what its floating inputs are cast to."""
     for tensor in (*model.parameters(), *model.buffers()):
         if tensor.is_floating_point():
@@ -535,7 +535,7 @@ def _floating_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
-def _moved(
+def moved_inputs(
     batch: Batch, device: str, dtype: torch.dtype | None, casts: set[str]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The batch's tensors, nested ones included, on ``device``; floating ones cast to the model's dtype (each

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bncheck.errors import DataError, ModelError, WriteError, first_line
 from bncheck.model_data import SampleData, load_callable, model_batches
-from bncheck.recompute import DEFAULT_MAX_SAMPLES, Batch, _floating_dtype, _moved, _Preserved, batch_size_of
+from bncheck.recompute import DEFAULT_MAX_SAMPLES, Batch, PreservedModel, batch_size_of, floating_dtype, moved_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -200,7 +200,7 @@ def validate_statistics(
     custom = validate.metric is not None and validate.metric not in BUILTIN_METRICS
     # the user's metric module is imported once, not once per pass
     function = load_callable(validate.metric, error=DataError) if custom and validate.metric else None
-    preserved = _Preserved(model, modules)
+    preserved = PreservedModel(model, modules)
     try:
         stored, samples = _score(model, validate, function, batch_size, inputs, max_samples, device)
         _assign(modules, recomputed)
@@ -247,7 +247,7 @@ def _score(
     """One eval-mode pass: the metric holding what it needs to score, and the number of samples."""
     import torch
 
-    dtype, casts = _floating_dtype(model), set[str]()
+    dtype, casts = floating_dtype(model), set[str]()
     metric: _Metric | None = None
     samples = 0
     model.eval()
@@ -255,7 +255,7 @@ def _score(
         for batch, targets in labelled_batches(
             model, validate, batch_size=batch_size, inputs=inputs, max_samples=max_samples
         ):
-            args, kwargs = _moved(batch, device, dtype, casts)
+            args, kwargs = moved_inputs(batch, device, dtype, casts)
             try:
                 outputs = model(*args, **kwargs)
             except Exception as exc:  # the model's own code failed on this data
