@@ -383,11 +383,14 @@ def missing_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Why: PyTorch has saved the counter since 0.4.1. Without it the file was written by an older PyTorch or by a
     script that dropped integer buffers; load_state_dict(strict=True) then fails on a current model
     (strict=False silently keeps the counter at 0), and layers with momentum=None, which average cumulatively by
-    that counter, restart their average.
+    that counter, restart their average. FrozenBatchNorm2d (torchvision, detectron2), whose statistics never change,
+    has no counter by design: it is not reported where the file names that class, nor in a state dict whose layers
+    without a counter hold exactly its buffers (weight, bias, running_mean, running_var) while other BatchNorm
+    layers of the file carry counters or they make up a whole backbone; the report says so in one note instead.
 
     Fix: re-export from a current PyTorch, or add the counter back (an int64 scalar).
     """
-    if data.layer.batch_counter and "num_batches_tracked" not in data.layer.tensors:
+    if data.layer.batch_counter and data.layer.frozen is None and "num_batches_tracked" not in data.layer.tensors:
         yield Hit("no num_batches_tracked next to the running statistics")
 
 
