@@ -383,11 +383,14 @@ def missing_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Why: PyTorch has saved the counter since 0.4.1. Without it the file was written by an older PyTorch or by a
     script that dropped integer buffers; load_state_dict(strict=True) then fails on a current model
     (strict=False silently keeps the counter at 0), and layers with momentum=None, which average cumulatively by
-    that counter, restart their average.
+    that counter, restart their average. FrozenBatchNorm2d (torchvision, detectron2), whose statistics never change,
+    has no counter by design: it is not reported where the file names that class, nor in a state dict whose layers
+    without a counter hold exactly its buffers (weight, bias, running_mean, running_var) while other BatchNorm
+    layers of the file carry counters or they make up a whole backbone; the report says so in one note instead.
 
     Fix: re-export from a current PyTorch, or add the counter back (an int64 scalar).
     """
-    if data.layer.batch_counter and "num_batches_tracked" not in data.layer.tensors:
+    if data.layer.batch_counter and data.layer.frozen is None and "num_batches_tracked" not in data.layer.tensors:
         yield Hit("no num_batches_tracked next to the running statistics")
 
 
@@ -481,6 +484,43 @@ def count_spread(layers: Sequence[LayerData], t: Thresholds) -> Iterator[tuple[L
                         "num_batches_tracked",
                     ),
                 )
+
+
+@rule(
+    "BN018",
+    Severity.ERROR,
+    "statistics hold no data",
+    "a lazy module saved before its dry run, a meta-device model or a freed (FSDP) storage; save real weights",
+)
+def no_data(data: LayerData, t: Thresholds) -> Iterator[Hit]:
+    """What: the file names the layer's tensors but stores no values for them. Three mechanisms write such files:
+    a LazyBatchNorm1d/2d/3d saved before its first forward pass (torch pickles each UninitializedBuffer and
+    UninitializedParameter as its class alone: no shape, no values, num_features 0); a model built on the meta
+    device (with torch.device("meta"), accelerate's init_empty_weights) and saved before its weights were
+    materialised (torch writes a meta tensor as its dtype, size and stride, with no storage); and a storage resized
+    to zero (as FSDP frees unsharded parameters) saved behind its original, non-empty shape.
+
+    Why: there are no statistics to normalise with. load_state_dict of a meta tensor into a real model raises
+    "Cannot copy out of meta tensor; no data!"; torch.load refuses the zero-size storage ("Trying to resize storage
+    that is not resizable"); uninitialised lazy tensors load only into a lazy module, whose first forward pass
+    then creates running_mean 0 and running_var 1, so in eval() it silently normalises with statistics that never
+    saw data. The file looks like a checkpoint and holds none of the model's state.
+
+    Fix: run one forward pass on a real batch (the lazy modules' dry run) and train or load real weights before
+    saving; materialise a meta-device model (to_empty(device=...) and then load or initialise its weights); save an
+    FSDP model through its state-dict API (get_model_state_dict / FULL_STATE_DICT), never while its parameters are
+    freed.
+    """
+    empty: dict[str, list[str]] = {}
+    for name, ref in data.layer.tensors.items():
+        if ref.no_data is not None:
+            empty.setdefault(ref.no_data, []).append(name)
+    if empty:
+        names = [name for group in empty.values() for name in group]
+        yield Hit(
+            "no values stored for " + "; ".join(f"{', '.join(group)} ({why})" for why, group in empty.items()),
+            names[0] if len(names) == 1 else None,
+        )
 
 
 @rule(

@@ -4,15 +4,17 @@ A checkpoint is a tree: a bare state dict; a dict of state dicts (``{'model': ..
 ``state_dict``, timm's ``state_dict_ema``); a pickled ``nn.Module`` or a TorchScript module (placeholders whose
 recorded state holds the parameters, buffers and submodules). Every dict or module that directly holds tensors is a
 *container*; within a container a BatchNorm layer is a dotted prefix that owns ``running_mean`` and/or
-``running_var``.
+``running_var``, unless its class or its sibling keys say it is a running-statistics normaliser of reinforcement
+learning (see :func:`_is_normaliser`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from bncheck.loaders.interface import TensorRef
 from bncheck.loaders.restricted_pickle import Placeholder
@@ -27,6 +29,24 @@ MAX_DEPTH = 64
 _NORM_WORD = re.compile(r"batch_?norm|normalization|norm|bn", re.IGNORECASE)
 _KIND_BY_FEEDER_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
 
+# Observation normalisers of reinforcement learning keep running statistics too, beside a sample counter of their
+# own: rl_games' RunningMeanStd (running_mean, running_var, count), skrl's RunningStandardScaler (running_mean,
+# running_variance, current_count). None of them is a BatchNorm layer, and none has BatchNorm's own keys.
+NORMALISER_CLASSES = frozenset({"RunningMeanStd", "RunningStandardScaler"})
+# BatchNorm1d/2d/3d, their Lazy and Sync variants, FrozenBatchNorm2d, InstanceNorm with tracked statistics
+_BATCHNORM_CLASS = re.compile(r"(Batch|Instance)Norm")
+_NORMALISER_KEYS = frozenset({"count", "current_count", "running_variance"})
+_BATCHNORM_ONLY_KEYS = frozenset({"num_batches_tracked", "weight", "bias"})
+
+# FrozenBatchNorm2d (torchvision.ops.misc, detectron2.layers.batch_norm, and the copies in DETR-style code) holds
+# exactly these buffers: its statistics never change, so it has no num_batches_tracked, by design.
+FROZEN_CLASS = "FrozenBatchNorm2d"
+FROZEN_BUFFERS = frozenset({"weight", "bias", "running_mean", "running_var"})
+# Why a layer is taken for a FrozenBatchNorm2d: the file names the class; or, in a state dict, it holds exactly the
+# frozen buffer set and either other BatchNorm layers of the file carry counters, or the frozen-looking layers are
+# every BatchNorm layer under one prefix (a backbone) that is not the whole model (see _mark_frozen_by_buffers).
+Frozen = Literal["class", "counters elsewhere", "whole prefix"]
+
 
 @dataclass(frozen=True)
 class BNLayer:
@@ -40,6 +60,8 @@ class BNLayer:
     tensors: Mapping[str, TensorRef]
     # whether the file's format stores num_batches_tracked at all (rules about the counter ask)
     batch_counter: bool = True
+    # taken for a FrozenBatchNorm2d, which keeps no num_batches_tracked by design, and on what evidence (or None)
+    frozen: Frozen | None = None
 
     @property
     def num_features(self) -> int | None:
@@ -62,6 +84,8 @@ class StateDict:
     path: tuple[str, ...]
     tensors: dict[str, TensorRef]
     classes: dict[str, str]  # module prefix -> class name, when the file says it
+    # module prefixes whose class the file names as a FrozenBatchNorm2d
+    frozen: set[str] = field(default_factory=set)
 
     @property
     def source(self) -> str:
@@ -102,6 +126,8 @@ def _flatten_module(node: Placeholder, prefix: str, out: StateDict, depth: int, 
         return
     seen.add(id(node))
     out.classes[prefix] = _class_name(node)
+    if out.classes[prefix] == FROZEN_CLASS:
+        out.frozen.add(prefix)
     state = _module_state(node) or {}
     if node.global_name.startswith("__torch__."):
         members: list[tuple[str, Any]] = list(state.items())
@@ -193,14 +219,34 @@ def _infer_kind(prefix: str, tensors: Mapping[str, TensorRef], width: int | None
     return None
 
 
+def _is_normaliser(class_name: str | None, keys: set[str]) -> bool:
+    """Whether a prefix that owns running statistics is an observation normaliser rather than a BatchNorm layer.
+
+    A class the file names decides when it is one of the normalisers, or a BatchNorm or InstanceNorm class
+    (SyncBatchNorm, LazyBatchNorm2d, FrozenBatchNorm2d...). Otherwise the keys do: a normaliser's own counter
+    (``count``, ``current_count``) or ``running_variance`` beside the statistics, and none of BatchNorm's
+    ``num_batches_tracked``, ``weight`` or ``bias``. A BatchNorm layer that lost its running_var keeps its other keys,
+    and is still checked.
+    """
+    if class_name in NORMALISER_CLASSES:
+        return True
+    if class_name is not None and _BATCHNORM_CLASS.search(class_name):
+        return False
+    return bool(keys & _NORMALISER_KEYS) and not keys & _BATCHNORM_ONLY_KEYS
+
+
 def _layers_of(container: StateDict, batch_counter: bool) -> Iterator[BNLayer]:
     source = container.source
     container_averaged = container.averaged
-    prefixes: dict[str, None] = {}  # ordered set
+    keys: dict[str, set[str]] = {}  # module prefix -> the names directly under it
     for name in container.tensors:
         prefix, _, leaf = name.rpartition(".")
-        if leaf in ("running_mean", "running_var"):
-            prefixes[prefix] = None
+        keys.setdefault(prefix, set()).add(leaf)
+    prefixes = [
+        prefix
+        for prefix, leaves in keys.items()
+        if leaves & {"running_mean", "running_var"} and not _is_normaliser(container.classes.get(prefix), leaves)
+    ]
     for prefix in prefixes:
         dot = f"{prefix}." if prefix else ""
         tensors = {
@@ -212,7 +258,64 @@ def _layers_of(container: StateDict, batch_counter: bool) -> Iterator[BNLayer]:
         else:
             guess = _infer_kind(prefix, container.tensors, _width(tensors))
             kind, inferred = (guess, True) if guess else ("BatchNorm", False)
-        yield BNLayer(prefix, source, averaged, kind, inferred, tensors, batch_counter)
+        frozen: Frozen | None = "class" if prefix in container.frozen else None
+        yield BNLayer(prefix, source, averaged, kind, inferred, tensors, batch_counter, frozen)
+
+
+def _lacks_counter(layer: BNLayer) -> bool:
+    return layer.batch_counter and layer.frozen is None and "num_batches_tracked" not in layer.tensors
+
+
+def _looks_frozen(layer: BNLayer) -> bool:
+    """FrozenBatchNorm2d's buffers exactly, in a layer whose class the file does not name and that is not fed by a
+    Linear or a 1-D/3-D convolution (FrozenBatchNorm2d follows 2-D convolutions)."""
+    unnamed = layer.kind == "BatchNorm2d" if layer.kind_inferred else layer.kind == "BatchNorm"
+    return unnamed and set(layer.tensors) == FROZEN_BUFFERS
+
+
+def common_prefix(names: Sequence[str]) -> str:
+    """The longest dotted prefix (whole components) that every name starts with ("" when none)."""
+    parts = [name.split(".") for name in names]
+    if not parts:
+        return ""
+    shared = []
+    for components in zip(*parts, strict=False):
+        if any(c != components[0] for c in components):
+            break
+        shared.append(components[0])
+    return ".".join(shared)
+
+
+def _mark_frozen_by_buffers(found: list[tuple[StateDict, list[BNLayer]]]) -> list[BNLayer]:
+    """Mark the state-dict layers that are FrozenBatchNorm2d by their buffers and by what the file says around them.
+
+    A missing counter means an old (before PyTorch 0.4.1) or stripped checkpoint unless nothing else suggests one:
+    every layer of the file that lacks a counter must hold exactly FrozenBatchNorm2d's buffers, and either another
+    BatchNorm layer of the file carries a counter (its writer saved them), or in each state dict the layers without
+    one are two or more, are every BatchNorm layer under one prefix, and the state dict holds other tensors outside
+    it (a backbone, as in a detection model: an old or stripped checkpoint lacks counters everywhere, not under one
+    branch).
+    """
+    layers = [layer for _, members in found for layer in members]
+    counterless = [layer for layer in layers if _lacks_counter(layer)]
+    if not counterless or not all(_looks_frozen(layer) for layer in counterless):
+        return layers
+    evidence: Frozen
+    if any("num_batches_tracked" in layer.tensors for layer in layers):
+        evidence = "counters elsewhere"
+    else:
+        for container, members in found:
+            lacking = [layer.name for layer in members if _lacks_counter(layer)]
+            if not lacking:
+                continue
+            prefix = common_prefix(lacking)
+            dot = prefix + "."
+            under = [layer for layer in members if layer.name == prefix or layer.name.startswith(dot)]
+            outside = any(name != prefix and not name.startswith(dot) for name in container.tensors)
+            if len(lacking) < 2 or not prefix or len(under) != len(lacking) or not outside:
+                return layers
+        evidence = "whole prefix"
+    return [dataclasses.replace(layer, frozen=evidence) if _lacks_counter(layer) else layer for layer in layers]
 
 
 def find_state_dicts(root: Any) -> list[StateDict]:
@@ -223,4 +326,5 @@ def find_state_dicts(root: Any) -> list[StateDict]:
 def find_bn_layers(root: Any, *, batch_counter: bool = True) -> list[BNLayer]:
     """Every BatchNorm-like layer in a checkpoint's object tree, in file order. ``batch_counter`` is the format's
     word on whether its layers can store num_batches_tracked."""
-    return [layer for container in find_state_dicts(root) for layer in _layers_of(container, batch_counter)]
+    found = [(container, list(_layers_of(container, batch_counter))) for container in find_state_dicts(root)]
+    return _mark_frozen_by_buffers(found)

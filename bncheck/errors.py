@@ -37,6 +37,13 @@ class CorruptCheckpointError(BncheckError):
     code = "corrupt"
 
 
+class NoDataError(BncheckError):
+    """A tensor the file names holds no values: an uninitialised lazy buffer, a meta-device tensor, a storage
+    resized to zero (inspection reports these as BN018; reading their values, to recompute, cannot work)."""
+
+    code = "no-data"
+
+
 class UnsupportedDtypeError(BncheckError):
     """A BatchNorm tensor's dtype has no numpy equivalent (float8, quantised types)."""
 

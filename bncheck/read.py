@@ -58,13 +58,14 @@ class LayerData:
 
 
 def read_layer(layer: BNLayer) -> LayerData:
-    """Read a layer's tensors (and nothing else) from the file."""
-    return LayerData(layer, {name: ref.read() for name, ref in layer.tensors.items()})
+    """Read a layer's tensors (and nothing else) from the file. A tensor the file holds no values for (BN018) is
+    left out of ``arrays``: the rules that look at values see it as unreadable, BN018 says why."""
+    return LayerData(layer, {name: ref.read() for name, ref in layer.tensors.items() if ref.no_data is None})
 
 
 def read_layers(layers: Sequence[BNLayer]) -> list[LayerData]:
     """Read every layer's tensors; the bytes of a remote file are fetched together first."""
-    prefetch(ref for layer in layers for ref in layer.tensors.values())
+    prefetch(ref for layer in layers for ref in layer.tensors.values() if ref.no_data is None)
     return [read_layer(layer) for layer in layers]
 
 

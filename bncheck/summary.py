@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bncheck.discover import common_prefix
 from bncheck.errors import BncheckError
 from bncheck.loaders import is_url
 from bncheck.loaders.interface import Checkpoint
@@ -32,7 +33,10 @@ def file_report(
         size_bytes=checkpoint.size_bytes,
         layers=tuple(layer_info(data, findings) for data in layers),
         findings=tuple(findings),
-        notes=checkpoint.notes + _object_notes(checkpoint) + (() if layers else ("no BatchNorm layers",)),
+        notes=checkpoint.notes
+        + _object_notes(checkpoint)
+        + _frozen_note(layers)
+        + (() if layers else ("no BatchNorm layers",)),
         recompute=recompute,
         recompute_error=recompute_error,
     )
@@ -106,6 +110,34 @@ def _object_notes(checkpoint: Checkpoint) -> tuple[str, ...]:
         return ()
     shown = ", ".join(objects[:4]) + (f" and {len(objects) - 4} more" if len(objects) > 4 else "")
     return (f"holds pickled objects of {shown} (known to be harmless): read without running them",)
+
+
+def _frozen_note(layers: Sequence[LayerData]) -> tuple[str, ...]:
+    """One note for every layer taken for a FrozenBatchNorm2d by its buffers (not by its class), instead of one
+    BN010 per layer: where they are, why they were, and what it means if they were not."""
+    groups: dict[str, list[str]] = {}
+    evidence = ""
+    for data in layers:
+        if data.layer.frozen not in (None, "class"):
+            groups.setdefault(data.layer.source, []).append(data.layer.name)
+            evidence = str(data.layer.frozen)
+    if not groups:
+        return ()
+    where = ", ".join(
+        f"{len(names)} under {common_prefix(names) or '(root)'}" + (f" of {source!r}" if source else "")
+        for source, names in groups.items()
+    )
+    why = (
+        "while other BatchNorm layers of the file carry the counter"
+        if evidence == "counters elsewhere"
+        else "and are every BatchNorm layer of a branch that is not the whole model (a frozen backbone)"
+    )
+    return (
+        f"BatchNorm layers without num_batches_tracked ({where}) hold exactly FrozenBatchNorm2d's buffers (weight, "
+        f"bias, running_mean, running_var) {why}: taken for FrozenBatchNorm2d (torchvision, detectron2), which "
+        "keeps no counter by design, so BN010 is not reported for them; if they are trainable BatchNorm2d layers, "
+        "their counters were stripped",
+    )
 
 
 def _local_size(path: os.PathLike[str] | str) -> int | None:

@@ -40,18 +40,29 @@ def non_finite_pattern(values: np.ndarray) -> np.ndarray:
     return np.select([np.isnan(values), values == np.inf, values == -np.inf], [1, 2, 3], 0)
 
 
-def all_tensors(node: object, path: str = "", out: dict[str, TensorRef] | None = None) -> dict[str, TensorRef]:
+def all_tensors(
+    node: object, path: str = "", out: dict[str, TensorRef] | None = None, seen: set[int] | None = None
+) -> dict[str, TensorRef]:
+    """Every tensor of the object tree by its path; an object met again (a lazy module's pickle reaches the module
+    again through its hooks) is walked once."""
     out = {} if out is None else out
+    seen = set() if seen is None else seen
+    if id(node) in seen:
+        return out
     if isinstance(node, TensorRef):
         out[path] = node
     elif isinstance(node, dict):
+        seen.add(id(node))
         for key, value in node.items():
-            all_tensors(value, f"{path}/{key}", out)
+            all_tensors(value, f"{path}/{key}", out, seen)
     elif isinstance(node, list | tuple):
+        seen.add(id(node))
         for index, value in enumerate(node):
-            all_tensors(value, f"{path}/{index}", out)
+            all_tensors(value, f"{path}/{index}", out, seen)
     elif isinstance(node, Placeholder):
-        all_tensors([node.args, node.kwargs, node.state, node.items, node.dictitems], path, out)
+        seen.add(id(node))
+        for index, part in enumerate((node.args, node.kwargs, node.state, node.items, node.dictitems)):
+            all_tensors(part, f"{path}/{index}", out, seen)
     return out
 
 
@@ -94,7 +105,9 @@ def test_regenerated_checkpoints_match_the_checked_in_ones(regenerated: Path) ->
         for name, ref in ours.items():
             other = theirs[name]
             where = f"{label}{name}"
-            assert (ref.dtype, ref.shape) == (other.dtype, other.shape), where
+            assert (ref.dtype, ref.shape, ref.no_data) == (other.dtype, other.shape, other.no_data), where
+            if ref.no_data is not None:  # recorded without values (BN018): nothing more to compare
+                continue
             if ref.dtype in RTOL and label.as_posix() in CHAOTIC:
                 np.testing.assert_array_equal(
                     non_finite_pattern(ref.read()), non_finite_pattern(other.read()), err_msg=where

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bncheck.errors import CorruptCheckpointError
+from bncheck.errors import CorruptCheckpointError, NoDataError
 
 if TYPE_CHECKING:  # numpy only for annotations: the format registry is read by `bncheck --help`
     import numpy as np
@@ -73,6 +73,8 @@ class TensorRef:
     location: ByteLocation | None = field(default=None, repr=False)
     # the (source, offset, length) that reading needs, when known before reading: remote reads are prefetched
     span: tuple[ByteSource, int, int] | None = field(default=None, repr=False)
+    # why the file records this tensor without any values (see :func:`without_data`), or None when it holds them
+    no_data: str | None = None
 
     @property
     def numel(self) -> int:
@@ -84,6 +86,17 @@ class TensorRef:
         if array.shape != self.shape:
             raise CorruptCheckpointError(f"tensor data has shape {array.shape}, metadata says {self.shape}")
         return array
+
+
+def without_data(dtype: str, shape: tuple[int, ...], reason: str) -> TensorRef:
+    """A tensor the file names but holds no values for: an uninitialised lazy buffer (torch pickles only its
+    class), a meta-device tensor (only dtype, size and stride), a storage resized to zero behind a non-empty shape.
+    ``reason`` says which; reading it raises NoDataError."""
+
+    def refuse() -> np.ndarray:
+        raise NoDataError(f"the file holds no values for this tensor ({reason})")
+
+    return TensorRef(dtype=dtype, shape=shape, reader=refuse, no_data=reason)
 
 
 def in_memory(array: np.ndarray, dtype: str) -> TensorRef:

@@ -29,7 +29,7 @@ import numpy as np
 
 from bncheck.errors import CorruptCheckpointError
 from bncheck.loaders.dtypes import ITEMSIZE
-from bncheck.loaders.interface import TensorRef, contiguous_strides
+from bncheck.loaders.interface import TensorRef, contiguous_strides, without_data
 
 # Legacy typed-storage class names that torch still writes as dtype markers (torch/storage.py).
 STORAGE_CLASS_DTYPES = {
@@ -313,6 +313,11 @@ class RestrictedUnpickler(pickle.Unpickler):
             "torch._utils._rebuild_parameter": _rebuild_parameter,
             "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
             "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
+            # tensors that hold no values: torch writes a meta tensor as its dtype, size and stride alone, and a lazy
+            # module's uninitialised parameters and buffers as their class and requires_grad alone
+            "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta_tensor,
+            "torch.nn.parameter.UninitializedParameter": _uninitialised("uninitialised lazy parameter"),
+            "torch.nn.parameter.UninitializedBuffer": _uninitialised("uninitialised lazy buffer"),
             # TorchScript archives wrap typed lists and tagged values in these; each returns its argument.
             "torch.jit._pickle.build_intlist": _typed_list,
             "torch.jit._pickle.build_doublelist": _typed_list,
@@ -411,6 +416,22 @@ def _restore_type_tag(value: Any, _type_name: Any) -> Any:
 
 def _rebuild_parameter(data: Any, *_: Any) -> Any:
     return data
+
+
+def _rebuild_meta_tensor(dtype: Any, size: Any, stride: Any, *_requires_grad: Any) -> TensorRef:
+    if not isinstance(dtype, TorchDType):
+        raise CorruptCheckpointError(f"malformed meta tensor record: dtype {dtype!r:.40}")
+    shape, strides = _int_tuple(size, "size"), _int_tuple(stride, "stride")
+    view_span(0, shape, strides, dtype.name)  # the same sanity checks as a tensor with storage
+    return without_data(dtype.name, shape, "meta-device tensor")
+
+
+def _uninitialised(reason: str) -> Callable[..., TensorRef]:
+    def rebuild(*_requires_grad: Any, **_: Any) -> TensorRef:
+        # torch rebuilds it as torch.empty(0) of the default dtype (float32 unless the loading code changed it)
+        return without_data("float32", (0,), reason)
+
+    return rebuild
 
 
 def _rebuild_from_type_v2(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:

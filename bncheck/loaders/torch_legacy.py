@@ -18,7 +18,7 @@ import numpy as np
 from bncheck.errors import CorruptCheckpointError, UnsupportedFormatError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource, SourceFile
-from bncheck.loaders.interface import Checkpoint, TensorRef
+from bncheck.loaders.interface import Checkpoint, TensorRef, without_data
 from bncheck.loaders.restricted_pickle import (
     StorageRef,
     TensorFactory,
@@ -94,6 +94,8 @@ def open_torch_legacy(source: ByteSource) -> Checkpoint:
         storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
     ) -> TensorRef:
         itemsize, span = view_span(offset, size, stride, dtype)
+        if span and storage.numel == 0:  # a storage resized to zero, written as it is (see torch_zip)
+            return without_data(dtype, size, "zero-size storage")
         start = storage.element_offset + offset
 
         def read() -> np.ndarray:

@@ -40,7 +40,7 @@ import numpy as np
 from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
-from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef
+from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef, without_data
 from bncheck.loaders.restricted_pickle import StorageRef, globals_of, scan_globals, strided_copy, unpickle, view_span
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), file name length, extra field length
@@ -358,6 +358,9 @@ class _Archive:
         self, storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
     ) -> TensorRef:
         itemsize, span = view_span(offset, size, stride, dtype)
+        if span and storage.numel == 0:
+            # torch writes a storage resized to zero (as FSDP frees one) as it is, shape and all; it cannot load it
+            return without_data(dtype, size, "zero-size storage")
         info = self.member("data/" + storage.key)
         storage_bytes = storage.numel * ITEMSIZE.get(storage.dtype, 1)
         if span and (offset + span) * itemsize > storage_bytes:
