@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from bncheck.checks import RULES, LayerDrift, run_checks
 from bncheck.config import Options
 from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
-from bncheck.loaders import find_checkpoints
+from bncheck.layer_config import model_configs
+from bncheck.loaders import find_checkpoints, is_url
 from bncheck.read import read_checkpoint
 from bncheck.report import ConfigInfo, FileError, FileReport, RecomputeInfo, Report, RuleInfo
 from bncheck.summary import file_error, file_report, unreadable_report
@@ -131,8 +132,13 @@ def _inspect_one(
             drifts, recomputed = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
         except BncheckError as exc:  # the model does not fit this file: its static findings still stand
             recompute_error = file_error(exc)
-    findings, notes = [], []
-    for finding in run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=options.thresholds):
+    # a Hugging Face config.json beside the weights: model-wide momentum and eps (a bad one is a note)
+    configs, config_notes = ((), ()) if is_url(path) else model_configs(path)
+    findings, notes = [], list(config_notes)
+    checked = run_checks(
+        layers, checkpoint.globals, drifts=drifts, model_configs=configs, thresholds=options.thresholds
+    )
+    for finding in checked:
         reported, note = options.verdict(finding.code, str(path), excluded=excluded)
         if reported:
             findings.append(finding)
@@ -140,5 +146,5 @@ def _inspect_one(
             notes.append(note)
     if excluded and not findings:
         return None
-    report = file_report(path, checkpoint, layers, findings, recomputed, recompute_error)
+    report = file_report(path, checkpoint, layers, findings, recomputed, recompute_error, model_configs=configs)
     return dataclasses.replace(report, notes=report.notes + tuple(notes)) if notes else report

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bncheck.loaders.interface import TensorRef
@@ -40,6 +40,9 @@ class BNLayer:
     tensors: Mapping[str, TensorRef]
     # whether the file's format stores num_batches_tracked at all (rules about the counter ask)
     batch_counter: bool = True
+    # the inert pickled or scripted module object that holds the layer, when the file has one: its recorded state
+    # carries the layer's configuration (bncheck.layer_config)
+    module: Placeholder | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_features(self) -> int | None:
@@ -62,6 +65,7 @@ class StateDict:
     path: tuple[str, ...]
     tensors: dict[str, TensorRef]
     classes: dict[str, str]  # module prefix -> class name, when the file says it
+    modules: dict[str, Placeholder] = field(default_factory=dict)  # module prefix -> its recorded object
 
     @property
     def source(self) -> str:
@@ -102,6 +106,7 @@ def _flatten_module(node: Placeholder, prefix: str, out: StateDict, depth: int, 
         return
     seen.add(id(node))
     out.classes[prefix] = _class_name(node)
+    out.modules[prefix] = node
     state = _module_state(node) or {}
     if node.global_name.startswith("__torch__."):
         members: list[tuple[str, Any]] = list(state.items())
@@ -212,7 +217,7 @@ def _layers_of(container: StateDict, batch_counter: bool) -> Iterator[BNLayer]:
         else:
             guess = _infer_kind(prefix, container.tensors, _width(tensors))
             kind, inferred = (guess, True) if guess else ("BatchNorm", False)
-        yield BNLayer(prefix, source, averaged, kind, inferred, tensors, batch_counter)
+        yield BNLayer(prefix, source, averaged, kind, inferred, tensors, batch_counter, container.modules.get(prefix))
 
 
 def find_state_dicts(root: Any) -> list[StateDict]:

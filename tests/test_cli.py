@@ -82,8 +82,10 @@ def test_json_document_shape(cli) -> None:
         "findings",
         "recompute",
         "recompute_error",
+        "model_configs",
     ]
     assert nan_file["recompute"] is None
+    assert nan_file["model_configs"] == []  # no config.json beside it: the key is there, empty
     assert nan_file["format"] == "torch zip"
     assert nan_file["size_bytes"] == NAN_FILE.stat().st_size
     layer = nan_file["layers"][1]
@@ -99,8 +101,11 @@ def test_json_document_shape(cli) -> None:
         "running_mean",
         "running_var",
         "codes",
+        "configuration",
     ]
     assert layer["running_var"] == {"min": None, "max": None, "mean": None, "nonfinite": 16}
+    # a state dict records no configuration: every key is there, null
+    assert layer["configuration"] == dict.fromkeys(["momentum", "eps", "training", "track_running_stats", "affine"])
     finding = nan_file["findings"][0]
     assert list(finding) == [
         "code",
