@@ -13,8 +13,17 @@ from bncheck.config import Options
 from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
 from bncheck.layer_config import model_configs
 from bncheck.loaders import find_checkpoints, is_url
-from bncheck.read import read_checkpoint
-from bncheck.report import ConfigInfo, FileError, FileReport, RecomputeInfo, Report, RuleInfo
+from bncheck.read import LayerData, read_checkpoint
+from bncheck.report import (
+    CONFIG_FIELDS,
+    ConfigInfo,
+    FileError,
+    FileReport,
+    LayerConfig,
+    RecomputeInfo,
+    Report,
+    RuleInfo,
+)
 from bncheck.summary import file_error, file_report, unreadable_report
 
 if TYPE_CHECKING:  # recomputation, worker processes and torch are loaded only when asked for
@@ -101,6 +110,15 @@ def rule_infos() -> tuple[RuleInfo, ...]:
     return tuple(rule.info for rule in RULES.values())
 
 
+def _with_model_config(data: LayerData, config: LayerConfig | None) -> LayerData:
+    """A layer whose file records no configuration (a state dict) takes the one of the --model module it was loaded
+    into; what the file records wins, setting by setting."""
+    if config is None:
+        return data
+    merged = {name: getattr(data.config, name) or getattr(config, name) for name in CONFIG_FIELDS}
+    return dataclasses.replace(data, config=LayerConfig(**merged))
+
+
 def _inspect_job(unit: tuple[Path | str, bool], options: Options) -> FileReport | None:
     """A worker process's unit of work (top level, so that it pickles)."""
     path, excluded = unit
@@ -129,7 +147,8 @@ def _inspect_one(
         from bncheck.recompute import measure_checkpoint
 
         try:
-            drifts, recomputed = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
+            drifts, recomputed, from_model = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
+            layers = [_with_model_config(data, from_model.get((data.layer.source, data.layer.name))) for data in layers]
         except BncheckError as exc:  # the model does not fit this file: its static findings still stand
             recompute_error = file_error(exc)
     # a Hugging Face config.json beside the weights: model-wide momentum and eps (a bad one is a note)

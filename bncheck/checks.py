@@ -594,10 +594,11 @@ def saved_in_training_mode(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
 
     Why: BatchNorm uses its stored statistics only in eval(). A module loaded from a pickle or a TorchScript
     archive keeps the mode it was saved in, so whoever loads it and forgets eval() gets outputs normalised with each
-    batch's own statistics (they depend on what else is in the batch, and a batch of one sample fails), and every
-    forward pass overwrites the stored statistics. torch.jit.trace records the operations it saw: a model traced in
-    train mode calls batch_norm with training=True for good, and eval() on the traced module changes nothing. It
-    normalises with batch statistics and overwrites the stored ones on every call, even after eval().
+    batch's own statistics (they depend on what else is in the batch, and BatchNorm1d refuses a batch of one
+    sample), and every forward pass moves the stored statistics toward that batch. torch.jit.trace records the
+    operations it saw: a model traced in train mode calls batch_norm with training=True for good, and eval() on the
+    traced module changes nothing. It normalises with batch statistics and overwrites the stored ones on every
+    call, even after eval().
 
     Fix: call model.eval() before torch.save(model), torch.jit.script or torch.jit.trace. For a pickled or scripted
     model, eval() after loading is enough; a traced one must be traced again in eval mode.

@@ -9,7 +9,8 @@ records it, without running any of it.
 - A Hugging Face folder: ``config.json`` beside ``model.safetensors`` / ``pytorch_model.bin``, whose BatchNorm keys
   (``batch_norm_momentum``, ``batch_norm_eps``) describe the model as a whole (:class:`ModelConfig`).
 
-A state dict carries none of this: its layers' configuration is unknown, never guessed. A value of the wrong type
+A state dict carries none of this: its layers' configuration is unknown, never guessed (recomputation fills it from
+the real modules of the model given with --model: ``bncheck.recompute.model_layer_configs``). A value of the wrong type
 (a pickle can put anything in a module's state) is not a setting; a config file that cannot be read is a note.
 """
 
@@ -45,7 +46,7 @@ _BATCH_NORM_CALL = re.compile(r"\btorch\.batch_norm\(([^()\n]*)\)")
 MAX_CLASS_CHARS = 1 << 20
 
 
-def _setting(name: str, value: Any, source: str) -> Setting | None:
+def recorded_setting(name: str, value: Any, source: str) -> Setting | None:
     """A recorded value as a setting: a bool for a flag; a real number for momentum and eps, or None for a
     momentum (a cumulative average). Anything else a file may hold there is not a setting."""
     if name in _FLAGS:
@@ -100,7 +101,7 @@ class ScriptCode:
 def _script_constants(text: str) -> Iterator[tuple[str, Setting]]:
     for name, value in _CONSTANT.findall(text):
         if name in _NUMBERS or name in _FLAGS:
-            setting = _setting(name, _literal(value), SCRIPT_CONSTANT)
+            setting = recorded_setting(name, _literal(value), SCRIPT_CONSTANT)
             if setting is not None:
                 yield name, setting
 
@@ -115,7 +116,7 @@ def _traced_call(text: str) -> Iterator[tuple[str, Setting]]:
     if len(arguments) != 9:
         return
     for name, index in (("training", 5), ("momentum", 6), ("eps", 7)):
-        setting = _setting(name, _literal(arguments[index]), TRACED)
+        setting = recorded_setting(name, _literal(arguments[index]), TRACED)
         if setting is not None:
             yield name, setting
     if arguments[5] == "True" and arguments[3] == arguments[4] == "None":
@@ -133,7 +134,7 @@ def layer_config(layer: BNLayer, code: ScriptCode | None = None) -> LayerConfig:
     found: dict[str, Setting] = {}
     for name, value in _state(node).items():
         if name in _NUMBERS or name in _FLAGS:
-            setting = _setting(name, value, SCRIPT_ATTRIBUTE if scripted else PICKLED)
+            setting = recorded_setting(name, value, SCRIPT_ATTRIBUTE if scripted else PICKLED)
             if setting is not None:
                 found[name] = setting
     text = code.class_text(node.global_name) if scripted and code is not None else None
@@ -170,7 +171,7 @@ def _config_settings(node: Any, path: str, model_type: Any, depth: int) -> Itera
         if match is None:
             continue
         name = "momentum" if match.group(2).lower() == "momentum" else "eps"
-        setting = _setting(name, value, f"{CONFIG_JSON} {path + '.' if path else ''}{key}")
+        setting = recorded_setting(name, value, f"{CONFIG_JSON} {path + '.' if path else ''}{key}")
         if setting is not None and setting.value is not None:
             found.setdefault(name, setting)
     if found:

@@ -232,7 +232,7 @@ def test_thresholds_move_bn014_and_bn015() -> None:
 # ---------------------------------------------------------------- what momentum 0.99 costs (README, "Mistakes")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def make_fixtures():
     sys.path.insert(0, str(FIXTURES))
     import make_fixtures
@@ -284,3 +284,58 @@ def test_momentum_099_makes_eval_accuracy_a_lottery_of_the_last_batch(make_fixtu
             runs.append(round(held_out_accuracy(mf, model), 3))
         accuracy[momentum] = runs
     assert accuracy == {0.1: [0.965, 0.959, 0.965, 0.959, 0.971], 0.99: [0.953, 0.971, 0.895, 0.959, 0.924]}
+
+
+def test_non_finite_settings_are_json_strings_that_follow_the_schema(cli, tmp_path: Path) -> None:
+    import jsonschema
+    from conftest import ROOT
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    model(torch.randn(8, 3))
+    model[1].momentum, model[1].eps = math.nan, math.inf
+    torch.save(model.eval(), tmp_path / "odd.pt")
+    document = cli("inspect", tmp_path / "odd.pt", "--json").json()
+    schema = json.loads((ROOT / "bncheck" / "schema" / "report-v1.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(document)
+    configuration = document["files"][0]["layers"][0]["configuration"]
+    assert configuration["momentum"] == {"value": "nan", "source": "pickled module"}
+    assert configuration["eps"] == {"value": "inf", "source": "pickled module"}
+    assert configuration["training"] == {"value": False, "source": "pickled module"}
+    assert {(f["code"], f["severity"]) for f in document["files"][0]["findings"]} >= {
+        ("BN014", "error"),
+        ("BN015", "warning"),
+    }
+
+
+def test_the_text_report_says_each_configuration_and_its_source(cli) -> None:
+    text = " ".join(cli("inspect", BAD / "BN017-tracking-off-for-inference.pt").stdout.split())
+    assert "configuration: momentum 0.1 · eps 1e-05 · train mode · tracking off (pickled module) in 2 layers" in text
+    assert "BN017 warning net.1 track_running_stats is False (pickled module)" in text
+    hf = " ".join(cli("inspect", BAD / "BN014-hf-efficientnet").stdout.split())
+    assert "config.json (model_type efficientnet), for the model as a whole: batch_norm_momentum 0.99" in hf
+    assert "BN014 warning momentum 0.99 (config.json batch_norm_momentum)" in hf
+
+
+def test_a_state_dict_takes_the_configuration_of_the_model_it_is_loaded_into(cli, make_fixtures, tmp_path) -> None:
+    import numpy as np
+
+    factory = tmp_path / "factory.py"
+    factory.write_text(
+        "import functools, sys\n"
+        "from torch import nn\n"
+        f"sys.path.insert(0, {str(FIXTURES)!r})\n"
+        "from make_fixtures import MLP\n"
+        "def keras_mlp():\n"
+        "    return MLP(norm=functools.partial(nn.BatchNorm1d, momentum=0.99))\n"
+    )
+    np.save(tmp_path / "x.npy", make_fixtures.cancer_split()[2].float().numpy())
+    path = FIXTURES / "recompute" / "keras-momentum-state-dict.pt"
+    args = ("--model", f"{factory}:keras_mlp", "--data", tmp_path / "x.npy", "--json")
+    (file,) = cli("inspect", path, *args).json()["files"]
+    assert file["recompute_error"] is None
+    for layer in file["layers"]:
+        assert layer["configuration"]["momentum"] == {"value": 0.99, "source": "--model"}
+        assert layer["configuration"]["training"] is None  # the mode recomputation chose says nothing
+    assert [(f["code"], f["layer"]) for f in file["findings"]] == [("BN014", "net.1"), ("BN014", "net.4")]
+    # without --model the same file records nothing
+    assert cli("inspect", path, "--json").json()["files"][0]["findings"] == []

@@ -170,6 +170,17 @@ def test_a_model_keeps_the_mode_it_was_saved_in(tmp_path) -> None:
     torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
     assert torch.jit.load(str(tmp_path / "scripted.pt")).training
     assert "keeps the mode it was saved in" in doc("BN016")
+    stored = loaded[1].running_mean.clone()
+    loaded(torch.randn(4, 3))
+    assert not torch.equal(loaded[1].running_mean, stored)
+    try:
+        loaded(torch.randn(1, 3))
+    except ValueError as exc:
+        assert "Expected more than 1 value per channel when training" in str(exc)
+    else:
+        raise AssertionError("a batch of one sample was accepted in train mode")
+    assert "BatchNorm1d refuses a batch of one sample" in doc("BN016")
+    assert "every forward pass moves the stored statistics toward that batch" in doc("BN016")
 
 
 def test_a_graph_traced_in_train_mode_ignores_eval() -> None:
