@@ -11,9 +11,19 @@ from typing import TYPE_CHECKING
 from bncheck.checks import RULES, LayerDrift, run_checks
 from bncheck.config import Options
 from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
-from bncheck.loaders import find_checkpoints
-from bncheck.read import read_checkpoint
-from bncheck.report import ConfigInfo, FileError, FileReport, RecomputeInfo, Report, RuleInfo
+from bncheck.layer_config import model_configs
+from bncheck.loaders import find_checkpoints, is_url
+from bncheck.read import LayerData, read_checkpoint
+from bncheck.report import (
+    CONFIG_FIELDS,
+    ConfigInfo,
+    FileError,
+    FileReport,
+    LayerConfig,
+    RecomputeInfo,
+    Report,
+    RuleInfo,
+)
 from bncheck.summary import file_error, file_report, unreadable_report
 
 if TYPE_CHECKING:  # recomputation, worker processes and torch are loaded only when asked for
@@ -100,6 +110,15 @@ def rule_infos() -> tuple[RuleInfo, ...]:
     return tuple(rule.info for rule in RULES.values())
 
 
+def _with_model_config(data: LayerData, config: LayerConfig | None) -> LayerData:
+    """A layer whose file records no configuration (a state dict) takes the one of the --model module it was loaded
+    into; what the file records wins, setting by setting."""
+    if config is None:
+        return data
+    merged = {name: getattr(data.config, name) or getattr(config, name) for name in CONFIG_FIELDS}
+    return dataclasses.replace(data, config=LayerConfig(**merged))
+
+
 def _inspect_job(unit: tuple[Path | str, bool], options: Options) -> FileReport | None:
     """A worker process's unit of work (top level, so that it pickles)."""
     path, excluded = unit
@@ -128,11 +147,17 @@ def _inspect_one(
         from bncheck.recompute import measure_checkpoint
 
         try:
-            drifts, recomputed = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
+            drifts, recomputed, from_model = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
+            layers = [_with_model_config(data, from_model.get((data.layer.source, data.layer.name))) for data in layers]
         except BncheckError as exc:  # the model does not fit this file: its static findings still stand
             recompute_error = file_error(exc)
-    findings, notes = [], []
-    for finding in run_checks(layers, checkpoint.globals, drifts=drifts, thresholds=options.thresholds):
+    # a Hugging Face config.json beside the weights: model-wide momentum and eps (a bad one is a note)
+    configs, config_notes = ((), ()) if is_url(path) else model_configs(path)
+    findings, notes = [], list(config_notes)
+    checked = run_checks(
+        layers, checkpoint.globals, drifts=drifts, model_configs=configs, thresholds=options.thresholds
+    )
+    for finding in checked:
         reported, note = options.verdict(finding.code, str(path), excluded=excluded)
         if reported:
             findings.append(finding)
@@ -140,5 +165,5 @@ def _inspect_one(
             notes.append(note)
     if excluded and not findings:
         return None
-    report = file_report(path, checkpoint, layers, findings, recomputed, recompute_error)
+    report = file_report(path, checkpoint, layers, findings, recomputed, recompute_error, model_configs=configs)
     return dataclasses.replace(report, notes=report.notes + tuple(notes)) if notes else report

@@ -1,4 +1,5 @@
-"""The rules: small pure functions over one layer's arrays (or one model's layers, or one file's pickle globals).
+"""The rules: small pure functions over one layer's arrays or configuration (or one model's layers, or one file's
+pickle globals).
 
 Each rule is registered under a stable code that is never reused. Its docstring (What / Why / Fix) is the long help
 text; ``summary`` is the one-line description and ``hint`` the likely cause and fix printed under a finding. All
@@ -8,6 +9,7 @@ thresholds live in :class:`Thresholds`.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,10 +18,11 @@ import numpy as np
 
 from bncheck.discover import BNLayer
 from bncheck.drift import Drift, DriftThresholds
+from bncheck.layer_config import TRACED
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.pickle_globals import Risk, grade_global
 from bncheck.read import LayerData
-from bncheck.report import Finding, RuleInfo, Severity
+from bncheck.report import Finding, LayerConfig, ModelConfig, RuleInfo, Severity
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class Thresholds:
     low_precision_rounding_std: float = 0.05
     # BN013: a layer updated fewer than 1/ratio times as often as the most updated layer of its model.
     count_spread_ratio: float = 2.0
+    # BN014: a momentum at or above this follows Keras' convention (the weight of the old value), not PyTorch's.
+    max_momentum: float = 0.5
+    # BN015: an eps above this looks like a momentum (or a typo); TF ports' 1e-3 is well below it.
+    max_eps: float = 0.01
     # Offending channels listed per finding (the count is always exact).
     max_channels_listed: int = 64
     # BN012: drift between stored and recomputed statistics that counts as stale (beyond sampling noise too).
@@ -47,6 +54,8 @@ class Hit:
     message: str
     tensor: str | None = None
     channels: Sequence[int] = ()
+    # a rule whose severity depends on the case (BN014: warning, or error outside (0, 1]); None: the rule's
+    severity: Severity | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class Rule:
     severity: Severity
     summary: str
     hint: str
-    scope: Literal["layer", "model", "file", "recompute"]
+    scope: Literal["layer", "config", "model", "file", "recompute"]
     check: Callable[..., Iterable[Any]] = field(repr=False)
 
     @property
@@ -86,7 +95,7 @@ def rule(
     severity: Severity,
     summary: str,
     hint: str,
-    scope: Literal["layer", "model", "file", "recompute"] = "layer",
+    scope: Literal["layer", "config", "model", "file", "recompute"] = "layer",
 ) -> Callable[[Callable[..., Iterable[Any]]], Callable[..., Iterable[Any]]]:
     def register(check: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
         assert code not in RULES, f"rule code {code} registered twice"
@@ -486,6 +495,162 @@ def count_spread(layers: Sequence[LayerData], t: Thresholds) -> Iterator[tuple[L
                 )
 
 
+def _value(config: LayerConfig, name: str) -> tuple[Any, str] | None:
+    setting = getattr(config, name)
+    return None if setting is None else (setting.value, setting.source)
+
+
+@rule(
+    "BN014",
+    Severity.WARNING,
+    "momentum outside PyTorch's convention (error outside (0, 1])",
+    "PyTorch's momentum is the new batch's weight: a Keras momentum m is PyTorch 1 - m (0.99 -> 0.01); "
+    "then recompute the statistics",
+    scope="config",
+)
+def keras_momentum(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
+    """What: the layer's momentum, as the file records it (a pickled module, a TorchScript constant, a traced
+    batch_norm call, or batch_norm_momentum in a config.json beside the weights), is at or above max_momentum (0.5
+    by default), or outside (0, 1] (an error).
+
+    Why: in train mode PyTorch updates running = (1 - momentum) * running + momentum * batch_statistic: momentum
+    (0.1 by default) is the weight of the NEW batch, and a higher momentum adapts faster, not slower. Keras and
+    TensorFlow use the opposite convention, where momentum (0.99 by default) is the weight of the old value: Keras
+    0.99 is PyTorch 0.01. Copied into PyTorch, 0.99 keeps 1% of the history: the stored statistics are 99% those of
+    the last training batch, and eval() normalises every input with one batch's noisy statistics. transformers'
+    EfficientNet passes its config's batch_norm_momentum (0.99 by default) straight to nn.BatchNorm2d. A momentum of
+    0 never updates the statistics, a negative one moves them away from the data and one above 1 overshoots every
+    batch and can diverge. momentum=None (a cumulative average weighted by num_batches_tracked) is fine.
+
+    Fix: use PyTorch's convention (1 - m for a Keras momentum m, or the default 0.1). The statistics already stored
+    were made with the wrong momentum: recompute them in train mode on representative data
+    (torch.optim.swa_utils.update_bn, or bncheck recalibrate).
+    """
+    found = _value(config, "momentum")
+    if found is None or found[0] is None:
+        return
+    momentum, source = found
+    if not 0 < momentum <= 1:
+        effect = (
+            "the statistics become NaN on the first train-mode batch"
+            if math.isnan(momentum)
+            else "the stored statistics never move toward the data"
+            if momentum <= 0
+            else "every update overshoots the batch statistic and can diverge"
+        )
+        yield Hit(f"momentum {momentum:g} ({source}) is outside (0, 1]: {effect}", severity=Severity.ERROR)
+    elif momentum >= t.max_momentum:
+        yield Hit(
+            f"momentum {momentum:g} ({source}): PyTorch weighs the new batch by momentum, so the stored statistics "
+            f"keep {(1 - momentum) * 100:.3g}% of their history (Keras {momentum:g} is PyTorch {1 - momentum:.3g})"
+        )
+
+
+@rule(
+    "BN015",
+    Severity.WARNING,
+    "eps implausible: <= 0, or large enough to look like a momentum (error when <= 0)",
+    "eps is only added to the variance: use 1e-5 (1e-3 for TensorFlow ports) and pass momentum by keyword",
+    scope="config",
+)
+def implausible_eps(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
+    """What: the layer's eps, as the file records it, is at or below 0 (an error), or above max_eps (0.01 by
+    default).
+
+    Why: eps is only the numerical constant added to the variance before the square root, y = (x - mean) /
+    sqrt(var + eps) * weight + bias; it is never a momentum and takes no part in updating the running statistics.
+    With eps = 0 a channel whose variance is 0 (a constant or dead channel) divides by zero, and a negative eps
+    takes the square root of a negative number: NaN. A large eps (0.1, 0.9) shrinks every channel whose variance is
+    not far above it, so the layer no longer standardises. The usual cause is a momentum passed by position:
+    eps is BatchNorm's second parameter, so nn.BatchNorm1d(64, 0.9) sets eps=0.9 and keeps momentum 0.1. PyTorch's
+    default is 1e-5 and Keras' 1e-3; TensorFlow ports with 1e-3 are fine.
+
+    Fix: pass momentum by keyword (nn.BatchNorm1d(64, momentum=0.1)) and keep eps at 1e-5, or at the value of the
+    framework the weights come from. The weights were trained with this eps, so check the model's accuracy after
+    changing it.
+    """
+    found = _value(config, "eps")
+    if found is None or found[0] is None:
+        return
+    eps, source = found
+    if not eps > 0:
+        effect = "a channel of variance 0 divides by zero" if eps == 0 else "sqrt(var + eps) can be NaN"
+        yield Hit(f"eps {eps:g} ({source}) is not positive: {effect}", severity=Severity.ERROR)
+    elif eps > t.max_eps:
+        yield Hit(
+            f"eps {eps:g} ({source}) is above {t.max_eps:g}: it looks like a momentum passed as eps, and it shrinks "
+            "every channel whose variance is not far above it"
+        )
+
+
+@rule(
+    "BN016",
+    Severity.WARNING,
+    "saved in training mode (error for a traced graph with training=True baked in)",
+    "call model.eval() before torch.save(model), scripting or tracing; re-trace a traced model in eval mode",
+    scope="config",
+)
+def saved_in_training_mode(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
+    """What: a pickled (torch.save(model)) or scripted (torch.jit.script) layer was saved with training=True, the
+    mode it is in during and right after training; or a traced graph (torch.jit.trace) has training=True baked into
+    the layer's batch_norm call (an error).
+
+    Why: BatchNorm uses its stored statistics only in eval(). A module loaded from a pickle or a TorchScript
+    archive keeps the mode it was saved in, so whoever loads it and forgets eval() gets outputs normalised with each
+    batch's own statistics (they depend on what else is in the batch, and BatchNorm1d refuses a batch of one
+    sample), and every forward pass moves the stored statistics toward that batch. torch.jit.trace records the
+    operations it saw: a model traced in train mode calls batch_norm with training=True for good, and eval() on the
+    traced module changes nothing. It normalises with batch statistics and overwrites the stored ones on every
+    call, even after eval().
+
+    Fix: call model.eval() before torch.save(model), torch.jit.script or torch.jit.trace. For a pickled or scripted
+    model, eval() after loading is enough; a traced one must be traced again in eval mode.
+    """
+    found = _value(config, "training")
+    if found is None or found[0] is not True:
+        return
+    if found[1] == TRACED:
+        yield Hit(
+            "traced in training mode: its batch_norm call has training=True baked in, so it normalises with batch "
+            "statistics and overwrites the stored ones even after eval()",
+            severity=Severity.ERROR,
+        )
+    else:
+        source = found[1]
+        yield Hit(f"saved in training mode (training=True, {source}): it uses batch statistics until eval() is called")
+
+
+@rule(
+    "BN017",
+    Severity.WARNING,
+    "tracking switched off on a layer that holds statistics",
+    "inference means model.eval(), not this flag: set track_running_stats back to True; recompute the statistics "
+    "if training went on with it off",
+    scope="config",
+)
+def tracking_switched_off(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
+    """What: the layer holds running_mean and running_var, but its track_running_stats attribute is False. A layer
+    built with track_running_stats=False has no statistics to save, so the flag was switched off afterwards,
+    often "for inference".
+
+    Why: the flag does not put a layer in inference mode. With it off, a layer in train mode normalises with batch
+    statistics and stops updating the stored ones; in eval() it still uses the stored ones whatever the flag says.
+    So the stored statistics stopped following the weights when the flag was flipped: if training went on, they
+    describe older weights (BN012 measures by how much, given --model and --data), and a model loaded from this file
+    behaves in train mode as if it had no statistics.
+
+    Fix: set track_running_stats back to True and call model.eval() for inference. If the model was trained further
+    with the flag off, recompute the statistics on representative data (bncheck recalibrate, or
+    torch.optim.swa_utils.update_bn).
+    """
+    found = _value(config, "track_running_stats")
+    if found is not None and found[0] is False:
+        yield Hit(
+            f"track_running_stats is False ({found[1]}): in train mode the layer normalises with batch statistics "
+            "and no longer updates the stored ones; eval() still uses them"
+        )
+
+
 @rule(
     "BN018",
     Severity.ERROR,
@@ -585,7 +750,7 @@ def unknown_globals(globals_named: Sequence[str], t: Thresholds) -> Iterator[Hit
 def _finding(rule_: Rule, hit: Hit, t: Thresholds, layer: BNLayer | None = None) -> Finding:
     return Finding(
         code=rule_.code,
-        severity=rule_.severity,
+        severity=hit.severity or rule_.severity,
         message=hit.message,
         hint=rule_.hint,
         layer=layer.name if layer else None,
@@ -601,18 +766,30 @@ def run_checks(
     globals_named: Sequence[str] = (),
     *,
     drifts: Sequence[LayerDrift] = (),
+    model_configs: Sequence[ModelConfig] = (),
     thresholds: Thresholds | None = None,
 ) -> list[Finding]:
-    """Every finding of every rule: file rules first, then per layer in file order (layer, model and recompute
-    rules)."""
+    """Every finding of every rule: file rules first (the pickle's globals, then the configuration rules on the
+    model-wide settings of ``model_configs``), then per layer in file order (layer, configuration, model and
+    recompute rules)."""
     t = thresholds or Thresholds()
     findings = [_finding(r, hit, t) for r in RULES.values() if r.scope == "file" for hit in r.check(globals_named, t)]
+    findings += [
+        _finding(r, hit, t)
+        for model_config in model_configs
+        for r in RULES.values()
+        if r.scope == "config"
+        for hit in r.check(model_config.settings, t)
+    ]
     per_layer: dict[int, list[Finding]] = {id(data): [] for data in layers}
     by_layer = {id(data.layer): data for data in layers}
     for r in RULES.values():
         if r.scope == "layer":
             for data in layers:
                 per_layer[id(data)].extend(_finding(r, hit, t, data.layer) for hit in r.check(data, t))
+        elif r.scope == "config":
+            for data in layers:
+                per_layer[id(data)].extend(_finding(r, hit, t, data.layer) for hit in r.check(data.config, t))
         elif r.scope == "model":
             for data, hit in r.check(layers, t):
                 per_layer[id(data)].append(_finding(r, hit, t, data.layer))

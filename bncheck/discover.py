@@ -62,6 +62,9 @@ class BNLayer:
     batch_counter: bool = True
     # taken for a FrozenBatchNorm2d, which keeps no num_batches_tracked by design, and on what evidence (or None)
     frozen: Frozen | None = None
+    # the inert pickled or scripted module object that holds the layer, when the file has one: its recorded state
+    # carries the layer's configuration (bncheck.layer_config)
+    module: Placeholder | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_features(self) -> int | None:
@@ -86,6 +89,7 @@ class StateDict:
     classes: dict[str, str]  # module prefix -> class name, when the file says it
     # module prefixes whose class the file names as a FrozenBatchNorm2d
     frozen: set[str] = field(default_factory=set)
+    modules: dict[str, Placeholder] = field(default_factory=dict)  # module prefix -> its recorded object
 
     @property
     def source(self) -> str:
@@ -128,6 +132,7 @@ def _flatten_module(node: Placeholder, prefix: str, out: StateDict, depth: int, 
     out.classes[prefix] = _class_name(node)
     if out.classes[prefix] == FROZEN_CLASS:
         out.frozen.add(prefix)
+    out.modules[prefix] = node
     state = _module_state(node) or {}
     if node.global_name.startswith("__torch__."):
         members: list[tuple[str, Any]] = list(state.items())
@@ -259,7 +264,17 @@ def _layers_of(container: StateDict, batch_counter: bool) -> Iterator[BNLayer]:
             guess = _infer_kind(prefix, container.tensors, _width(tensors))
             kind, inferred = (guess, True) if guess else ("BatchNorm", False)
         frozen: Frozen | None = "class" if prefix in container.frozen else None
-        yield BNLayer(prefix, source, averaged, kind, inferred, tensors, batch_counter, frozen)
+        yield BNLayer(
+            prefix,
+            source,
+            averaged,
+            kind,
+            inferred,
+            tensors,
+            batch_counter,
+            frozen=frozen,
+            module=container.modules.get(prefix),
+        )
 
 
 def _lacks_counter(layer: BNLayer) -> bool:

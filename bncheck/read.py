@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -16,10 +16,12 @@ import numpy as np
 
 from bncheck.discover import BNLayer, find_bn_layers
 from bncheck.errors import CorruptCheckpointError, UnsupportedDtypeError
+from bncheck.layer_config import ScriptCode, layer_config
 from bncheck.loaders import is_url, open_checkpoint, prefetch
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.loaders.interface import Checkpoint
 from bncheck.pickle_globals import Risk, grade_global
+from bncheck.report import LayerConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class LayerData:
 
     layer: BNLayer
     arrays: Mapping[str, np.ndarray]
+    # momentum, eps, training... as far as the file records them (bncheck.layer_config); empty for a state dict
+    config: LayerConfig = field(default_factory=LayerConfig)
 
     def dtype(self, name: str) -> str | None:
         ref = self.layer.tensors.get(name)
@@ -57,16 +61,18 @@ class LayerData:
         return int(array.reshape(()))
 
 
-def read_layer(layer: BNLayer) -> LayerData:
-    """Read a layer's tensors (and nothing else) from the file. A tensor the file holds no values for (BN018) is
-    left out of ``arrays``: the rules that look at values see it as unreadable, BN018 says why."""
-    return LayerData(layer, {name: ref.read() for name, ref in layer.tensors.items() if ref.no_data is None})
+def read_layer(layer: BNLayer, code: ScriptCode | None = None) -> LayerData:
+    """Read a layer's tensors from the file, and its configuration from its recorded module (and TorchScript
+    ``code``) when the file has one. A tensor the file holds no values for (BN018) is left out of ``arrays``: the
+    rules that look at values see it as unreadable, BN018 says why."""
+    arrays = {name: ref.read() for name, ref in layer.tensors.items() if ref.no_data is None}
+    return LayerData(layer, arrays, layer_config(layer, code))
 
 
-def read_layers(layers: Sequence[BNLayer]) -> list[LayerData]:
-    """Read every layer's tensors; the bytes of a remote file are fetched together first."""
+def read_layers(layers: Sequence[BNLayer], code: ScriptCode | None = None) -> list[LayerData]:
+    """Read every layer's tensors and configuration; the bytes of a remote file are fetched together first."""
     prefetch(ref for layer in layers for ref in layer.tensors.values() if ref.no_data is None)
-    return [read_layer(layer) for layer in layers]
+    return [read_layer(layer, code) for layer in layers]
 
 
 def read_checkpoint(path: os.PathLike[str] | str, *, unsafe_load: bool = False) -> tuple[Checkpoint, list[LayerData]]:
@@ -76,7 +82,8 @@ def read_checkpoint(path: os.PathLike[str] | str, *, unsafe_load: bool = False) 
     own reader cannot read, or in which it finds no BatchNorm layer behind the objects it would not build.
     """
     checkpoint = _open(path, unsafe_load)
-    return checkpoint, read_layers(find_bn_layers(checkpoint.root, batch_counter=checkpoint.batch_counter))
+    layers = find_bn_layers(checkpoint.root, batch_counter=checkpoint.batch_counter)
+    return checkpoint, read_layers(layers, ScriptCode(checkpoint.code) if checkpoint.code else None)
 
 
 def _open(path: os.PathLike[str] | str, unsafe_load: bool) -> Checkpoint:

@@ -21,9 +21,10 @@ from bncheck.checks import LayerDrift, Thresholds
 from bncheck.discover import StateDict, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import DataError, ModelError, first_line
+from bncheck.layer_config import recorded_setting
 from bncheck.moments import TAIL_SAMPLES, Moments, channel_moments, reduced_dims, tail_moments
 from bncheck.read import LayerData
-from bncheck.report import LayerDriftInfo, RecomputeInfo, UnmeasuredLayer
+from bncheck.report import LayerConfig, LayerDriftInfo, RecomputeInfo, UnmeasuredLayer
 
 if TYPE_CHECKING:
     import torch
@@ -655,10 +656,29 @@ def run_model(root: Any, workload: Workload, mode: Mode) -> tuple[StateDict, str
     return state, prefix, dataclasses.replace(result, notes=tuple(notes) + result.notes)
 
 
+MODEL_SOURCE = "--model"
+
+
+def model_layer_configs(model: Any, source: str, prefix: str) -> dict[tuple[str, str], LayerConfig]:
+    """The momentum, eps, track_running_stats and affine of each BatchNorm module of the model given with --model,
+    by the checkpoint layer (source, name) it was loaded from: the configuration a state dict does not record, as
+    the code that loads it sets it. Not ``training``: that is the mode recomputation chose."""
+    configs = {}
+    for name, module in batchnorm_modules(model).items():
+        found = {}
+        for key in ("momentum", "eps", "track_running_stats", "affine"):
+            setting = recorded_setting(key, getattr(module, key, ...), MODEL_SOURCE)
+            if setting is not None:
+                found[key] = setting
+        configs[(source, prefix + name)] = LayerConfig(**found)
+    return configs
+
+
 def measure_checkpoint(
     root: Any, layers: Sequence[LayerData], workload: Workload, thresholds: Thresholds
-) -> tuple[list[LayerDrift], RecomputeInfo]:
-    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift."""
+) -> tuple[list[LayerDrift], RecomputeInfo, dict[tuple[str, str], LayerConfig]]:
+    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift; also the
+    configuration the model gives each layer (``model_layer_configs``)."""
     request = workload.request
     state, prefix, result = run_model(root, workload, request.mode)
     by_name = {(data.layer.source, data.layer.name): data for data in layers}
@@ -726,4 +746,4 @@ def measure_checkpoint(
         ),
         notes=tuple(notes),
     )
-    return drifts, info
+    return drifts, info, model_layer_configs(workload.model, state.source, prefix)

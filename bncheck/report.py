@@ -65,6 +65,48 @@ class Summary:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Setting:
+    """One configuration value of a BatchNorm layer and where it was read ("pickled module", "traced batch_norm
+    call", "config.json batch_norm_momentum"...). ``value`` None is a recorded None (``momentum=None``: a cumulative
+    average), not an unknown value: an unknown setting is no Setting at all."""
+
+    value: float | bool | None
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerConfig:
+    """A layer's configuration as far as the file records it; None where the file does not say (a state dict
+    carries none of it)."""
+
+    momentum: Setting | None = None
+    eps: Setting | None = None
+    training: Setting | None = None
+    track_running_stats: Setting | None = None
+    affine: Setting | None = None
+
+    @property
+    def known(self) -> bool:
+        return any(getattr(self, name) is not None for name in CONFIG_FIELDS)
+
+
+CONFIG_FIELDS = ("momentum", "eps", "training", "track_running_stats", "affine")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """BatchNorm settings that a model's configuration file (a Hugging Face ``config.json``) gives for the model as a
+    whole. They are not attributed to layers: the code that builds the model decides which layers use them
+    (transformers' EfficientNet passes ``batch_norm_momentum`` to most of its BatchNorm layers, not all)."""
+
+    file: str
+    # dotted key path of the object holding the settings in the file; "" for the top level
+    path: str
+    model_type: str | None
+    settings: LayerConfig
+
+
+@dataclass(frozen=True, kw_only=True)
 class LayerInfo:
     name: str
     source: str
@@ -77,6 +119,7 @@ class LayerInfo:
     running_mean: Summary | None
     running_var: Summary | None
     codes: tuple[str, ...] = ()
+    configuration: LayerConfig = LayerConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +186,8 @@ class FileReport:
     recompute: RecomputeInfo | None = None
     # recomputation failed for this file (the model does not fit it, ...): its static findings still stand
     recompute_error: FileError | None = None
+    # BatchNorm settings from a configuration file beside the checkpoint (config.json)
+    model_configs: tuple[ModelConfig, ...] = ()
 
     @property
     def errors(self) -> tuple[FileError, ...]:

@@ -15,7 +15,7 @@ from bncheck.loaders.interface import Checkpoint
 from bncheck.loaders.restricted_pickle import Placeholder
 from bncheck.pickle_globals import Risk, grade_global
 from bncheck.read import LayerData
-from bncheck.report import FileError, FileReport, Finding, LayerInfo, RecomputeInfo, Summary
+from bncheck.report import FileError, FileReport, Finding, LayerInfo, ModelConfig, RecomputeInfo, Summary
 
 
 def file_report(
@@ -25,6 +25,8 @@ def file_report(
     findings: Sequence[Finding],
     recompute: RecomputeInfo | None = None,
     recompute_error: FileError | None = None,
+    *,
+    model_configs: Sequence[ModelConfig] = (),
 ) -> FileReport:
     """The report of a file that could be read."""
     return FileReport(
@@ -39,6 +41,7 @@ def file_report(
         + (() if layers else ("no BatchNorm layers",)),
         recompute=recompute,
         recompute_error=recompute_error,
+        model_configs=tuple(model_configs),
     )
 
 
@@ -81,6 +84,7 @@ def layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
         running_mean=_summary(data.floats("running_mean")),
         running_var=_summary(data.floats("running_var")),
         codes=tuple(codes),
+        configuration=data.config,
     )
 
 

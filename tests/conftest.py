@@ -25,7 +25,11 @@ def good_checkpoints() -> list[Path]:
 
 
 def bad_checkpoints() -> list[Path]:
-    return sorted(BAD.iterdir())
+    """Every checkpoint under fixtures/bad; a fixture may be a folder (a Hugging Face model beside its config.json),
+    named after its code like a file."""
+    from bncheck.loaders import find_checkpoints
+
+    return find_checkpoints(BAD)
 
 
 class CliResult:

@@ -82,8 +82,10 @@ def test_json_document_shape(cli) -> None:
         "findings",
         "recompute",
         "recompute_error",
+        "model_configs",
     ]
     assert nan_file["recompute"] is None
+    assert nan_file["model_configs"] == []  # no config.json beside it: the key is there, empty
     assert nan_file["format"] == "torch zip"
     assert nan_file["size_bytes"] == NAN_FILE.stat().st_size
     layer = nan_file["layers"][1]
@@ -99,8 +101,11 @@ def test_json_document_shape(cli) -> None:
         "running_mean",
         "running_var",
         "codes",
+        "configuration",
     ]
     assert layer["running_var"] == {"min": None, "max": None, "mean": None, "nonfinite": 16}
+    # a state dict records no configuration: every key is there, null
+    assert layer["configuration"] == dict.fromkeys(["momentum", "eps", "training", "track_running_stats", "affine"])
     finding = nan_file["findings"][0]
     assert list(finding) == [
         "code",
@@ -188,10 +193,11 @@ def test_directory_without_checkpoints_is_not_checked(cli, tmp_path: Path) -> No
 
 
 def test_inputs_are_never_modified(cli, tmp_path: Path) -> None:
-    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(BAD.iterdir())}
+    files = sorted(p for p in BAD.rglob("*") if p.is_file())
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     cli("inspect", BAD, "--json")
     cli("inspect", BAD)
-    assert before == {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(BAD.iterdir())}
+    assert before == {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
 def test_help_texts_lose_no_bracketed_words() -> None:

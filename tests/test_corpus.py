@@ -19,9 +19,9 @@ def test_good_fixture_passes_with_no_finding(cli, path: Path) -> None:
     assert len(file["layers"]) >= 2
 
 
-@pytest.mark.parametrize("path", bad_checkpoints(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", bad_checkpoints(), ids=lambda p: p.relative_to(BAD).as_posix())
 def test_bad_fixture_reports_its_code(cli, path: Path) -> None:
-    code = re.match(r"(BN\d{3})-", path.name).group(1)
+    code = re.match(r"(BN\d{3})-", path.relative_to(BAD).parts[0]).group(1)
     result = cli("inspect", path, "--json", "--fail-on", "info")
     assert result.exit_code == 1
     (file,) = result.json()["files"]

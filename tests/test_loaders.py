@@ -91,10 +91,15 @@ def flat_state(obj: object, prefix: str = "") -> dict[str, TensorRef]:
     return out
 
 
+def _torch_loadable(path: Path) -> bool:
+    """Whether torch.load can rebuild the file here: not TorchScript (torch.jit.load's), not a fully pickled model
+    whose class lived in the generator's __main__, not the payload."""
+    checkpoint = open_checkpoint(path)
+    return checkpoint.format != "torchscript" and not any(g.startswith("__main__.") for g in checkpoint.globals)
+
+
 TORCH_FILES = [
-    p
-    for p in sorted(GOOD.glob("*.p*")) + sorted(BAD.glob("*.pt"))
-    if "torchscript" not in p.name and "full-module" not in p.name and "BN101" not in p.name
+    p for p in sorted(GOOD.glob("*.p*")) + sorted(BAD.glob("*.pt")) if "BN101" not in p.name and _torch_loadable(p)
 ]
 
 

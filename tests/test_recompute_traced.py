@@ -4,6 +4,7 @@ layer is measured with the real factor, and a layer traced in eval mode is said 
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -87,13 +88,17 @@ def test_traced_train_model_passes_and_recalibrates_to_the_real_statistics(cli, 
     model = healthy_mlp()
     path = traced(model, "train", tmp_path / "traced.pt")
     inspected = cli("inspect", path, "--model", path, "--data", ORIGINAL, "--json", "--batch-size", "100")
-    assert inspected.exit_code == 0, inspected.stdout
+    # nothing is stale; the only findings are BN016's errors: training=True is baked into every batch_norm call
+    findings = inspected.json()["files"][0]["findings"]
+    assert {(f["code"], f["severity"]) for f in findings} == {("BN016", "error")}, inspected.stdout
     info = inspected.json()["files"][0]["recompute"]
     assert [row["stale"] for row in info["layers"]] == [False, False]
     assert info["unmeasured"] == [] and info["samples"] == 1000
     out = tmp_path / "recalibrated.pt"
     written = cli("recalibrate", path, "--model", path, "--data", ORIGINAL, "-o", out, "--batch-size", "100")
-    assert written.exit_code == 0, written.stderr
+    # written; the copy keeps its graph, whose baked training=True is still BN016 (exit 1), and nothing else
+    assert written.exit_code == 1 and out.exists(), written.stderr
+    assert set(re.findall(r"BN\d{3}", written.stdout)) == {"BN016"}, written.stdout
     reference = copy.deepcopy(model)
     update_bn([b.args[0] for b in batches()], reference)  # momentum None: the per-batch average
     for name, buffer in torch.jit.load(str(out)).named_buffers():

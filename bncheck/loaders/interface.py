@@ -121,3 +121,6 @@ class Checkpoint:
     size_bytes: int | None = None
     # from the Format: whether the layers can carry num_batches_tracked (rules about the counter ask)
     batch_counter: bool = True
+    # TorchScript archives: the text of each code/ file (path below code/, text), read and never run; the layers'
+    # momentum, eps and baked training flags are parsed from it (bncheck.layer_config)
+    code: tuple[tuple[str, str], ...] = ()

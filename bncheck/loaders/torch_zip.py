@@ -406,12 +406,43 @@ def open_torch_zip(source: ByteSource) -> Checkpoint:
             else:
                 notes.append(f"hidden pickle {where}, which torch never reads, was scanned too")
                 untrusted += tuple(g for g in found if g not in untrusted)
-    is_script = reader.find("code/") is not None or any(
-        info.filename.startswith(reader.prefix + "code/") for info in reader.infos
-    )
+        is_script = reader.find("code/") is not None or any(
+            info.filename.startswith(reader.prefix + "code/") for info in reader.infos
+        )
+        code = _script_code(reader, notes) if is_script else ()
     return Checkpoint(
-        format="torchscript" if is_script else "torch zip", root=root, globals=untrusted, notes=tuple(notes)
+        format="torchscript" if is_script else "torch zip",
+        root=root,
+        globals=untrusted,
+        notes=tuple(notes),
+        code=code,
     )
+
+
+# TorchScript code is a few KB per module class; beyond these the rest is not read (the configuration of the
+# layers it defines is then unknown, which a note says).
+MAX_CODE_FILE_BYTES = 4 * 1024 * 1024
+MAX_CODE_BYTES = 32 * 1024 * 1024
+
+
+def _script_code(reader: _Archive, notes: list[str]) -> tuple[tuple[str, str], ...]:
+    """The text of every ``code/**.py`` member, for the layers' configuration; never executed."""
+    files: list[tuple[str, str]] = []
+    budget = MAX_CODE_BYTES
+    start = reader.prefix + "code/"
+    for info in reader.infos:
+        if not (info.filename.startswith(start) and info.filename.endswith(".py")):
+            continue
+        if info.file_size > min(MAX_CODE_FILE_BYTES, budget):
+            notes.append(f"TorchScript code beyond {info.filename} was not read (too large); layer settings unknown")
+            break
+        budget -= info.file_size
+        try:
+            text = reader.read_full(info, noted=False).decode("utf-8", "replace")
+        except CorruptCheckpointError:
+            continue
+        files.append((info.filename.removeprefix(start), text))
+    return tuple(files)
 
 
 def _unread_tensor(

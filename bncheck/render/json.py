@@ -12,14 +12,18 @@ import math
 from typing import Any
 
 from bncheck.report import (
+    CONFIG_FIELDS,
     ConfigInfo,
     DiffReport,
     FileError,
     FileReport,
     Finding,
+    LayerConfig,
     LayerInfo,
+    ModelConfig,
     RecomputeInfo,
     Report,
+    Setting,
     Severity,
     Summary,
 )
@@ -44,6 +48,28 @@ def _summary(summary: Summary | None) -> dict[str, Any] | None:
     }
 
 
+def _setting(setting: Setting | None) -> dict[str, Any] | None:
+    if setting is None:
+        return None
+    value = setting.value
+    return {"value": value if isinstance(value, bool) else _number(value), "source": setting.source}
+
+
+def _configuration(config: LayerConfig) -> dict[str, Any]:
+    """Every setting's key, always: null when the file does not record it."""
+    return {name: _setting(getattr(config, name)) for name in CONFIG_FIELDS}
+
+
+def _model_config(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "file": config.file,
+        "path": config.path,
+        "model_type": config.model_type,
+        "momentum": _setting(config.settings.momentum),
+        "eps": _setting(config.settings.eps),
+    }
+
+
 def _layer(layer: LayerInfo) -> dict[str, Any]:
     return {
         "name": layer.name,
@@ -57,6 +83,7 @@ def _layer(layer: LayerInfo) -> dict[str, Any]:
         "running_mean": _summary(layer.running_mean),
         "running_var": _summary(layer.running_var),
         "codes": list(layer.codes),
+        "configuration": _configuration(layer.configuration),
     }
 
 
@@ -124,6 +151,7 @@ def _file(file: FileReport) -> dict[str, Any]:
         "findings": [_finding(finding) for finding in file.findings],
         "recompute": _recompute(file.recompute),
         "recompute_error": _error(file.recompute_error),
+        "model_configs": [_model_config(config) for config in file.model_configs],
     }
 
 

@@ -21,7 +21,9 @@ from bncheck.report import (
     DiffReport,
     FileReport,
     Finding,
+    LayerConfig,
     LayerInfo,
+    ModelConfig,
     RecomputeInfo,
     Report,
     RuleInfo,
@@ -31,6 +33,7 @@ from bncheck.report import (
 
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 CHANNELS_SHOWN = 6
+CONFIGURATIONS_SHOWN = 4
 
 
 def _num(value: float | None) -> str:
@@ -169,6 +172,49 @@ class LayerTable:
                 yield self._line(name if level == 0 else Text(), name_width, cells, widths, gap)
 
 
+def _described(config: LayerConfig) -> str:
+    """A layer's configuration in a few words, with where it was read."""
+    words = []
+    if config.momentum is not None:
+        value = config.momentum.value
+        words.append("momentum None (cumulative)" if value is None else f"momentum {_num(float(value))}")
+    if config.eps is not None and config.eps.value is not None:
+        words.append(f"eps {_num(float(config.eps.value))}")
+    if config.training is not None:
+        words.append("train mode" if config.training.value else "eval mode")
+    if config.track_running_stats is not None:
+        words.append("tracking on" if config.track_running_stats.value else "tracking off")
+    settings = (config.momentum, config.eps, config.training, config.track_running_stats, config.affine)
+    sources = ", ".join(dict.fromkeys(setting.source for setting in settings if setting is not None))
+    return f"{' · '.join(words)} ({sources})"
+
+
+def _configuration_lines(layers: tuple[LayerInfo, ...], model_configs: tuple[ModelConfig, ...]) -> list[Text]:
+    """One line per distinct layer configuration the file records (with how many layers have it), and one per set
+    of model-wide settings from a config file; nothing for a state dict."""
+    counts: dict[str, int] = {}
+    for layer in layers:
+        if layer.configuration.known:
+            described = _described(layer.configuration)
+            counts[described] = counts.get(described, 0) + 1
+    lines = [
+        Text(f"  configuration: {_shown(described)} in {_plural(n, 'layer')}", style="dim")
+        for described, n in list(counts.items())[:CONFIGURATIONS_SHOWN]
+    ]
+    if len(counts) > CONFIGURATIONS_SHOWN:
+        lines.append(Text(f"  configuration: {len(counts) - CONFIGURATIONS_SHOWN} more kinds (see --json)", "dim"))
+    for config in model_configs:
+        kind = f" (model_type {config.model_type})" if config.model_type else ""
+        keys = [
+            f"{setting.source.removeprefix(config.file).strip()} {_num(float(setting.value))}"
+            for setting in (config.settings.momentum, config.settings.eps)
+            if setting is not None and setting.value is not None
+        ]
+        line = f"  {config.file}{kind}, for the model as a whole: {', '.join(keys)}"
+        lines.append(Text(_shown(line), style="dim"))
+    return lines
+
+
 def _channels(finding: Finding) -> str:
     shown = ", ".join(str(c) for c in finding.channels[:CHANNELS_SHOWN])
     more = ", ..." if finding.channel_count > CHANNELS_SHOWN else ""
@@ -272,6 +318,7 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
         parts.append(Padding(LayerTable(layers, show_dtype=not common_dtype), (1, 0, 0, 2), expand=False))
     if any(layer.kind_inferred for layer in file.layers):
         parts.append(Text("  * kind inferred from the layer that feeds it", style="dim"))
+    parts.extend(_configuration_lines(file.layers, file.model_configs))
     if file.recompute is not None:
         parts.append(Padding(_drift_table(file.recompute), (1, 0, 0, 2), expand=False))
     if file.recompute_error is not None:
