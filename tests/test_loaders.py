@@ -92,10 +92,10 @@ def flat_state(obj: object, prefix: str = "") -> dict[str, TensorRef]:
 
 
 def _torch_loadable(path: Path) -> bool:
-    """Whether torch.load can rebuild the file here: not TorchScript (torch.jit.load's), not a fully pickled model
-    whose class lived in the generator's __main__, not the payload."""
+    """Whether torch.load gives a tree of tensors to compare: not TorchScript (torch.jit.load's), not a fully
+    pickled model (a module object, whose class may even have lived in the generator's __main__)."""
     checkpoint = open_checkpoint(path)
-    return checkpoint.format != "torchscript" and not any(g.startswith("__main__.") for g in checkpoint.globals)
+    return checkpoint.format != "torchscript" and not isinstance(checkpoint.root, Placeholder)
 
 
 TORCH_FILES = [
