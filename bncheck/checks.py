@@ -18,7 +18,7 @@ import numpy as np
 
 from bncheck.discover import BNLayer
 from bncheck.drift import Drift, DriftThresholds
-from bncheck.layer_config import TRACED
+from bncheck.layer_config import TRACED, is_exported
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.pickle_globals import Risk, grade_global
 from bncheck.read import LayerData
@@ -607,8 +607,8 @@ def saved_in_training_mode(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
     model, eval() after loading is enough; a traced one must be traced again in eval mode.
     """
     found = _value(config, "training")
-    if found is None or found[0] is not True:
-        return
+    if found is None or found[0] is not True or is_exported(found[1]):
+        return  # an exported graph's training flag is BN019's
     if found[1] == TRACED:
         yield Hit(
             "traced in training mode: its batch_norm call has training=True baked in, so it normalises with batch "
@@ -685,6 +685,34 @@ def no_data(data: LayerData, t: Thresholds) -> Iterator[Hit]:
         yield Hit(
             "no values stored for " + "; ".join(f"{', '.join(group)} ({why})" for why, group in empty.items()),
             names[0] if len(names) == 1 else None,
+        )
+
+
+@rule(
+    "BN019",
+    Severity.ERROR,
+    "the exported graph normalises with batch statistics at inference",
+    "export from model.eval(): torch.export.export and torch.onnx.export record the mode the model is in",
+    scope="config",
+)
+def exported_in_training_mode(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
+    """What: a deployment artifact runs the layer in training mode: a torch.export program (.pt2) whose batch_norm
+    call has training=True, or an ONNX BatchNormalization node with training_mode=1, the extra running-statistics
+    outputs (opsets 7-13) or is_test=0 (opsets 1-6).
+
+    Why: an exported graph is what runs in production, and its mode is fixed in the graph: there is no eval() to
+    call. A runtime executing it (ONNX Runtime, an AOTInductor build) normalises each input with its own batch's
+    statistics, so one sample's output depends on what else is in the batch, a batch of one is standardised to
+    beta, and the stored statistics are never used. Exporters record the mode the model was in when exported.
+
+    Fix: call model.eval() before torch.export.export or torch.onnx.export (the TorchScript-based exporter also
+    takes training=torch.onnx.TrainingMode.EVAL), then export again.
+    """
+    found = _value(config, "training")
+    if found is not None and found[0] is True and is_exported(found[1]):
+        yield Hit(
+            f"training=True in the exported graph ({found[1]}): at inference it normalises each batch with its own "
+            "statistics and ignores the stored ones"
         )
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bncheck.discover import BNLayer
+from bncheck.loaders.interface import RecordedCall
 from bncheck.loaders.restricted_pickle import Placeholder
 from bncheck.report import LayerConfig, ModelConfig, Setting
 
@@ -33,6 +34,15 @@ SCRIPT_ATTRIBUTE = "TorchScript attribute"
 SCRIPT_CONSTANT = "TorchScript constant"
 TRACED = "traced batch_norm call"
 CONFIG_JSON = "config.json"
+# Deployment artifacts. An ONNX reader may add its evidence in brackets: "ONNX BatchNormalization node (is_test=0)".
+EXPORTED_PROGRAM = "torch.export batch_norm call"
+ONNX_NODE = "ONNX BatchNormalization node"
+
+
+def is_exported(source: str) -> bool:
+    """Whether a setting was read from an exported graph (.pt2, ONNX): what runs in production."""
+    return source.startswith((EXPORTED_PROGRAM, ONNX_NODE))
+
 
 _NUMBERS = ("momentum", "eps")
 _FLAGS = ("training", "track_running_stats", "affine")
@@ -124,9 +134,26 @@ def _traced_call(text: str) -> Iterator[tuple[str, Setting]]:
         yield "track_running_stats", Setting(value=False, source=TRACED)
 
 
-def layer_config(layer: BNLayer, code: ScriptCode | None = None) -> LayerConfig:
-    """The layer's configuration from its recorded module object (and, for TorchScript, its class's code); empty
-    when the layer came from a state dict."""
+def exported_configs(calls: Sequence[RecordedCall]) -> dict[str, LayerConfig]:
+    """Each layer's configuration from an exported graph's calls. A layer called more than once in training mode in
+    any call is in training mode; its other values come from its first call."""
+    found: dict[str, dict[str, Setting]] = {}
+    for call in calls:
+        settings = found.setdefault(call.layer, {})
+        for name, value in call.arguments:
+            setting = recorded_setting(name, value, call.source)
+            if setting is not None and (name not in settings or (name == "training" and value is True)):
+                settings[name] = setting
+    return {layer: LayerConfig(**settings) for layer, settings in found.items()}
+
+
+def layer_config(
+    layer: BNLayer, code: ScriptCode | None = None, exported: Mapping[str, LayerConfig] | None = None
+) -> LayerConfig:
+    """The layer's configuration from its recorded module object (and, for TorchScript, its class's code), or from
+    an exported graph's calls (:func:`exported_configs`); empty when the layer came from a state dict."""
+    if exported is not None and layer.name in exported:
+        return exported[layer.name]
     node = layer.module
     if not isinstance(node, Placeholder):
         return LayerConfig()

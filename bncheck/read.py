@@ -16,7 +16,7 @@ import numpy as np
 
 from bncheck.discover import BNLayer, find_bn_layers
 from bncheck.errors import CorruptCheckpointError, UnsupportedDtypeError
-from bncheck.layer_config import ScriptCode, layer_config
+from bncheck.layer_config import ScriptCode, exported_configs, layer_config
 from bncheck.loaders import is_url, open_checkpoint, prefetch
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.loaders.interface import Checkpoint
@@ -61,18 +61,23 @@ class LayerData:
         return int(array.reshape(()))
 
 
-def read_layer(layer: BNLayer, code: ScriptCode | None = None) -> LayerData:
+def read_layer(
+    layer: BNLayer, code: ScriptCode | None = None, exported: Mapping[str, LayerConfig] | None = None
+) -> LayerData:
     """Read a layer's tensors from the file, and its configuration from its recorded module (and TorchScript
-    ``code``) when the file has one. A tensor the file holds no values for (BN018) is left out of ``arrays``: the
-    rules that look at values see it as unreadable, BN018 says why."""
+    ``code``) or an exported graph's calls (``exported``) when the file has them. A tensor the file holds no values
+    for (BN018) is left out of ``arrays``: the rules that look at values see it as unreadable, BN018 says why."""
     arrays = {name: ref.read() for name, ref in layer.tensors.items() if ref.no_data is None}
-    return LayerData(layer, arrays, layer_config(layer, code))
+    return LayerData(layer, arrays, layer_config(layer, code, exported))
 
 
-def read_layers(layers: Sequence[BNLayer], code: ScriptCode | None = None) -> list[LayerData]:
-    """Read every layer's tensors and configuration; the bytes of a remote file are fetched together first."""
+def read_layers(layers: Sequence[BNLayer], checkpoint: Checkpoint) -> list[LayerData]:
+    """Read every layer's tensors, and its configuration wherever ``checkpoint`` records it; the bytes of a remote
+    file are fetched together first."""
     prefetch(ref for layer in layers for ref in layer.tensors.values() if ref.no_data is None)
-    return [read_layer(layer, code) for layer in layers]
+    code = ScriptCode(checkpoint.code) if checkpoint.code else None
+    exported = exported_configs(checkpoint.calls) if checkpoint.calls else None
+    return [read_layer(layer, code, exported) for layer in layers]
 
 
 def read_checkpoint(path: os.PathLike[str] | str, *, unsafe_load: bool = False) -> tuple[Checkpoint, list[LayerData]]:
@@ -83,7 +88,7 @@ def read_checkpoint(path: os.PathLike[str] | str, *, unsafe_load: bool = False) 
     """
     checkpoint = _open(path, unsafe_load)
     layers = find_bn_layers(checkpoint.root, batch_counter=checkpoint.batch_counter)
-    return checkpoint, read_layers(layers, ScriptCode(checkpoint.code) if checkpoint.code else None)
+    return checkpoint, read_layers(layers, checkpoint)
 
 
 def _open(path: os.PathLike[str] | str, unsafe_load: bool) -> Checkpoint:

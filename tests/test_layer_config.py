@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import BAD, FIXTURES, GOOD
@@ -16,7 +17,16 @@ from torch import nn
 
 from bncheck.api import inspect_file
 from bncheck.checks import RULES, Thresholds
-from bncheck.layer_config import PICKLED, SCRIPT_CONSTANT, TRACED, ScriptCode, layer_config, model_configs
+from bncheck.layer_config import (
+    EXPORTED_PROGRAM,
+    ONNX_NODE,
+    PICKLED,
+    SCRIPT_CONSTANT,
+    TRACED,
+    ScriptCode,
+    layer_config,
+    model_configs,
+)
 from bncheck.read import read_checkpoint
 from bncheck.report import LayerConfig, Setting, Severity
 
@@ -221,6 +231,20 @@ def test_rule_severities(settings: dict, expected: list) -> None:
     assert [hit.severity for hit in RULES["BN016"].check(traced, Thresholds())] == [Severity.ERROR]
 
 
+@pytest.mark.parametrize("source", [EXPORTED_PROGRAM, ONNX_NODE, f"{ONNX_NODE} (is_test=0)"])
+def test_exported_training_mode_is_bn019_not_bn016(source: str) -> None:
+    exported = LayerConfig(training=Setting(value=True, source=source))
+    assert RULES["BN019"].severity == Severity.ERROR
+    assert [hit.message.split(" (")[0] for hit in RULES["BN019"].check(exported, Thresholds())] == [
+        "training=True in the exported graph"
+    ]
+    assert not list(RULES["BN016"].check(exported, Thresholds()))
+    inference = LayerConfig(training=Setting(value=False, source=source))
+    assert not list(RULES["BN019"].check(inference, Thresholds()))
+    pickled = LayerConfig(training=Setting(value=True, source="pickled module"))
+    assert not list(RULES["BN019"].check(pickled, Thresholds()))
+
+
 def test_thresholds_move_bn014_and_bn015() -> None:
     config = LayerConfig(momentum=Setting(value=0.3, source="x"), eps=Setting(value=0.005, source="x"))
     strict = Thresholds(max_momentum=0.25, max_eps=0.001)
@@ -339,3 +363,29 @@ def test_a_state_dict_takes_the_configuration_of_the_model_it_is_loaded_into(cli
     assert [(f["code"], f["layer"]) for f in file["findings"]] == [("BN014", "net.1"), ("BN014", "net.4")]
     # without --model the same file records nothing
     assert cli("inspect", path, "--json").json()["files"][0]["findings"] == []
+
+
+def test_exported_calls_give_each_layer_its_configuration() -> None:
+    from bncheck.discover import find_bn_layers
+    from bncheck.loaders.interface import Checkpoint, RecordedCall, in_memory
+    from bncheck.read import read_layers
+
+    stats = {"running_mean": in_memory(np.zeros(4, np.float32), "float32")}
+    stats["running_var"] = in_memory(np.ones(4, np.float32), "float32")
+    root = {f"{name}.{key}": ref for name in ("bn1", "bn2", "bn3") for key, ref in stats.items()}
+    calls = (
+        RecordedCall("bn1", EXPORTED_PROGRAM, (("training", False), ("momentum", 0.1), ("eps", 1e-5))),
+        RecordedCall("bn2", EXPORTED_PROGRAM, (("training", False), ("momentum", 0.1), ("eps", 1e-5))),
+        # a layer called twice: training in any call is what its graph does at inference
+        RecordedCall("bn2", EXPORTED_PROGRAM, (("training", True), ("momentum", 0.5), ("eps", "not a number"))),
+    )
+    checkpoint = Checkpoint(format="test", root=root, calls=calls)
+    configs = {data.layer.name: data.config for data in read_layers(find_bn_layers(root), checkpoint)}
+    assert configs["bn1"] == LayerConfig(
+        training=Setting(value=False, source=EXPORTED_PROGRAM),
+        momentum=Setting(value=0.1, source=EXPORTED_PROGRAM),
+        eps=Setting(value=1e-5, source=EXPORTED_PROGRAM),
+    )
+    assert configs["bn2"].training == Setting(value=True, source=EXPORTED_PROGRAM)
+    assert configs["bn2"].momentum == Setting(value=0.1, source=EXPORTED_PROGRAM)
+    assert configs["bn3"] == LayerConfig()

@@ -105,6 +105,16 @@ def in_memory(array: np.ndarray, dtype: str) -> TensorRef:
 
 
 @dataclass(frozen=True)
+class RecordedCall:
+    """One BatchNorm call of an exported graph (.pt2, ONNX) with the arguments the graph records for it, read from
+    the file and never run. A layer called twice has two."""
+
+    layer: str  # the layer's name as its statistics are named ("layer1.0.bn1")
+    source: str  # where the arguments were read, as the report shows it (bncheck.layer_config.EXPORTED_PROGRAM...)
+    arguments: tuple[tuple[str, Any], ...]  # ("training", True), ("momentum", 0.1), ("eps", 1e-05)
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """What a loader found in one file (or one sharded set of files).
 
@@ -124,3 +134,5 @@ class Checkpoint:
     # TorchScript archives: the text of each code/ file (path below code/, text), read and never run; the layers'
     # momentum, eps and baked training flags are parsed from it (bncheck.layer_config)
     code: tuple[tuple[str, str], ...] = ()
+    # exported graphs: each BatchNorm call's recorded arguments (training flag, momentum, eps)
+    calls: tuple[RecordedCall, ...] = ()
