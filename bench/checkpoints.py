@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 
 LAYERS = 400
 WIDTH = 1024
+# the exported model: 400 BatchNorm2d layers between 3x3 convolutions of 256 channels (944 MB of weights)
+CONV_CHANNELS = 256
 
 
 def cache_dir() -> Path:
@@ -38,6 +40,23 @@ def big_state_dict(*, layers: int = LAYERS, width: int = WIDTH, scale: int = 1) 
         state[f"{norm}.running_var"] = torch.rand(width, generator=generator) + 0.5
         state[f"{norm}.num_batches_tracked"] = torch.tensor(1000)
     return state
+
+
+def deep_bn_model(*, layers: int = LAYERS, channels: int = CONV_CHANNELS) -> torch.nn.Module:
+    """``layers`` x (Conv2d 3x3, BatchNorm2d, ReLU) in eval mode, for the export benchmarks: large convolutions
+    around small BatchNorm tensors, with statistics that differ per layer."""
+    generator = torch.Generator().manual_seed(0)
+    blocks: list[torch.nn.Module] = []
+    with torch.no_grad():
+        for _ in range(layers):
+            conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            conv.weight.zero_()  # the readers under test never read it; zeros cost nothing to make
+            norm = torch.nn.BatchNorm2d(channels)
+            norm.running_mean.copy_(torch.randn(channels, generator=generator) * 0.1)
+            norm.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+            norm.num_batches_tracked.fill_(1000)
+            blocks += [conv, norm, torch.nn.ReLU()]
+    return torch.nn.Sequential(*blocks).eval()
 
 
 def save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 4) -> Path:
