@@ -207,19 +207,56 @@ def _plain_batchnorm(module: torch.nn.Module) -> bool:
     return type(module).forward is _BatchNorm.forward and "forward" not in vars(module)
 
 
+class _Scratch:
+    """One buffer, reused by every layer and batch, for the two-pass reduction's deviations from the mean. A fresh
+    activation-sized tensor per call costs more than the arithmetic: large allocations come from new pages that the
+    kernel zero-fills (a 32 MB input: ~1.5 ms to subtract into a reused buffer, ~13 ms into a new one, bench run)."""
+
+    def __init__(self) -> None:
+        self.flat: torch.Tensor | None = None
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor with ``x``'s shape and strides (``x`` dense and starting its storage)."""
+        import torch
+
+        needed = x.numel()
+        if (
+            self.flat is None
+            or self.flat.numel() < needed
+            or self.flat.dtype != x.dtype
+            or self.flat.device != x.device
+        ):
+            self.flat = torch.empty(needed, dtype=x.dtype, device=x.device)
+        return self.flat.as_strided(x.shape, x.stride())
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s strides cover exactly ``x.numel()`` elements, as a contiguous or channels-last tensor's do."""
+    import torch
+
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return x.is_contiguous() or (x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()]))
+
+
 class _BatchStatisticsForward:
     """Replaces a BatchNorm's train-mode forward until ``remove()`` (listed with the hook handles, which are
     removed the same way). The stand-in computes each channel's batch mean and biased variance once, records them,
-    and normalises with them through ``F.batch_norm(training=False)``: the train-mode output, without the
-    layer's own second pass over the statistics and without touching its running statistics. The two-pass
-    reduction runs in the input's dtype (float32: about 1e-7 relative to float64, within 1e-6 by
-    bench/recompute_speed.py); other dtypes keep the layer's own forward and are measured in float64."""
+    and normalises with them: the train-mode output, without touching the layer's running statistics.
 
-    def __init__(self, module: Any, measured: dict[str, Moments], name: str) -> None:
+    Contiguous float32/float64 inputs go through torch's fused train-mode kernel without running statistics (one
+    pass for the statistics, one for the output, as update_bn pays); its reduction is exact to ~1e-7 on contiguous
+    inputs only (on channels_last CPU inputs it is off by up to 1e-4 in the variance). Other layouts take two passes
+    in the input's dtype (float32: about 1e-7 relative to float64, within 1e-6 by bench/recompute_speed.py) and
+    normalise through ``F.batch_norm(training=False)``. Other dtypes keep the layer's own forward and are measured in
+    float64."""
+
+    def __init__(self, module: Any, measured: dict[str, Moments], name: str, scratch: _Scratch) -> None:
         # Any: the BatchNorm attributes (eps, weight, _check_input_dim) are not on torch.nn.Module's type
         import torch
         import torch.nn.functional as F
         from torch.nn.modules.batchnorm import _BatchNorm
+
+        fused = getattr(torch, "_native_batch_norm_legit", None)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             if x.dtype not in (torch.float32, torch.float64):
@@ -234,16 +271,12 @@ class _BatchStatisticsForward:
                 return output  # type: ignore[no-any-return]
             dims = reduced_dims(x)
             mean = x.mean(dim=dims, keepdim=True)
-            var = (x - mean).square_().mean(dim=dims)
+            deviations = torch.sub(x, mean, out=scratch.like(x)) if _dense(x) else x - mean
+            var = deviations.square_().mean(dim=dims)
             mean = mean.flatten()
-            moments = Moments(count, mean.double().cpu().numpy(), var.double().cpu().numpy() * count)
-            measured[name] = moments
+            measured[name] = Moments(count, mean.double().cpu().numpy(), var.double().cpu().numpy() * count)
             return F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
 
-        # torch's fused train-mode kernel without running statistics: one pass for the statistics, one for the
-        # output, as update_bn pays. Its reduction is exact to ~1e-7 on contiguous inputs only (on channels_last
-        # CPU inputs it is off by up to 1e-4 in the variance), so other layouts take the two-pass route.
-        fused = getattr(torch, "_native_batch_norm_legit", None)
         self.module = module
         module.forward = forward
 
@@ -291,6 +324,7 @@ def recompute_statistics(
     measured: dict[str, Moments] = {}  # this call's moments, from the pre-hook or the replaced forward
     tails: dict[str, Moments] = {}
     replaced = {name for name, module in modules.items() if mode == "train" and _plain_batchnorm(module)}
+    scratch = _Scratch()
 
     def record(name: str, call: _Call) -> None:
         if name in pending:  # a module called twice in one pass: merge both calls
@@ -325,7 +359,7 @@ def recompute_statistics(
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(post_hook(name)))
         if name in replaced:
-            handles.append(_BatchStatisticsForward(module, measured, name))
+            handles.append(_BatchStatisticsForward(module, measured, name, scratch))
     used = skipped = samples = 0
     try:
         model.eval()
