@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -366,6 +367,23 @@ def _console(*, stderr: bool = False) -> Any:
     return Console(stderr=stderr)
 
 
+# trailing blanks, possibly followed by the codes that end a style when colour is forced
+_TRAILING_BLANKS = re.compile(r"[ \t]+((?:\x1b\[[0-9;]*m)*)$", re.MULTILINE)
+
+
+def _show(renderable: Any) -> None:
+    """Print a rich renderable on stdout. Rich pads each line it lays out to the console's width (80 columns on a
+    pipe or a file); at a terminal that is invisible, but in a log or a diff it is noise, so off a terminal the lines
+    are written without their trailing blanks."""
+    console = _console()
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    sys.stdout.write(_TRAILING_BLANKS.sub(r"\1", captured.get()))
+
+
 def _say(line: str) -> None:
     """One line on stderr, its control characters escaped: it may quote a path or the bytes of a file."""
     sys.stderr.write(f"bncheck: {escape_controls(line)}\n")
@@ -389,7 +407,7 @@ def _emit(renderer: Renderer, subject: Any) -> None:
     """Print ``subject`` in one format: a string as it is (JSON never goes through rich), a renderable on a console."""
     output = renderer.render(subject, pretty=_pretty())
     if renderer.rich:
-        _console().print(output)
+        _show(output)
     else:
         sys.stdout.write(output + "\n")
 
@@ -556,7 +574,7 @@ def rules_command() -> int:
     from bncheck.api import rule_infos
     from bncheck.render.text import render_rules
 
-    _console().print(render_rules(rule_infos()))
+    _show(render_rules(rule_infos()))
     return EXIT_OK
 
 
@@ -570,7 +588,7 @@ def explain_command(code: Annotated[str, typer.Argument(metavar="CODE", help="A 
     rule = next((r for r in rule_infos() if r.code == wanted), None)
     if rule is None:
         return _fail(f"unknown rule {code!r}; bncheck rules lists them")
-    _console().print(render_explain(rule))
+    _show(render_explain(rule))
     return EXIT_OK
 
 

@@ -338,8 +338,20 @@ def find_state_dicts(root: Any) -> list[StateDict]:
     return list(_state_dicts(root, (), 0, set()))
 
 
-def find_bn_layers(root: Any, *, batch_counter: bool = True) -> list[BNLayer]:
+def find_bn_layers(root: Any, *, batch_counter: bool = True, sorted_names: bool = False) -> list[BNLayer]:
     """Every BatchNorm-like layer in a checkpoint's object tree, in file order. ``batch_counter`` is the format's
-    word on whether its layers can store num_batches_tracked."""
+    word on whether its layers can store num_batches_tracked. When the format sorts its tensors by name
+    (``sorted_names``: safetensors, where ``layer1.10.bn1`` comes before ``layer1.2.bn1``), each container's layers
+    are put in the natural order of their paths instead, the closest the file allows to the model's order."""
     found = [(container, list(_layers_of(container, batch_counter))) for container in find_state_dicts(root)]
+    if sorted_names:
+        found = [(container, sorted(layers, key=lambda layer: natural_key(layer.name))) for container, layers in found]
     return _mark_frozen_by_buffers(found)
+
+
+def natural_key(name: str) -> list[Any]:
+    """A module path ordered as people number things: ``features.2`` before ``features.10``. The pieces alternate
+    text and numbers, so two keys always compare like with like; a number compares by its digits (length, then
+    text), never converted, so a hostile name of thousands of digits costs no more than its length."""
+    pieces = re.split(r"(\d+)", name)
+    return [(len(p.lstrip("0")), p.lstrip("0"), p) if index % 2 else p for index, p in enumerate(pieces)]

@@ -87,7 +87,9 @@ def read_checkpoint(path: os.PathLike[str] | str, *, unsafe_load: bool = False) 
     own reader cannot read, or in which it finds no BatchNorm layer behind the objects it would not build.
     """
     checkpoint = _open(path, unsafe_load)
-    layers = find_bn_layers(checkpoint.root, batch_counter=checkpoint.batch_counter)
+    layers = find_bn_layers(
+        checkpoint.root, batch_counter=checkpoint.batch_counter, sorted_names=checkpoint.sorted_names
+    )
     return checkpoint, read_layers(layers, checkpoint)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 from conftest import GOOD
 from safetensors.torch import save_file
@@ -172,3 +173,49 @@ def test_gpu_saved_storages_are_read_without_a_gpu(tmp_path: Path) -> None:
     assert b"cuda:0" in zipfile.ZipFile(target).read("cpu/data.pkl")
     (layer,) = find_bn_layers(open_checkpoint(target).root)
     assert layer.tensors["running_var"].read().tolist() == [1.0, 1.0, 1.0]
+
+
+def test_layers_of_a_name_sorted_format_come_in_natural_order(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file as save_numpy
+
+    from bncheck.read import read_checkpoint
+
+    names = ["features.10", "features.2", "features.1", "layer1.10.bn1", "layer1.2.bn1", "layer1.0.bn1"]
+    tensors = {f"{n}.{key}": np.ones(3, np.float32) for n in names for key in ("running_mean", "running_var")}
+    save_numpy(tensors, str(tmp_path / "m.safetensors"))
+    _, layers = read_checkpoint(tmp_path / "m.safetensors")
+    assert [data.layer.name for data in layers] == [
+        "features.1",
+        "features.2",
+        "features.10",
+        "layer1.0.bn1",
+        "layer1.2.bn1",
+        "layer1.10.bn1",
+    ]
+
+
+def test_a_torch_state_dict_keeps_the_model_order() -> None:
+    """A torch state dict lists a model's layers in the order they were registered: stem before blocks before head,
+    which no sorting of names would give."""
+    from bncheck.loaders.interface import in_memory
+
+    names = ["stem.bn", "blocks.0.bn", "blocks.10.bn", "blocks.2.bn", "head.bn"]
+    root = {
+        f"{n}.{key}": in_memory(np.ones(3, np.float32), "float32")
+        for n in names
+        for key in ("running_mean", "running_var")
+    }
+    assert [layer.name for layer in find_bn_layers(root)] == names
+
+
+def test_natural_key_orders_numbers_by_value_without_converting_them() -> None:
+    from bncheck.discover import natural_key
+
+    huge = "9" * 10_000  # int() refuses more than 4,300 digits
+    assert sorted(["a.10", "a.9", f"a.{huge}", "a.009", "b"], key=natural_key) == [
+        "a.009",
+        "a.9",
+        "a.10",
+        f"a.{huge}",
+        "b",
+    ]

@@ -334,7 +334,7 @@ def test_non_finite_settings_are_json_strings_that_follow_the_schema(cli, tmp_pa
 def test_the_text_report_says_each_configuration_and_its_source(cli) -> None:
     text = " ".join(cli("inspect", BAD / "BN017-tracking-off-for-inference.pt").stdout.split())
     assert "configuration: momentum 0.1 · eps 1e-05 · train mode · tracking off (pickled module) in 2 layers" in text
-    assert "BN017 warning net.1 track_running_stats is False (pickled module)" in text
+    assert "BN017 warning 2 layers: net.1, net.4 track_running_stats is False (pickled module)" in text
     hf = " ".join(cli("inspect", BAD / "BN014-hf-efficientnet").stdout.split())
     assert "config.json (model_type efficientnet), for the model as a whole: batch_norm_momentum 0.99" in hf
     assert "BN014 warning momentum 0.99 (config.json batch_norm_momentum)" in hf

@@ -117,6 +117,7 @@ FORMATS: tuple[Format, ...] = (
         # legacy magic number puts f9 where a safetensors file has its "{"
         matches=lambda head, _: head[8:9] == b"{",
         reader="bncheck.loaders.safetensors:open_safetensors",
+        sorted_names=True,
     ),
     Format(
         name="torch legacy",
@@ -131,6 +132,7 @@ FORMATS: tuple[Format, ...] = (
         suffixes=(INDEX_SUFFIX,),
         matches=lambda head, name: name.endswith(INDEX_SUFFIX) or head.lstrip()[:1] == b"{",
         reader="bncheck.loaders.safetensors:open_sharded",
+        sorted_names=True,
     ),
 )
 
@@ -197,6 +199,7 @@ def open_source_checkpoint(source: ByteSource) -> Checkpoint:
         notes=checkpoint.notes + _disagreement(source.name, fmt),
         size_bytes=size,
         batch_counter=checkpoint.batch_counter and fmt.batch_counter,
+        sorted_names=fmt.sorted_names,
     )
 
 

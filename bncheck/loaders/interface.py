@@ -41,6 +41,8 @@ class Format:
     reader: str
     # whether a BatchNorm layer of this format stores num_batches_tracked (torch's batch counter) at all
     batch_counter: bool = True
+    # whether the format stores tensors sorted by name (safetensors) rather than in the model's order
+    sorted_names: bool = False
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -131,6 +133,8 @@ class Checkpoint:
     size_bytes: int | None = None
     # from the Format: whether the layers can carry num_batches_tracked (rules about the counter ask)
     batch_counter: bool = True
+    # from the Format: whether the file lists tensors sorted by name rather than in the model's order
+    sorted_names: bool = False
     # TorchScript archives: the text of each code/ file (path below code/, text), read and never run; the layers'
     # momentum, eps and baked training flags are parsed from it (bncheck.layer_config)
     code: tuple[tuple[str, str], ...] = ()

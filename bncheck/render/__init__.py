@@ -11,7 +11,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bncheck.report import Report
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,25 @@ def escape_controls(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+def plural(n: int, word: str, plural_form: str | None = None) -> str:
+    return f"{n} {word if n == 1 else plural_form or word + 's'}"
+
+
+def summary_counts(report: Report) -> str:
+    """The last line of every plain-text format, without its verdict: "2 files, 4 layers: 0 errors, ... -> "."""
+    from bncheck.report import Severity
+
+    counts = ", ".join(plural(report.count(s), s.value) for s in Severity)
+    unreadable = sum(1 for f in report.files if f.error is not None)
+    not_recomputed = sum(1 for f in report.files if f.recompute_error is not None)
+    return (
+        f"{plural(len(report.files), 'file')}, {plural(report.layer_count, 'layer')}: {counts}"
+        + (f", {unreadable} not checked" if unreadable else "")
+        + (f", {not_recomputed} not recomputed" if not_recomputed else "")
+        + " -> "
+    )
+
+
 def _registry(*renderers: Renderer) -> dict[str, Renderer]:
     return {renderer.name: renderer for renderer in renderers}
 
@@ -90,6 +112,11 @@ REPORT_FORMATS: dict[str, Renderer] = _registry(
         names_unreadable=False,
     ),
     Renderer("github", "workflow-command annotations", "bncheck.render.github:render_github"),
+    Renderer(
+        "concise",
+        "one line per finding (path:layer: CODE severity message) and the summary, as linters print",
+        "bncheck.render.concise:render_concise",
+    ),
 )
 
 DIFF_FORMATS: dict[str, Renderer] = _registry(

@@ -3,7 +3,7 @@ runner turns into annotations on the checkpoint file."""
 
 from __future__ import annotations
 
-from bncheck.render import escape_controls
+from bncheck.render import escape_controls, summary_counts
 from bncheck.report import Report, Severity
 
 COMMAND = {Severity.ERROR: "error", Severity.WARNING: "warning", Severity.INFO: "notice"}
@@ -30,13 +30,5 @@ def render_github(report: Report) -> str:
     if report.config is not None:
         lines += [f"::notice title=bncheck settings::{_data(note)}" for note in report.config.notes]
         lines += [f"::warning title=bncheck settings::{_data(note)}" for note in report.config.overruled]
-    counts = ", ".join(f"{report.count(s)} {s.value}{'' if report.count(s) == 1 else 's'}" for s in Severity)
-    unreadable = sum(1 for f in report.files if f.error is not None)
-    not_recomputed = sum(1 for f in report.files if f.recompute_error is not None)
-    lines.append(
-        f"bncheck: {len(report.files)} files, {report.layer_count} layers: {counts}"
-        + (f", {unreadable} not checked" if unreadable else "")
-        + (f", {not_recomputed} not recomputed" if not_recomputed else "")
-        + (" -> PASS" if report.ok else " -> FAIL")
-    )
+    lines.append(f"bncheck: {summary_counts(report)}{'PASS' if report.ok else 'FAIL'}")
     return "\n".join(lines)

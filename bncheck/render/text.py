@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from bncheck.render import escape_controls as _shown
+from bncheck.render import plural as _plural
+from bncheck.render import summary_counts
 from bncheck.report import (
     ConfigInfo,
     DiffReport,
@@ -34,6 +35,8 @@ from bncheck.report import (
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "cyan"}
 CHANNELS_SHOWN = 6
 CONFIGURATIONS_SHOWN = 4
+LAYERS_SHOWN = 4  # of a finding repeated across layers
+RENAMED = " ~ "  # between a layer's names in A and in B (diff)
 
 
 def _num(value: float | None) -> str:
@@ -69,10 +72,6 @@ def _size(size: int | None) -> str:
     return f"{size} B"
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else plural or word + 's'}"
-
-
 def _verdict(file: FileReport, fail_on: Severity) -> Text:
     if file.error is not None:
         return Text("NOT CHECKED", style="bold red")
@@ -82,40 +81,22 @@ def _verdict(file: FileReport, fail_on: Severity) -> Text:
         return Text(f"NOT RECOMPUTED{detail}", style="bold red")
     if file.fails(fail_on):
         return Text(f"FAIL{detail}", style="bold red")
-    return Text(f"PASS{detail}", style="bold green")
+    return Text(f"PASS{detail}", style="bold yellow" if file.findings else "bold green")
 
 
 class LayerTable:
-    """The per-layer table, laid out for the width it is given.
+    """A table with one row per layer, laid out for the width it is given.
 
     A rich Table would fold a long dotted name (``resnet.encoder.stages.0.layers.0.shortcut.normalization``) into
     an unreadable column; here a name that does not fit goes on its own line with its numbers on the next, and when
-    even the numbers are too wide the pieces of a cell (a range, a count of NaN) are stacked.
+    even the numbers are too wide the pieces of a cell (a range, a count of NaN) are stacked. ``columns`` gives each
+    column after the name its header and whether it is right-aligned; each cell of ``rows`` is a list of pieces.
     """
 
     MIN_NAME = 12
 
-    def __init__(self, layers: list[LayerInfo], *, show_dtype: bool) -> None:
-        self.names = [Text(_shown(layer.name or "(root)"), style="bold" if layer.codes else "") for layer in layers]
-        # (header, right-aligned) per column after the name; each cell is a list of pieces
-        self.columns: list[tuple[str, bool]] = [("kind", False), ("ch", True)]
-        if show_dtype:
-            self.columns.append(("dtype", False))
-        self.columns += [("batches", True), ("mean min..max", False), ("var min..max", False)]
-        self.rows: list[list[list[Text]]] = []
-        for layer in layers:
-            row = [
-                [Text(_shown(layer.kind) + ("*" if layer.kind_inferred else ""))],
-                [Text("-" if layer.num_features is None else str(layer.num_features))],
-            ]
-            if show_dtype:
-                row.append([Text(_shown(layer.dtype or "-"))])
-            row += [
-                [Text("-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked))],
-                _range(layer.running_mean),
-                _range(layer.running_var),
-            ]
-            self.rows.append(row)
+    def __init__(self, names: list[Text], columns: list[tuple[str, bool]], rows: list[list[list[Text]]]) -> None:
+        self.names, self.columns, self.rows = names, columns, rows
 
     @staticmethod
     def _joined(pieces: list[Text]) -> Text:
@@ -161,7 +142,7 @@ class LayerTable:
         yield Text("─" * min(name_width + fixed, options.max_width), style="dim")
         for name, row in zip(self.names, self.rows, strict=True):
             if name.cell_len > name_width:
-                yield name
+                yield Pieces(list(name.split(RENAMED)), RENAMED)
                 name = Text()
             depth = max(len(cell) for cell in row) if stacked else 1
             for level in range(depth):
@@ -170,6 +151,49 @@ class LayerTable:
                 else:
                     cells = [self._joined(cell) for cell in row]
                 yield self._line(name if level == 0 else Text(), name_width, cells, widths, gap)
+
+
+class Pieces:
+    """Pieces of text joined by a separator and wrapped only between pieces (a line that breaks ends with the
+    separator), so that a file's header never breaks inside "2 warnings" and a renamed layer "a ~ b" inside a name."""
+
+    def __init__(self, pieces: list[Text], separator: str = " · ") -> None:
+        self.pieces, self.separator = pieces, separator
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        line = Text()
+        for piece in self.pieces:
+            if line and line.cell_len + len(self.separator) + piece.cell_len > options.max_width:
+                line.append(self.separator.rstrip())
+                yield line
+                line = Text()
+            if line:
+                line.append(self.separator)
+            line.append_text(piece)
+        yield line
+
+
+def _layers_table(layers: list[LayerInfo], *, show_dtype: bool) -> LayerTable:
+    names = [Text(_shown(layer.name or "(root)"), style="bold" if layer.codes else "") for layer in layers]
+    columns: list[tuple[str, bool]] = [("kind", False), ("ch", True)]
+    if show_dtype:
+        columns.append(("dtype", False))
+    columns += [("batches", True), ("mean min..max", False), ("var min..max", False)]
+    rows = []
+    for layer in layers:
+        row = [
+            [Text(_shown(layer.kind) + ("*" if layer.kind_inferred else ""))],
+            [Text("-" if layer.num_features is None else str(layer.num_features))],
+        ]
+        if show_dtype:
+            row.append([Text(_shown(layer.dtype or "-"))])
+        row += [
+            [Text("-" if layer.num_batches_tracked is None else str(layer.num_batches_tracked))],
+            _range(layer.running_mean),
+            _range(layer.running_var),
+        ]
+        rows.append(row)
+    return LayerTable(names, columns, rows)
 
 
 def _described(config: LayerConfig) -> str:
@@ -221,15 +245,40 @@ def _channels(finding: Finding) -> str:
     return f"channels {shown}{more} ({finding.channel_count} in all)"
 
 
+def _layer_name(finding: Finding) -> str:
+    return (f"{finding.source}: " if finding.source else "") + (finding.layer or "(root)")
+
+
+def _grouped(findings: tuple[Finding, ...]) -> list[list[Finding]]:
+    """The findings that say the same thing (code, severity, message, fix, channels) about several layers, one
+    group each, in the order of their first appearance; a finding about the whole file stands alone."""
+    groups: dict[tuple[object, ...], list[Finding]] = {}
+    for index, f in enumerate(findings):
+        alone = index if f.layer is None else None
+        key = (f.code, f.severity, f.message, f.hint, f.channels, f.channel_count, alone)
+        groups.setdefault(key, []).append(f)
+    return list(groups.values())
+
+
 def _findings_table(findings: tuple[Finding, ...]) -> Table:
+    """One row per finding; a finding repeated across layers is one row that lists them (the first
+    ``LAYERS_SHOWN`` and how many more): a backbone whose 34 layers lack their counter gets one BN010 row. JSON and
+    SARIF keep one entry per layer."""
     # A grid keeps wrapped messages aligned in their own column instead of flowing back to the margin.
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
     grid.add_column(no_wrap=True)
     grid.add_column(overflow="fold")
-    for finding in findings:
+    for group in _grouped(findings):
+        finding = group[0]
         body = Text()
-        if finding.layer is not None:
+        if len(group) > 1:
+            names = ", ".join(_shown(_layer_name(f)) for f in group[:LAYERS_SHOWN])
+            more = f" and {len(group) - LAYERS_SHOWN} more" if len(group) > LAYERS_SHOWN else ""
+            body.append(f"{len(group)} layers: ")
+            body.append(names + more, style="bold")
+            body.append("\n")
+        elif finding.layer is not None:
             body.append(f"{_shown(finding.source)}: " if finding.source else "")
             body.append(_shown(finding.layer or "(root)"), style="bold")
             body.append("  ")
@@ -242,18 +291,15 @@ def _findings_table(findings: tuple[Finding, ...]) -> Table:
     return grid
 
 
-def _drift_columns(caption: str, names: list[str], *, with_channels: bool) -> Table:
-    """The table shared by recomputation and diff: layer, [channels,] both drift measures, verdict."""
-    table = Table(
-        box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False, caption_justify="left", caption=caption
-    )
-    table.add_column("layer", overflow="fold", min_width=min(max((len(n) for n in names), default=5), 24))
-    if with_channels:
-        table.add_column("ch", justify="right")
-    table.add_column("mean shift (std)", no_wrap=True)
-    table.add_column("|log var ratio|", no_wrap=True)
-    table.add_column("verdict", no_wrap=True)
-    return table
+DRIFT_COLUMNS = [("mean shift (std)", False), ("|log var ratio|", False), ("verdict", False)]
+DRIFT_LEGEND = "each as median / worst channel"
+
+
+def _drift_cells(median_shift: float, worst_shift: float, median_ratio: float, worst_ratio: float) -> list[list[Text]]:
+    return [
+        [Text(f"{_num(median_shift)} / {_num(worst_shift)}")],
+        [Text(f"{_num(median_ratio)} / {_num(worst_ratio)}")],
+    ]
 
 
 def _drift_table(info: RecomputeInfo) -> RenderableType:
@@ -267,11 +313,7 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
     parts.extend(Text(f"note: {_shown(note)}", style="dim") for note in info.notes)
     if info.too_few_samples:
         parts.append(Text(f"too few samples to judge small drift ({info.samples}); use more with --data", "yellow"))
-    table = _drift_columns(
-        "drift as median / worst channel; stale = beyond the practical limit and the sampling noise",
-        [row.name for row in info.layers],
-        with_channels=False,
-    )
+    rows = []
     for row in info.layers:
         verdict = (
             Text("stale (silenced)", "dim")
@@ -280,12 +322,20 @@ def _drift_table(info: RecomputeInfo) -> RenderableType:
             if row.stale
             else Text("ok", "green")
         )
-        table.add_row(
-            Text(_shown(row.name or "(root)")),
-            Text(f"{_num(row.mean_shift_median)} / {_num(row.mean_shift_worst)}"),
-            Text(f"{_num(row.log_var_ratio_median)} / {_num(row.log_var_ratio_worst)}"),
-            verdict,
+        cells = _drift_cells(
+            row.mean_shift_median, row.mean_shift_worst, row.log_var_ratio_median, row.log_var_ratio_worst
         )
+        rows.append([*cells, [verdict]])
+    names = [Text(_shown(row.name or "(root)")) for row in info.layers]
+    table = Group(
+        LayerTable(names, DRIFT_COLUMNS, rows),
+        Text(
+            "mean shift: |stored - recomputed mean| in recomputed standard deviations; |log var ratio|: "
+            f"|ln(stored / recomputed variance)|; {DRIFT_LEGEND}; STALE: beyond the practical limit and the sampling "
+            "noise",
+            style="dim",
+        ),
+    )
     parts.append(table)
     parts.extend(
         Text(f"not measured: {_shown(layer.name or '(root)')}: {_shown(layer.reason)}", "yellow")
@@ -302,12 +352,12 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
         meta.append(f"  {_shown(file.error.message)}")
         return Group(*parts, Padding(meta, (0, 0, 0, 2), expand=False), Text())
     dtypes = {layer.dtype for layer in file.layers}
-    common_dtype = f"{dtypes.pop()} · " if len(dtypes) == 1 else ""
-    layer_count = _plural(len(file.layers), "BatchNorm layer")
-    meta.append(f"{_shown(file.format or '?')} · {_size(file.size_bytes)} · {layer_count} · ")
-    meta.append(_shown(common_dtype))
-    meta.append_text(_verdict(file, fail_on))
-    parts.append(Padding(meta, (0, 0, 0, 2), expand=False))
+    common_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    pieces = [Text(_shown(file.format or "?")), Text(_size(file.size_bytes))]
+    pieces.append(Text(_plural(len(file.layers), "BatchNorm layer")))
+    if common_dtype is not None:
+        pieces.append(Text(_shown(common_dtype)))
+    parts.append(Padding(Pieces([*pieces, _verdict(file, fail_on)]), (0, 0, 0, 2), expand=False))
     parts.extend(Padding(Text(f"note: {_shown(note)}", style="dim"), (0, 0, 0, 2), expand=False) for note in file.notes)
     sources = list(dict.fromkeys(layer.source for layer in file.layers))
     for source in sources:
@@ -315,7 +365,7 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
         if len(sources) > 1 or source:
             averaged = " (averaged weights)" if layers[0].averaged else ""
             parts.append(Text(f"  in {_shown(source or '(root)')}{averaged}", style="bold"))
-        parts.append(Padding(LayerTable(layers, show_dtype=not common_dtype), (1, 0, 0, 2), expand=False))
+        parts.append(Padding(_layers_table(layers, show_dtype=len(dtypes) > 1), (1, 0, 0, 2), expand=False))
     if any(layer.kind_inferred for layer in file.layers):
         parts.append(Text("  * kind inferred from the layer that feeds it", style="dim"))
     parts.extend(_configuration_lines(file.layers, file.model_configs))
@@ -332,20 +382,12 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
 
 def render_text(report: Report) -> RenderableType:
     """The whole report: one section per file, then a summary line."""
-    summary = Text()
-    counts = ", ".join(_plural(report.count(s), s.value) for s in Severity)
-    unreadable = sum(1 for f in report.files if f.error is not None)
-    not_recomputed = sum(1 for f in report.files if f.recompute_error is not None)
-    summary.append(f"{_plural(len(report.files), 'file')}, {_plural(report.layer_count, 'layer')}: {counts}")
-    if unreadable:
-        summary.append(f", {unreadable} not checked")
-    if not_recomputed:
-        summary.append(f", {not_recomputed} not recomputed")
-    summary.append(" -> ")
-    if report.ok:
-        summary.append("PASS", style="bold green")
-    else:
+    summary = Text(summary_counts(report))
+    if not report.ok:
         summary.append("FAIL", style="bold red")
+    else:
+        found = any(file.findings for file in report.files)
+        summary.append("PASS", style="bold yellow" if found else "bold green")
     if report.fail_on is not Severity.ERROR:
         summary.append(f" (fail on {report.fail_on.value})", style="dim")
     return Group(*(_file(f, report.fail_on) for f in report.files), *_config_notes(report.config), summary)
@@ -375,18 +417,26 @@ def render_diff_text(diff: DiffReport) -> RenderableType:
             parts.append(Text(_shown(f"{label}: {', '.join(names)}"), style="yellow"))
     for name, ca, cb in diff.channel_changes:
         parts.append(Text(f"{_shown(name)}: {ca} channels in A, {cb} in B", style="yellow"))
-    table = _drift_columns(
-        "drift of B from A as median / worst channel", [row.name_a for row in diff.layers], with_channels=True
-    )
+    rows = []
+    renamed = False
     for row in diff.layers:
-        name = _shown(row.name_a if row.name_a == row.name_b else f"{row.name_a} ~ {row.name_b}")
-        table.add_row(
-            Text(name),
-            Text(str(row.channels)),
-            Text(f"{_num(row.mean_shift_median)} / {_num(row.mean_shift_worst)}"),
-            Text(f"{_num(row.log_var_ratio_median)} / {_num(row.log_var_ratio_worst)}"),
-            Text("DRIFTED", "bold red") if row.drifted else Text("same", "green"),
+        cells = _drift_cells(
+            row.mean_shift_median, row.mean_shift_worst, row.log_var_ratio_median, row.log_var_ratio_worst
         )
+        rows.append(
+            [[Text(str(row.channels))], *cells, [Text("DRIFTED", "bold red") if row.drifted else Text("same", "green")]]
+        )
+        renamed = renamed or row.name_a != row.name_b
+    layer_names = [
+        Text(_shown(r.name_a if r.name_a == r.name_b else f"{r.name_a}{RENAMED}{r.name_b}")) for r in diff.layers
+    ]
+    legend = (
+        "mean shift: |mean in A - mean in B| in B's standard deviations; |log var ratio|: |ln(variance in A / "
+        f"variance in B)|; {DRIFT_LEGEND}; DRIFTED: beyond the thresholds"
+    )
+    if renamed:
+        legend += "; a ~ b: the layer is named a in A and b in B"
+    table = Group(LayerTable(layer_names, [("ch", True), *DRIFT_COLUMNS], rows), Text(legend, style="dim"))
     parts.append(table)
     drifted = sum(1 for row in diff.layers if row.drifted)
     summary = Text(
