@@ -261,6 +261,17 @@ _Source = Annotated[
         rich_help_panel=_PANEL,
     ),
 ]
+_Backend = Annotated[
+    str | None,
+    typer.Option(
+        metavar="gloo|nccl",
+        help="Under torchrun (torchrun --nproc-per-node N -m bncheck ...): the process group's backend; default "
+        "gloo on CPU, nccl on CUDA. Each rank runs its share of DATA (a tensor file is split by batches; a "
+        "callable runs in every rank and can shard itself with a DistributedSampler), the ranks' moments are "
+        "merged exactly, and rank 0 prints the report and writes the output.",
+        rich_help_panel=_PANEL,
+    ),
+]
 
 
 def _request(
@@ -276,11 +287,15 @@ def _request(
     source: str | None,
     mode: str = "train",
     skip_layer: Sequence[str] = (),
+    backend: str | None = None,
 ) -> RecomputeRequest | None:
     if model is None and data is None:
+        if backend is not None:
+            raise UsageError("--backend needs --model and --data")
         return None
     if model is None or data is None:
         raise UsageError("--model and --data go together")
+    from bncheck.distributed import from_environment
     from bncheck.model_data import parse_kwargs
     from bncheck.recompute import RecomputeRequest
 
@@ -296,7 +311,13 @@ def _request(
         device=device,
         source=source,
         silence_layers=tuple(skip_layer),
+        ranks=from_environment(backend=backend),
     )
+
+
+def _quiet(request: RecomputeRequest | None) -> bool:
+    """Under torchrun every rank but 0 prints nothing: rank 0 speaks for all (every rank has the same result)."""
+    return request is not None and request.ranks is not None and not request.ranks.leader
 
 
 def _sample_budget(text: str) -> int | None:
@@ -495,6 +516,7 @@ def inspect_command(
     estimator: _Estimator = "exact",
     device: _Device = "cpu",
     source: _Source = None,
+    backend: _Backend = None,
     mode: Annotated[
         Literal["train", "eval"],
         typer.Option(
@@ -528,6 +550,7 @@ def inspect_command(
     renderer = REPORT_FORMATS["json" if json_output else str(output_format)]
     if any(not path for path in paths):  # an empty path would mean the working directory, silently
         raise UsageError("PATH must not be empty")
+    request = None
     try:
         request = _request(
             model=model,
@@ -541,6 +564,7 @@ def inspect_command(
             source=source,
             mode=mode,
             skip_layer=skip_layer or (),
+            backend=backend,
         )
         if unsafe_load:
             from bncheck.loaders.unsafe import WARNING
@@ -556,10 +580,12 @@ def inspect_command(
             jobs=jobs,
             unsafe_load=unsafe_load,
         )
-        with _progress(request is not None and renderer.rich) as progress:
+        with _progress(request is not None and renderer.rich and not _quiet(request)) as progress:
             report = inspect_paths(list(paths), options=settings, recompute=request, progress=progress)
     except BncheckError as exc:
-        return _fail(str(exc))
+        return EXIT_NOT_CHECKED if _quiet(request) else _fail(str(exc))
+    if _quiet(request):
+        return exit_code(report)
     _emit(renderer, report)
     if not renderer.names_unreadable:
         for file in report.files:
@@ -650,6 +676,7 @@ def recalibrate_command(
     estimator: _Estimator = "exact",
     device: _Device = "cpu",
     source: _Source = None,
+    backend: _Backend = None,
     validate: Annotated[
         str | None,
         typer.Option(
@@ -726,6 +753,7 @@ def recalibrate_command(
         needless = [name for name, value in given.items() if value is not None]
         if needless:
             raise UsageError(f"{needless[0]} needs --validate")
+    request = None
     try:
         request = _request(
             model=model,
@@ -737,6 +765,7 @@ def recalibrate_command(
             estimator=estimator,
             device=device,
             source=source,
+            backend=backend,
         )
         assert request is not None
         validation_request = None
@@ -746,7 +775,7 @@ def recalibrate_command(
             validation_request = ValidationRequest(
                 data=validate, target=validate_target, metric=metric, mode=metric_mode
             )
-        with _progress(True) as progress:
+        with _progress(not _quiet(request)) as progress:
             report, validation = recalibrate_validated(
                 checkpoint,
                 output,
@@ -757,11 +786,13 @@ def recalibrate_command(
                 progress=progress,
             )
     except BncheckError as exc:
-        return _fail(str(exc))
+        return EXIT_NOT_CHECKED if _quiet(request) else _fail(str(exc))
+    written = Report(files=(report,), tool_version=__version__)
+    if _quiet(request):
+        return exit_code(written)
     if validation is not None:
         _say(validation.summary())
     _console(stderr=True).print(Text(f"wrote {escape_controls(str(output))}"))
-    written = Report(files=(report,), tool_version=__version__)
     _emit(REPORT_FORMATS["text"], written)
     return exit_code(written)
 
@@ -784,6 +815,12 @@ def run(argv: Sequence[str] | None = None) -> int:
         return EXIT_NOT_CHECKED
     if code == EXIT_INTERRUPTED:  # typer turns a KeyboardInterrupt inside a command into this exit code
         _say("interrupted")
+    elif "bncheck.distributed" in sys.modules:  # the command ran under torchrun: wait for the other ranks
+        from bncheck.distributed import leave
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        leave()
     return code if isinstance(code, int) else EXIT_OK
 
 

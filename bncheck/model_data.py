@@ -8,6 +8,7 @@ iterable of batches. This runs the user's own code (the factory, the data callab
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -148,6 +149,24 @@ class SampleData:
     batch_size: int = 64
     max_samples: int | None = DEFAULT_MAX_SAMPLES
     inputs: tuple[str, ...] = ()
+    # under torchrun: this process's rank and the number of ranks (see ``shard``)
+    rank: int = 0
+    world_size: int = 1
+
+    def shard(self, rank: int, world_size: int) -> SampleData:
+        """This rank's share of the data. bncheck splits a tensor file: the batches of its first ``max_samples``
+        samples go to the ranks in turn (batch i to rank i mod N), so together the ranks run exactly the batches
+        one process would. A callable runs in every rank and shards itself (a DistributedSampler); each rank takes
+        its share of ``max_samples`` from it."""
+        return dataclasses.replace(self, rank=rank, world_size=world_size)
+
+    @property
+    def budget(self) -> int | None:
+        """The most samples this process takes from ``items()``; None: all of them."""
+        if self.max_samples is None or self.world_size == 1 or self._tensor_path() is not None:
+            return self.max_samples
+        share, rest = divmod(self.max_samples, self.world_size)
+        return share + (1 if self.rank < rest else 0)
 
     def check(self) -> None:
         """Raise DataError now for a spec that cannot give batches, before any model runs."""
@@ -160,12 +179,13 @@ class SampleData:
         """The raw batches: a tensor, a tuple or list, or a dict of tensors each."""
         path = self._tensor_path()
         if path is not None:
-            yield from _sliced(_tensor_file(path), self.batch_size)
+            yield from _sliced(_tensor_file(path), self.batch_size, self.max_samples, self.rank, self.world_size)
         else:
             yield from _from_callable(self.spec)
 
     def total_samples(self) -> int | None:
-        """How many samples one pass will use, when that is known before it starts (for a progress bar)."""
+        """How many samples one pass will use in this process, when that is known before it starts (for a
+        progress bar)."""
         path = self._tensor_path()
         if path is None or path.suffix.lower() != ".npy":
             return None
@@ -173,7 +193,9 @@ class SampleData:
             known = int(np.load(path, mmap_mode="r", allow_pickle=False).shape[0])
         except (OSError, ValueError, IndexError):
             return None
-        return known if self.max_samples is None else min(known, self.max_samples)
+        total = known if self.max_samples is None else min(known, self.max_samples)
+        starts = range(0, total, self.batch_size)[self.rank :: self.world_size]
+        return sum(min(self.batch_size, total - start) for start in starts)
 
     def _tensor_path(self) -> Path | None:
         """The tensor file the spec names; None for a callable spec; DataError for neither."""
@@ -189,15 +211,21 @@ class SampleData:
         raise DataError(f"{self.spec} is not a file: give a tensor file or module:callable / file.py:callable")
 
 
-def _sliced(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[Any]:
+def _sliced(
+    arrays: dict[str, np.ndarray], batch_size: int, limit: int | None, rank: int = 0, world_size: int = 1
+) -> Iterator[Any]:
+    """Batches of the first ``limit`` samples (None: all); of those, every ``world_size``-th from ``rank`` on."""
     lengths = {name: (array.shape[0] if array.ndim else None) for name, array in arrays.items()}
     if any(n is None for n in lengths.values()):
         raise DataError("data tensors need a sample axis (their first dimension); got a scalar")
     if len(set(lengths.values())) != 1:
         raise DataError(f"data tensors disagree on the number of samples: {lengths}")
     total = next(iter(lengths.values())) or 0
-    for start in range(0, total, batch_size):
-        part = {name: _to_tensor(array[start : start + batch_size]) for name, array in arrays.items()}
+    if limit is not None:
+        total = min(total, limit)
+    for start in range(0, total, batch_size)[rank::world_size]:
+        end = min(start + batch_size, total)
+        part = {name: _to_tensor(array[start:end]) for name, array in arrays.items()}
         # one tensor is the one input, whatever its name; several are a dict batch
         yield next(iter(part.values())) if len(part) == 1 else part
 
@@ -264,7 +292,7 @@ def _select(item: Any, inputs: tuple[str, ...], spec: str) -> Batch:
 
 
 def model_batches(data: SampleData, model: torch.nn.Module, notes: list[str]) -> Iterator[Batch]:
-    """The model's inputs from each batch of ``data``, at most ``data.max_samples`` samples, one batch at a time.
+    """The model's inputs from each batch of ``data``, at most ``data.budget`` samples, one batch at a time.
 
     A tensor batch is the one input, a tuple the positional inputs and a dict the keyword inputs; when the model
     takes exactly one input and a tuple batch holds more (``(inputs, labels)``), its first element is used and
@@ -273,9 +301,10 @@ def model_batches(data: SampleData, model: torch.nn.Module, notes: list[str]) ->
     import torch
 
     single = input_count(model) == 1
+    budget = data.budget
     seen = 0
     for item in data.items():
-        if data.max_samples is not None and seen >= data.max_samples:
+        if budget is not None and seen >= budget:
             return
         if data.inputs:
             batch = _select(item, data.inputs, data.spec)
@@ -296,8 +325,8 @@ def model_batches(data: SampleData, model: torch.nn.Module, notes: list[str]) ->
         else:
             raise DataError(f"{data.spec} yielded {type(item).__name__}: expected a tensor, tuple or dict")
         size = batch_size_of(batch)
-        if data.max_samples is not None and seen + size > data.max_samples:
-            keep = data.max_samples - seen
+        if budget is not None and seen + size > budget:
+            keep = budget - seen
             batch = Batch(
                 tuple(_first_rows(v, keep) for v in batch.args),
                 {k: _first_rows(v, keep) for k, v in batch.kwargs.items()},

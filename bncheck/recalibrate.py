@@ -29,7 +29,7 @@ from bncheck.api import inspect_file
 from bncheck.checks import RULES, Thresholds
 from bncheck.config import Options
 from bncheck.discover import find_bn_layers
-from bncheck.errors import WriteError
+from bncheck.errors import BncheckError, WriteError
 from bncheck.loaders import INDEX_SUFFIX, is_url, open_checkpoint
 from bncheck.loaders.dtypes import ITEMSIZE, array_to_bytes
 from bncheck.loaders.files import LocalSource
@@ -134,7 +134,7 @@ def recalibrate_validated(
             batch_size=request.batch_size,
             inputs=request.inputs,
             max_samples=request.max_samples,
-            device=request.device,
+            device=workload.device,
         )
         check_not_worse(validation, allow_worse=allow_worse)
 
@@ -152,7 +152,7 @@ def recalibrate_validated(
         if errors:
             raise WriteError(f"the recalibrated copy fails inspection: {errors[0].code} {errors[0].message}")
 
-    patch_copy(source, target, patches, verify=verify)
+    _write_once(request, lambda: patch_copy(source, target, patches, verify=verify))
     report = inspect_file(target, options=options)
     kept = tuple(
         f"not recalibrated, left as stored: {prefix + module or '(root)'} ({reason})"
@@ -161,6 +161,22 @@ def recalibrate_validated(
     )
     scored = () if validation is None else (validation.summary(),)
     return dataclasses.replace(report, notes=report.notes + result.notes + kept + scored), validation
+
+
+def _write_once(request: RecomputeRequest, write: Callable[[], None]) -> None:
+    """Write the copy; under torchrun only rank 0 writes, and every rank learns whether it could (then all read it
+    back, or all raise rank 0's error)."""
+    ranks = request.ranks
+    if ranks is None:
+        write()
+        return
+    failure: BncheckError | None = None
+    if ranks.leader:
+        try:
+            write()
+        except BncheckError as exc:
+            failure = exc
+    ranks.combine(failure if failure is not None else True)
 
 
 def _as_stored(values: np.ndarray, dtype: str) -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 from bncheck.checks import LayerDrift, Thresholds
 from bncheck.discover import StateDict, find_state_dicts
 from bncheck.drift import measure_drift
-from bncheck.errors import DataError, ModelError, first_line
+from bncheck.errors import BncheckError, DataError, ModelError, first_line
 from bncheck.layer_config import recorded_setting
 from bncheck.moments import TAIL_SAMPLES, Moments, channel_moments, reduced_dims, tail_moments
 from bncheck.read import LayerData
@@ -29,6 +29,7 @@ from bncheck.report import LayerConfig, LayerDriftInfo, RecomputeInfo, Unmeasure
 if TYPE_CHECKING:
     import torch
 
+    from bncheck.distributed import Ranks
     from bncheck.model_data import SampleData
 
 Mode = Literal["train", "eval"]
@@ -63,6 +64,8 @@ class RecomputeRequest:
     source: str | None = None
     # fnmatch patterns of layer names whose BN012 is silenced
     silence_layers: tuple[str, ...] = ()
+    # under torchrun: this process's rank (bncheck.distributed.from_environment); each rank runs its share
+    ranks: Ranks | None = None
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,50 @@ class _LayerAccumulator:
         assert call.moments.mean is not None
         self.add_batch(call.samples, call.moments.mean, call.moments.variance())
 
-    def add_batch(self, samples: int, mean: np.ndarray, var: np.ndarray) -> None:
-        """One batch's mean and unbiased variance, for the per-batch average (all a TorchScript model gives)."""
+    def add_batch(self, samples: int, mean: np.ndarray, var: np.ndarray, batches: int = 1) -> None:
+        """One batch's mean and unbiased variance, for the per-batch average (all a TorchScript model gives); or,
+        with ``batches``, the sums of that many."""
         self.batch_mean_sum = mean if self.batch_mean_sum is None else self.batch_mean_sum + mean
         self.batch_var_sum = var if self.batch_var_sum is None else self.batch_var_sum + var
-        self.batches += 1
+        self.batches += batches
         self.samples += samples
+
+    def merge(self, other: _LayerAccumulator) -> None:
+        """Add what another rank measured at the same layer (exact: moments merge like batches)."""
+        self.pooled.merge(other.pooled)
+        self.tail.merge(other.tail)
+        if other.batch_mean_sum is not None and other.batch_var_sum is not None:
+            self.add_batch(other.samples, other.batch_mean_sum, other.batch_var_sum, other.batches)
+
+
+@dataclass
+class Tally:
+    """What one process measured over its batches; under torchrun the ranks' tallies are merged in rank order."""
+
+    layers: dict[str, _LayerAccumulator]
+    used: int = 0
+    skipped: int = 0
+    samples: int = 0
+
+    def merge(self, other: Tally) -> None:
+        for name, accumulator in other.layers.items():
+            self.layers.setdefault(name, _LayerAccumulator()).merge(accumulator)
+        self.used += other.used
+        self.skipped += other.skipped
+        self.samples += other.samples
+
+
+def _combined(tally: Tally, failure: BncheckError | None, ranks: Ranks | None) -> Tally:
+    """This process's tally, or under torchrun every rank's merged (the same on every rank). A failure in any rank
+    is raised in every rank."""
+    if ranks is None:
+        if failure is not None:
+            raise failure
+        return tally
+    merged = Tally(layers={})
+    for part in ranks.combine(failure if failure is not None else tally):
+        merged.merge(part)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -306,18 +347,22 @@ def recompute_statistics(
     mode: Mode = "train",
     device: str = "cpu",
     on_batch: Callable[[int], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> RecomputeResult:
     """Run ``model`` over ``batches`` and measure every BatchNorm layer's input, per channel.
 
-    ``on_batch`` is called with the number of samples of each batch processed (for a progress bar).
+    ``on_batch`` is called with the number of samples of each batch processed (for a progress bar). With ``ranks``
+    (under torchrun) ``batches`` are this rank's share, and the result is every rank's merged.
     """
     import torch
 
     if isinstance(model, torch.jit.ScriptModule):
-        return _recompute_scripted(model, batches, mode=mode, device=device, on_batch=on_batch)
+        return _recompute_scripted(model, batches, mode=mode, device=device, on_batch=on_batch, ranks=ranks)
     modules = batchnorm_modules(model)
     dtype, casts = floating_dtype(model), set[str]()
-    accumulators = {name: _LayerAccumulator() for name in modules}
+    tally = Tally(layers={name: _LayerAccumulator() for name in modules})
+    accumulators = tally.layers
+    failure: BncheckError | None = None
     pending: dict[str, _Call] = {}
     expected_calls: dict[str, int] | None = None  # learnt on the first batch
     calls: dict[str, int] = {}
@@ -360,7 +405,6 @@ def recompute_statistics(
         handles.append(module.register_forward_hook(post_hook(name)))
         if name in replaced:
             handles.append(_BatchStatisticsForward(module, measured, name, scratch))
-    used = skipped = samples = 0
     try:
         model.eval()
         if mode == "train":
@@ -374,7 +418,7 @@ def recompute_statistics(
                 try:
                     model(*args, **kwargs)
                 except _SkipBatch:
-                    skipped += 1
+                    tally.skipped += 1
                     continue
                 except _StopForward:
                     pass
@@ -384,22 +428,27 @@ def recompute_statistics(
                     expected_calls = dict(calls)
                 for name, call in pending.items():
                     accumulators[name].add(call)
-                used += 1
+                tally.used += 1
                 batch_size = batch_size_of(batch)
-                samples += batch_size
+                tally.samples += batch_size
                 if on_batch is not None:
                     on_batch(batch_size)
+    except BncheckError as exc:
+        if ranks is None:
+            raise
+        failure = exc  # the other ranks hear of it at the merge, instead of waiting there
     finally:
         for handle in handles:
             handle.remove()
         preserved.restore()
+    tally = _combined(tally, failure, ranks)
     return RecomputeResult(
-        layers={name: _finish(name, acc) for name, acc in accumulators.items() if acc.batches},
-        batches_used=used,
-        batches_skipped=skipped,
-        samples=samples,
+        layers={name: _finish(name, acc) for name, acc in tally.layers.items() if acc.batches},
+        batches_used=tally.used,
+        batches_skipped=tally.skipped,
+        samples=tally.samples,
         mode=mode,
-        unmeasured={name: NOT_REACHED for name, acc in accumulators.items() if not acc.batches},
+        unmeasured={name: NOT_REACHED for name, acc in tally.layers.items() if not acc.batches},
         notes=_cast_notes(casts, dtype),
     )
 
@@ -411,6 +460,7 @@ def _recompute_scripted(
     mode: Mode,
     device: str,
     on_batch: Callable[[int], None] | None,
+    ranks: Ranks | None,
 ) -> RecomputeResult:
     """TorchScript runs no Python hooks, so each layer's own update is read back: with the stored statistics zeroed
     before each batch, one train-mode step leaves ``factor * batch statistic`` in the buffers, where the factor is
@@ -424,8 +474,8 @@ def _recompute_scripted(
     factors, unmeasured = scripted_update_factors(modules)
     notes = _baked_dropout(model)
     dtype, casts = floating_dtype(model), set[str]()
-    accumulators = {name: _LayerAccumulator() for name in factors}
-    used = skipped = samples = 0
+    tally = Tally(layers={name: _LayerAccumulator() for name in factors})
+    failure: BncheckError | None = None
     preserved = PreservedModel(model, modules)
     try:
         model.eval()
@@ -443,7 +493,7 @@ def _recompute_scripted(
                 except Exception as exc:
                     if "more than 1 value per channel" not in str(exc):
                         raise _model_failed(exc) from exc
-                    skipped += 1
+                    tally.skipped += 1
                     continue
                 size = batch_size_of(batch)
                 for name, factor in factors.items():
@@ -452,15 +502,20 @@ def _recompute_scripted(
                         continue  # not reached by this batch
                     mean = buffers["running_mean"].double().cpu().numpy() / factor
                     var = buffers["running_var"].double().cpu().numpy() / factor
-                    accumulators[name].add_batch(size, mean, var)
-                used += 1
-                samples += size
+                    tally.layers[name].add_batch(size, mean, var)
+                tally.used += 1
+                tally.samples += size
                 if on_batch is not None:
                     on_batch(size)
+    except BncheckError as exc:
+        if ranks is None:
+            raise
+        failure = exc
     finally:
         preserved.restore()
+    tally = _combined(tally, failure, ranks)
     layers = {}
-    for name, acc in accumulators.items():
+    for name, acc in tally.layers.items():
         if acc.batches and acc.batch_mean_sum is not None and acc.batch_var_sum is not None:
             mean, var = acc.batch_mean_sum / acc.batches, acc.batch_var_sum / acc.batches
             layers[name] = LayerStatistics(name, mean, var, mean, var, acc.samples, 0, acc.batches)
@@ -468,9 +523,9 @@ def _recompute_scripted(
             unmeasured[name] = NOT_REACHED
     return RecomputeResult(
         layers=layers,
-        batches_used=used,
-        batches_skipped=skipped,
-        samples=samples,
+        batches_used=tally.used,
+        batches_skipped=tally.skipped,
+        samples=tally.samples,
         mode=mode,
         pooled=False,
         unmeasured=unmeasured,
@@ -636,12 +691,16 @@ class Workload:
 
     request: RecomputeRequest
     model: Any
+    # this process's share of the data (all of it, outside torchrun)
     data: SampleData
     progress: Progress | None = None
+    # where the model runs: the request's device, or under torchrun this rank's GPU
+    device: str = "cpu"
 
 
 def prepare(request: RecomputeRequest, progress: Progress | None = None) -> Workload:
-    """Build the model and check the data spec; a spec that cannot be loaded raises ModelError / DataError."""
+    """Build the model and check the data spec; a spec that cannot be loaded raises ModelError / DataError. Under
+    torchrun (``request.ranks``) the process group is joined first, so a data callable can shard itself."""
     from bncheck.model_data import SampleData, load_model, require_torch
 
     require_torch()
@@ -650,13 +709,18 @@ def prepare(request: RecomputeRequest, progress: Progress | None = None) -> Work
     data = SampleData(
         spec=request.data, batch_size=request.batch_size, max_samples=request.max_samples, inputs=request.inputs
     )
+    device, ranks = request.device, request.ranks
+    if ranks is not None:
+        ranks.join(device)
+        device = ranks.device(device)
+        data = data.shard(ranks.rank, ranks.world_size)
     data.check()
     model = load_model(request.model, kwargs=request.model_kwargs)
     try:
-        model = model.to(request.device)
+        model = model.to(device)
     except (RuntimeError, AssertionError, ValueError) as exc:  # no such device, or torch built without it
-        raise ModelError(f"cannot use device {request.device!r}: {first_line(exc)}") from exc
-    return Workload(request, model, data, progress)
+        raise ModelError(f"cannot use device {device!r}: {first_line(exc)}") from exc
+    return Workload(request, model, data, progress, device)
 
 
 def run_model(root: Any, workload: Workload, mode: Mode) -> tuple[StateDict, str, RecomputeResult]:
@@ -674,8 +738,9 @@ def run_model(root: Any, workload: Workload, mode: Mode) -> tuple[StateDict, str
         workload.model,
         model_batches(data, workload.model, notes),
         mode=mode,
-        device=request.device,
+        device=workload.device,
         on_batch=progress.advance if progress is not None else None,
+        ranks=request.ranks,
     )
     if result.batches_used == 0:
         if result.batches_skipped == 0:
