@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from bncheck.api import inspect
     from bncheck.checks import Thresholds
     from bncheck.config import Options, RuleSelection
+    from bncheck.live import inspect_module
     from bncheck.recalibrate import recalibrate
     from bncheck.recompute import RecomputeRequest
     from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity
@@ -31,6 +32,7 @@ __all__ = [
     "Thresholds",
     "__version__",
     "inspect",
+    "inspect_module",
     "recalibrate",
 ]
 
@@ -38,6 +40,7 @@ __all__ = [
 # readers.
 _HOME = {
     "inspect": "bncheck.api",
+    "inspect_module": "bncheck.live",
     "recalibrate": "bncheck.recalibrate",
     "Thresholds": "bncheck.checks",
     "Options": "bncheck.config",

@@ -77,7 +77,6 @@ class Ranks:
         return [got for got in parts if got is not None and not isinstance(got, BncheckError)]
 
 
-
 # the process group bncheck joined (at most one), left by ``leave`` once everything is printed
 _JOINED: list[Ranks] = []
 

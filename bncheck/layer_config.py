@@ -134,6 +134,18 @@ def _traced_call(text: str) -> Iterator[tuple[str, Setting]]:
         yield "track_running_stats", Setting(value=False, source=TRACED)
 
 
+def module_config(module: Any, source: str) -> LayerConfig:
+    """The momentum, eps, track_running_stats and affine of a real BatchNorm module (one built by the code given
+    with --model, or a live model in a training loop). Not ``training``: a module being trained or recomputed is in
+    the mode its caller chose, which says nothing about how it will be saved."""
+    found = {}
+    for name in ("momentum", "eps", "track_running_stats", "affine"):
+        setting = recorded_setting(name, getattr(module, name, ...), source)
+        if setting is not None:
+            found[name] = setting
+    return LayerConfig(**found)
+
+
 def exported_configs(calls: Sequence[RecordedCall]) -> dict[str, LayerConfig]:
     """Each layer's configuration from an exported graph's calls. A layer called more than once in training mode in
     any call is in training mode; its other values come from its first call."""

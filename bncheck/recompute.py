@@ -21,7 +21,7 @@ from bncheck.checks import LayerDrift, Thresholds
 from bncheck.discover import StateDict, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, DataError, ModelError, first_line
-from bncheck.layer_config import recorded_setting
+from bncheck.layer_config import module_config
 from bncheck.moments import TAIL_SAMPLES, Moments, channel_moments, reduced_dims, tail_moments
 from bncheck.read import LayerData
 from bncheck.report import LayerConfig, LayerDriftInfo, RecomputeInfo, UnmeasuredLayer
@@ -759,18 +759,12 @@ MODEL_SOURCE = "--model"
 
 
 def model_layer_configs(model: Any, source: str, prefix: str) -> dict[tuple[str, str], LayerConfig]:
-    """The momentum, eps, track_running_stats and affine of each BatchNorm module of the model given with --model,
-    by the checkpoint layer (source, name) it was loaded from: the configuration a state dict does not record, as
-    the code that loads it sets it. Not ``training``: that is the mode recomputation chose."""
-    configs = {}
-    for name, module in batchnorm_modules(model).items():
-        found = {}
-        for key in ("momentum", "eps", "track_running_stats", "affine"):
-            setting = recorded_setting(key, getattr(module, key, ...), MODEL_SOURCE)
-            if setting is not None:
-                found[key] = setting
-        configs[(source, prefix + name)] = LayerConfig(**found)
-    return configs
+    """The configuration of each BatchNorm module of the model given with --model, by the checkpoint layer
+    (source, name) it was loaded from: what a state dict does not record, as the code that loads it sets it."""
+    return {
+        (source, prefix + name): module_config(module, MODEL_SOURCE)
+        for name, module in batchnorm_modules(model).items()
+    }
 
 
 def measure_checkpoint(

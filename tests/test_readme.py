@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from pathlib import Path
 
+import pytest
+import torch
 from conftest import ROOT, run_process
 
 from bncheck.checks import RULES
@@ -60,3 +63,21 @@ def test_the_config_example_is_valid() -> None:
     assert not settings.selection.allows("BN010")
     assert not settings.selection.allows("BN007", "caffe-imports/resnet.pt")
     assert settings.selection.allows("BN007", "models/resnet.pt")
+
+
+def training_loop_examples() -> list[str]:
+    section = README.split("## In the training loop", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)\n```", section, flags=re.DOTALL)
+
+
+@pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:The number of training batches .* is smaller than the logging interval")
+@pytest.mark.parametrize("index", range(4))
+def test_the_training_loop_examples_run(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = training_loop_examples()
+    assert len(examples) == 4
+    monkeypatch.chdir(tmp_path)  # the examples write their runs in the working directory
+    torch.manual_seed(0)
+    exec(compile(examples[index], f"README example {index + 1}", "exec"), {"__name__": "readme_example"})
+    if "TrainingArguments" in examples[index]:
+        assert sorted(p.name for p in (tmp_path / "hf-run").glob("checkpoint-*")) == ["checkpoint-16", "checkpoint-8"]
