@@ -8,6 +8,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from bncheck.errors import UnsupportedFormatError
 from bncheck.loaders.files import ByteSource, is_url, open_source
@@ -93,6 +94,16 @@ def _is_tar_header(head: bytes) -> bool:
 # step with it).
 FORMATS: tuple[Format, ...] = (
     Format(
+        name="torch export",
+        described="a torch.export archive",
+        suffixes=(".pt2",),
+        # a zip as torch.save writes it, told apart by its contents as torch tells them apart: torch.export.load
+        # checks the archive_format record, torch.load reads data.pkl
+        matches=lambda head, _: head.startswith(b"PK\x03\x04"),
+        claims="bncheck.loaders.torch_export:holds_exported_program",
+        reader="bncheck.loaders.torch_export:open_torch_export",
+    ),
+    Format(
         name="torch zip",
         described="a torch.save file",
         suffixes=_TORCH_SUFFIXES,
@@ -147,7 +158,7 @@ def sniff(source: ByteSource) -> Format:
         raise UnsupportedFormatError("file is empty")
     head = source.read(0, min(size, SNIFF_BYTES))
     for fmt in FORMATS:
-        if fmt.matches(head, source.name):
+        if fmt.matches(head, source.name) and (fmt.claims is None or _function(fmt.claims)(source)):
             return fmt
     if head.startswith(b"\x80"):
         raise UnsupportedFormatError("a plain pickle, not a torch.save checkpoint")
@@ -185,12 +196,17 @@ def open_checkpoint(path: os.PathLike[str] | str) -> Checkpoint:
     return open_source_checkpoint(open_source(path))
 
 
+def _function(name: str) -> Callable[[ByteSource], Any]:
+    """A registry entry's ``module:function``, imported when first called for."""
+    module, _, function = name.partition(":")
+    found: Callable[[ByteSource], Any] = getattr(importlib.import_module(module), function)
+    return found
+
+
 def open_source_checkpoint(source: ByteSource) -> Checkpoint:
     """Open the checkpoint whose bytes ``source`` gives, with the reader its leading bytes call for."""
     fmt = sniff(source)
-    module, _, function = fmt.reader.partition(":")
-    reader: Callable[[ByteSource], Checkpoint] = getattr(importlib.import_module(module), function)
-    checkpoint = reader(source)
+    checkpoint: Checkpoint = _function(fmt.reader)(source)
     size = checkpoint.size_bytes if checkpoint.size_bytes is not None else source.size
     return dataclasses.replace(
         checkpoint,

@@ -41,6 +41,10 @@ class Format:
     reader: str
     # whether a BatchNorm layer of this format stores num_batches_tracked (torch's batch counter) at all
     batch_counter: bool = True
+    # for formats whose leading bytes another format shares (a .pt2 archive is a zip, as a torch.save file is): the
+    # ``module:function`` (a ByteSource -> bool) that decides from the file's contents whether it is this format's;
+    # imported only when the leading bytes match
+    claims: str | None = None
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
