@@ -41,9 +41,12 @@ from bncheck.loaders.restricted_pickle import globals_of, scan_globals
 from bncheck.loaders.safetensors import parse_json
 from bncheck.loaders.torch_zip import TorchArchive, open_archive, open_torch_zip, scan_uncovered
 
-# A program is a few KB per op call and a configuration a few hundred bytes per tensor: a member declaring more is
-# refused before it is parsed (json.loads holds about ten times its input in memory).
-MAX_JSON_BYTES = 64 * 1024 * 1024
+# A program is about 2 KB per op call (one JSON object or list per 35 bytes) and a configuration a few hundred bytes
+# per tensor. json.loads holds about eight times a real program in memory, and up to 24 times JSON made of empty
+# objects: a member larger than this, or opening more objects and lists than this, is refused before it is parsed
+# (at worst about 500 MiB while parsing).
+MAX_JSON_BYTES = 32 * 1024 * 1024
+MAX_JSON_CONTAINERS = MAX_JSON_BYTES // 16
 # TorchScript's scalar types, as the serialized program numbers them (torch._export.serde.schema.ScalarType).
 _SCALAR_TYPES = {
     1: "uint8",
@@ -117,8 +120,16 @@ def _record(archive: TorchArchive, name: str) -> str | None:
 def _json(archive: TorchArchive, info: zipfile.ZipInfo) -> Any:
     name = info.filename.removeprefix(archive.prefix)
     if info.file_size > MAX_JSON_BYTES:
-        raise CorruptCheckpointError(f"{name} declares {info.file_size} bytes: too large to be read")
-    return parse_json(archive.read_full(info), name)
+        raise CorruptCheckpointError(
+            f"{name} declares {info.file_size} bytes: more than bncheck parses ({MAX_JSON_BYTES})"
+        )
+    data = archive.read_full(info)
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise CorruptCheckpointError(
+            f"{name} opens {containers} objects and lists: more than bncheck parses ({MAX_JSON_CONTAINERS})"
+        )
+    return parse_json(data, name)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
