@@ -258,6 +258,21 @@ def test_an_archive_holding_a_torch_save_pickle_is_read_as_the_torch_save_file(t
     assert open_checkpoint(both).format == "torch zip"
 
 
+def test_weights_in_the_legacy_single_file_read_like_torch_export_load(tmp_path: Path) -> None:
+    # data/weights/model.pt, one torch.save of the whole state dict, which torch.export.load still reads
+    state = torch.export.load(GOOD / "conv1d-export.pt2").state_dict
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    edit: dict[str, bytes | None] = {f"data/weights/weight_{index}": None for index in range(len(state))}
+    edit |= {"data/weights/model_weights_config.json": None, "data/weights/model.pt": buffer.getvalue()}
+    path = rewrite(GOOD / "conv1d-export.pt2", tmp_path / "legacy.pt2", edit)
+    with zipfile.ZipFile(path) as archive:
+        assert [n for n in archive.namelist() if "/data/weights/" in n] == ["conv1d-export/data/weights/model.pt"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that the legacy layout is deprecated
+        assert assert_reads_like_torch_export_load(path) == len(state)
+
+
 def aoti_package(tmp_path: Path) -> Path:
     """What torch._inductor.aoti_compile_and_package writes (it calls package_pt2 with the compiled files: checked
     with a real compilation, which takes half a minute): compiled code and its metadata in data/aotinductor/model/,
