@@ -316,6 +316,24 @@ def weights_config(path: Path) -> dict:
     return json.loads(member(path, "data/weights/model_weights_config.json"))
 
 
+def record_of(path: Path, name: str) -> str:
+    return "data/weights/" + weights_config(path)["config"][name]["path_name"]
+
+
+def test_an_empty_record_holds_no_data_and_a_ragged_one_is_refused(cli, tmp_path: Path) -> None:
+    source = GOOD / "conv1d-export.pt2"
+    record = record_of(source, "features.1.running_var")
+    empty = rewrite(source, tmp_path / "empty.pt2", {record: b""})
+    assert not torch.export.load(empty).state_dict["features.1.running_var"].any()  # torch makes it up: zeros
+    (file,) = cli("inspect", empty, "--json").json()["files"]
+    assert [(f["code"], f["layer"]) for f in file["findings"]] == [("BN018", "features.1")]
+    ragged = rewrite(source, tmp_path / "ragged.pt2", {record: member(source, record) + b"\0"})
+    with pytest.raises(ValueError, match="not a multiple of element size"):
+        torch.export.load(ragged)
+    error = cli("inspect", ragged, "--json").json()["files"][0]["error"]
+    assert error["message"].endswith("its 65-byte record is not whole float32 elements")
+
+
 def with_pickled_weight(source: Path, target: Path, payload: object) -> Path:
     """The archive with bn's running_var stored as a pickle (as torch stores a tensor subclass)."""
     config = weights_config(source)

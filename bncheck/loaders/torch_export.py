@@ -20,10 +20,10 @@ flag, momentum and eps. Only the BatchNorm tensors' bytes are read, in place, ne
 
 Nothing is run. ``torch.export.load`` unpickles the sample inputs (``torch.load``, falling back to
 ``weights_only=False`` when that fails), tensors stored as pickles (tensor subclasses, ``weights_only=False``),
-legacy ``data/weights/<name>.pt`` files, and opaque constants (``pickle.loads``): bncheck reads the torch.save
-archives among them with its restricted unpickler and the opaque constants' opcodes, and their globals are graded as
-any pickle's are. TorchScript custom objects go to TorchScript's own unpickler, which resolves only registered
-classes; they are noted, not read. The program's symbolic shape expressions are never parsed.
+legacy ``data/weights/<name>.pt`` files, and opaque constants (``pickle.loads``): bncheck reads them all with its
+restricted unpickler, and their globals are graded as any pickle's are. TorchScript custom objects go to
+TorchScript's own unpickler, which resolves only registered classes; they are noted, not read. The program's
+symbolic shape expressions, which ``torch.export.load`` evaluates with ``sympy.sympify``, are never parsed.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 
 from bncheck.errors import BncheckError, CorruptCheckpointError, UnsupportedFormatError
 from bncheck.layer_config import EXPORTED_PROGRAM
+from bncheck.loaders.dtypes import ITEMSIZE
 from bncheck.loaders.files import ByteSource
 from bncheck.loaders.interface import Checkpoint, RecordedCall, TensorRef, without_data
 from bncheck.loaders.restricted_pickle import globals_of, scan_globals
@@ -47,7 +48,7 @@ from bncheck.loaders.torch_zip import TorchArchive, open_archive, open_torch_zip
 # (at worst about 500 MiB while parsing).
 MAX_JSON_BYTES = 32 * 1024 * 1024
 MAX_JSON_CONTAINERS = MAX_JSON_BYTES // 16
-# TorchScript's scalar types, as the serialized program numbers them (torch._export.serde.schema.ScalarType).
+# Dtypes as the serialized program and configurations number them (torch._export.serde.schema.ScalarType).
 _SCALAR_TYPES = {
     1: "uint8",
     2: "int8",
@@ -91,7 +92,8 @@ _ARGUMENT_NAMES = {"exponential_average_factor": "momentum", "epsilon": "eps"}
 # Nested graphs (the branches of torch.cond, the body of torch.map) are searched this deep for BatchNorm calls.
 _MAX_GRAPH_DEPTH = 16
 _MAX_RECORD_BYTES = 64
-# An opaque constant's pickle is scanned whole up to this size, and beyond it up to here (its opcodes, unbuilt).
+# An opaque constant's pickle is read by the restricted unpickler up to this size; of a larger one, the opcodes of
+# this many bytes are scanned.
 MAX_OPAQUE_PICKLE_BYTES = 64 * 1024 * 1024
 
 
@@ -165,11 +167,13 @@ class _Reader:
 
     def nested(self, info: zipfile.ZipInfo, what: str) -> Checkpoint:
         """A torch.save archive stored as a member, read by the zip reader (its pickle graded, never run)."""
+        name = info.filename.removeprefix(self.archive.prefix)
         try:
             checkpoint = open_torch_zip(self.archive.member_source(info))
         except BncheckError as exc:
-            raise type(exc)(f"{what} {info.filename.removeprefix(self.archive.prefix)}: {exc}"[:500]) from exc
+            raise type(exc)(f"{what} {name}: {exc}"[:500]) from exc
         self.untrusted(checkpoint.globals)
+        self.notes += [f"{name}: {note}" for note in checkpoint.notes]
         return checkpoint
 
     def opaque_globals(self, record: zipfile.ZipInfo) -> tuple[str, ...]:
@@ -243,15 +247,17 @@ class _Reader:
         offset = _int(meta.get("storage_offset"), f"{what} storage offset")
         if record.file_size == 0 and 0 not in size:
             return dtype, without_data(dtype, size, "empty record, which torch.export.load fills with zeros")
+        if record.file_size % ITEMSIZE[dtype]:  # torch reads a record as whole elements of the dtype, or refuses it
+            raise CorruptCheckpointError(f"{what}: its {record.file_size}-byte record is not whole {dtype} elements")
         return dtype, self.archive.member_tensor(record, offset, size, stride, dtype, record.file_size)
 
-    def program(self, model: str, info: zipfile.ZipInfo) -> list[RecordedCall]:
+    def program(self, info: zipfile.ZipInfo) -> list[RecordedCall]:
         """Every BatchNorm call of one serialized program, named by the layer whose statistics it reads."""
         name = info.filename.removeprefix(self.archive.prefix)
         document = _object(_json(self.archive, info), name)
         module = _object(document.get("graph_module"), f"{name} graph_module")
         signature = _object(module.get("signature"), f"{name} signature")
-        inputs: dict[str, str] = {}  # graph input -> the parameter, buffer or constant it stands for
+        inputs: dict[str, str] = {}  # graph input -> the parameter or buffer it stands for
         for spec in _list(signature.get("input_specs"), f"{name} input_specs"):
             for kind, key in (("parameter", "parameter_name"), ("buffer", "buffer_name")):
                 found = spec.get(kind) if isinstance(spec, dict) else None
@@ -378,7 +384,7 @@ def open_torch_export(source: ByteSource) -> Checkpoint:
         programs: dict[str, dict[str, TensorRef]] = {}
         calls: list[RecordedCall] = []
         for model, info in models.items():
-            calls += reader.program(model, info)
+            calls += reader.program(info)
             weights = reader.payloads(model, "weights")
             constants = reader.payloads(model, "constants")
             clash = next((name for name in constants if name in weights), None)
