@@ -258,6 +258,23 @@ def test_an_archive_holding_a_torch_save_pickle_is_read_as_the_torch_save_file(t
     assert open_checkpoint(both).format == "torch zip"
 
 
+def test_a_pickle_named_first_but_not_in_the_directory_is_refused(cli, tmp_path: Path) -> None:
+    # torch.save writes data.pkl first, so a zip whose first local header names it is taken for torch.save's without
+    # reading the directory; when the directory then names the member otherwise, the file is refused, not misread
+    path = tmp_path / "first.pt2"
+    with zipfile.ZipFile(GOOD / "conv1d-export.pt2") as source, zipfile.ZipFile(path, "w") as target:
+        target.writestr("conv1d-export/data.pkl", pickle.dumps({}, protocol=2))
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    name, data = b"conv1d-export/data.pkl", path.read_bytes()
+    assert data.count(name) == 2  # in its local header, then in its directory entry
+    at = data.index(name, data.index(name) + 1)
+    path.write_bytes(data[:at] + b"conv1d-export/data.pkx" + data[at + len(name) :])
+    result = cli("inspect", path, "--json")
+    assert result.exit_code == 2
+    assert result.json()["files"][0]["error"]["message"] == "archive member conv1d-export/data.pkl is missing"
+
+
 def test_weights_in_the_legacy_single_file_read_like_torch_export_load(tmp_path: Path) -> None:
     # data/weights/model.pt, one torch.save of the whole state dict, which torch.export.load still reads
     state = torch.export.load(GOOD / "conv1d-export.pt2").state_dict

@@ -88,6 +88,14 @@ def _is_tar_header(head: bytes) -> bool:
     return True
 
 
+def _pickle_first(head: bytes) -> bool:
+    """Whether a zip's first local header names ``<folder>/data.pkl`` (in any case, as torch's reader compares
+    names): torch.save writes its pickle first, so a torch.save file skips the content test of the .pt2 format, which
+    reads the zip directory. A file whose directory then holds no data.pkl is refused by the zip reader."""
+    name_length = int.from_bytes(head[26:28], "little")
+    return head[30 : 30 + name_length].lower().endswith(b"/data.pkl")
+
+
 # Every format bncheck reads, in the order their leading-bytes tests are tried (torch's order for its own
 # formats). A new format is a loader module and one entry here: the dispatcher, the directory search, the CLI help
 # and the rules that depend on the format's semantics all read this table (a test keeps .pre-commit-hooks.yaml in
@@ -99,7 +107,7 @@ FORMATS: tuple[Format, ...] = (
         suffixes=(".pt2",),
         # a zip as torch.save writes it, told apart by its contents as torch tells them apart: torch.export.load
         # checks the archive_format record, torch.load reads data.pkl
-        matches=lambda head, _: head.startswith(b"PK\x03\x04"),
+        matches=lambda head, _: head.startswith(b"PK\x03\x04") and not _pickle_first(head),
         claims="bncheck.loaders.torch_export:holds_exported_program",
         reader="bncheck.loaders.torch_export:open_torch_export",
     ),
