@@ -15,6 +15,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import BAD, GOOD
@@ -515,3 +516,19 @@ def test_symbolic_shapes_are_never_parsed(cli, tmp_path: Path) -> None:
     result = cli("inspect", armed(tmp_path / "marker"), "--json")
     assert not (tmp_path / "marker").exists()
     assert result.exit_code == 0 and [layer["name"] for layer in result.json()["files"][0]["layers"]] == ["1"]
+
+
+def test_recalibrate_writes_the_new_statistics_into_the_archive_in_place(cli, tmp_path: Path) -> None:
+    data = tmp_path / "digits-like.npy"
+    np.save(data, np.random.default_rng(0).normal(size=(256, 8, 8)).astype(np.float32))
+    source, out = GOOD / "conv1d-export.pt2", tmp_path / "recalibrated.pt2"
+    model = f"{GOOD.parent / 'make_fixtures.py'}:ConvNet1d"
+    assert cli("recalibrate", source, "--model", model, "--data", data, "-o", out).exit_code == 0
+    a, b = source.read_bytes(), out.read_bytes()
+    assert len(a) == len(b)
+    stats_bytes = 2 * (16 + 16) * 4 + 2 * 8  # two layers: mean and var float32, counters int64
+    assert 0 < sum(x != y for x, y in zip(a, b, strict=True)) <= stats_bytes + 64  # and the CRC fields
+    before, after = torch.export.load(source).state_dict, torch.export.load(out).state_dict
+    assert int(after["features.1.num_batches_tracked"]) == 4  # 256 samples in batches of 64
+    assert not torch.equal(before["features.1.running_var"], after["features.1.running_var"])
+    assert assert_reads_like_torch_export_load(out) == len(after)
