@@ -103,6 +103,22 @@ def big_checkpoints(
     return wanted
 
 
+def exported_checkpoint(folder: Path | None = None) -> Path:
+    """``deep_bn_model()`` exported with ``torch.export.export`` and saved with ``torch.export.save`` (.pt2, 944 MB
+    of convolution weights in their own records beside 400 BatchNorm layers' statistics), written on first use."""
+    path = (folder or cache_dir()) / "deep-bn.pt2"
+    if path.exists():
+        return path
+    program = torch.export.export(deep_bn_model(), (torch.randn(1, CONV_CHANNELS, 4, 4),))
+    # written under its own name (the archive's folder is named after the file) in a folder beside it, then moved
+    partial = path.parent / "deep-bn.partial"
+    partial.mkdir(exist_ok=True)
+    torch.export.save(program, partial / path.name)
+    (partial / path.name).replace(path)
+    partial.rmdir()
+    return path
+
+
 def small_checkpoints(folder: Path | None = None, count: int = 200) -> Path:
     """``count`` small checkpoints (a few BatchNorm MLPs, a few saving styles) in one folder."""
     target = (folder or cache_dir()) / f"small-{count}"

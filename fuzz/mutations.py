@@ -1,7 +1,8 @@
 """Mutations of valid checkpoints for fuzzing the loaders, discovery and checks (used by tests/test_fuzz.py and
 fuzz/run.py): bit flips, truncation, safetensors header edits, zip central-directory edits, edits of the pickle
 inside an archive (re-zipped with a valid CRC so that the unpickler, not the CRC check, meets them), archives
-appended to archives, names that differ only in case, and the same for torch's tar format."""
+appended to archives, names that differ only in case, the same for torch's tar format, and values of odd types
+anywhere in a .pt2 archive's program and configurations."""
 
 from __future__ import annotations
 
@@ -43,12 +44,14 @@ def seed_files(folder: Path) -> dict[str, bytes]:
     for _ in range(12):
         shared = nn.Sequential(shared, shared)
     torch.save(shared, folder / "seed-shared.pt")
+    torch.export.save(torch.export.export(model.eval(), (torch.randn(2, 3),)), folder / "seed.pt2")
     return {
         "safetensors": (folder / "seed.safetensors").read_bytes(),
         "zip": (folder / "seed.pt").read_bytes(),
         "legacy": (folder / "seed-legacy.pt").read_bytes(),
         "tar": (folder / "seed-tar.pt").read_bytes(),
         "shared": (folder / "seed-shared.pt").read_bytes(),
+        "pt2": (folder / "seed.pt2").read_bytes(),
     }
 
 
@@ -234,6 +237,53 @@ def tar_member_edits(draw: st.DrawFn, data: bytes) -> bytes:
     return out.getvalue()
 
 
+def rezip(data: bytes, name: str, content: bytes) -> bytes:
+    """The archive with one member's bytes replaced, written again with valid CRCs and sizes."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            target.writestr(info.filename, content if info.filename == name else source.read(info))
+    return out.getvalue()
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def json_member_edits(draw: st.DrawFn, data: bytes) -> bytes:
+    """A value somewhere inside one JSON member (a .pt2 program or weights configuration) replaced: the walk goes
+    down a random path of keys and indexes and replaces what it stops at, so every field meets odd types."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        name = draw(st.sampled_from(sorted(n for n in archive.namelist() if n.endswith(".json"))))
+        document = json.loads(archive.read(name))
+    parent: object = None
+    key: object = None
+    node = document
+    while isinstance(node, dict | list) and node and draw(st.integers(0, 9)) > 0:
+        parent, key = node, draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
+        node = node[key]  # type: ignore[index]
+    value = draw(JSON_VALUES)
+    if parent is None:
+        document = value
+    else:
+        parent[key] = value  # type: ignore[index]
+    return rezip(data, name, json.dumps(document).encode())
+
+
+@st.composite
+def member_byte_edits(draw: st.DrawFn, data: bytes) -> bytes:
+    """One member's bytes changed (a weight record, the nested sample-input archive, a text record)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        name = draw(st.sampled_from(archive.namelist()))
+        content = archive.read(name)
+    edited = draw(st.one_of(byte_overwrites(content), bit_flips(content), truncations(content))) if content else b"x"
+    return rezip(data, name, edited)
+
+
 def legacy_header_spans(data: bytes) -> list[tuple[int, int]]:
     """Where the magic-number, protocol and system-info pickles of a legacy file lie: torch.load runs each."""
     spans, position = [], 0
@@ -266,6 +316,10 @@ def mutations(fmt: str, data: bytes) -> st.SearchStrategy[bytes]:
         )
     if fmt == "tar":
         return st.one_of(*common, tar_member_edits(data))
+    if fmt == "pt2":
+        return st.one_of(
+            *common, zip_directory_edits(data), case_variants(data), json_member_edits(data), member_byte_edits(data)
+        )
     return st.one_of(*common)
 
 

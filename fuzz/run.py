@@ -1,6 +1,6 @@
 """The long fuzzing run: the property of tests/test_fuzz.py with many more examples per format.
 
-    python fuzz/run.py [--examples 100000] [--formats safetensors zip legacy tar]
+    python fuzz/run.py [--examples 100000] [--formats safetensors zip legacy tar pt2]
 
 Prints the number of examples run per format; stops (saving the falsifying input) on the first failure.
 """
@@ -42,7 +42,7 @@ def run_format(fmt: str, seed: bytes, work: Path, examples: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=100_000)
-    parser.add_argument("--formats", nargs="+", default=["safetensors", "zip", "legacy", "tar"])
+    parser.add_argument("--formats", nargs="+", default=["safetensors", "zip", "legacy", "tar", "pt2"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bncheck-fuzz-"))
     seeds = seed_files(work)

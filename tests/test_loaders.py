@@ -92,10 +92,11 @@ def flat_state(obj: object, prefix: str = "") -> dict[str, TensorRef]:
 
 
 def _torch_loadable(path: Path) -> bool:
-    """Whether torch.load gives a tree of tensors to compare: not TorchScript (torch.jit.load's), not a fully
-    pickled model (a module object, whose class may even have lived in the generator's __main__)."""
+    """Whether torch.load gives a tree of tensors to compare: not TorchScript (torch.jit.load's), not a torch.export
+    archive (torch.export.load's: tests/test_torch_export.py), not a fully pickled model (a module object, whose class
+    may even have lived in the generator's __main__)."""
     checkpoint = open_checkpoint(path)
-    return checkpoint.format != "torchscript" and not isinstance(checkpoint.root, Placeholder)
+    return checkpoint.format not in ("torchscript", "torch export") and not isinstance(checkpoint.root, Placeholder)
 
 
 TORCH_FILES = [

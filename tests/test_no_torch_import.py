@@ -1,5 +1,5 @@
-"""Inspecting safetensors and zip checkpoints must not import torch (it costs seconds and is optional), and
---version / --help load nothing heavy."""
+"""Inspecting safetensors, zip checkpoints and torch.export archives must not import torch (it costs seconds and is
+optional), and --version / --help load nothing heavy."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run_probe(*args: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def test_inspect_safetensors_zip_and_torchscript_without_torch() -> None:
+def test_inspect_safetensors_zip_torchscript_and_export_without_torch() -> None:
     files = [
         GOOD / "conv1d.safetensors",
         GOOD / "mlp-state-dict.pt",
@@ -31,6 +31,8 @@ def test_inspect_safetensors_zip_and_torchscript_without_torch() -> None:
         GOOD / "conv1d-sharded",
         BAD / "BN102-full-module-user-class.pt",
         BAD / "BN101-os-system-payload.pt",
+        GOOD / "conv1d-export.pt2",
+        BAD / "BN019-exported-in-train-mode.pt2",
     ]
     assert run_probe("inspect", "--json", *map(str, files)) == "exit 1 bncheck.api numpy"
 

@@ -8,6 +8,7 @@ import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from bncheck.errors import UnsupportedFormatError
 from bncheck.loaders.files import ByteSource, is_url, open_source
@@ -87,11 +88,29 @@ def _is_tar_header(head: bytes) -> bool:
     return True
 
 
+def _pickle_first(head: bytes) -> bool:
+    """Whether a zip's first local header names ``<folder>/data.pkl`` (in any case, as torch's reader compares
+    names): torch.save writes its pickle first, so a torch.save file skips the content test of the .pt2 format, which
+    reads the zip directory. A file whose directory then holds no data.pkl is refused by the zip reader."""
+    name_length = int.from_bytes(head[26:28], "little")
+    return head[30 : 30 + name_length].lower().endswith(b"/data.pkl")
+
+
 # Every format bncheck reads, in the order their leading-bytes tests are tried (torch's order for its own
 # formats). A new format is a loader module and one entry here: the dispatcher, the directory search, the CLI help
 # and the rules that depend on the format's semantics all read this table (a test keeps .pre-commit-hooks.yaml in
 # step with it).
 FORMATS: tuple[Format, ...] = (
+    Format(
+        name="torch export",
+        described="a torch.export archive",
+        suffixes=(".pt2",),
+        # a zip as torch.save writes it, told apart by its contents as torch tells them apart: torch.export.load
+        # checks the archive_format record, torch.load reads data.pkl
+        matches=lambda head, _: head.startswith(b"PK\x03\x04") and not _pickle_first(head),
+        claims="bncheck.loaders.torch_export:holds_exported_program",
+        reader="bncheck.loaders.torch_export:open_torch_export",
+    ),
     Format(
         name="torch zip",
         described="a torch.save file",
@@ -149,7 +168,7 @@ def sniff(source: ByteSource) -> Format:
         raise UnsupportedFormatError("file is empty")
     head = source.read(0, min(size, SNIFF_BYTES))
     for fmt in FORMATS:
-        if fmt.matches(head, source.name):
+        if fmt.matches(head, source.name) and (fmt.claims is None or _function(fmt.claims)(source)):
             return fmt
     if head.startswith(b"\x80"):
         raise UnsupportedFormatError("a plain pickle, not a torch.save checkpoint")
@@ -187,12 +206,17 @@ def open_checkpoint(path: os.PathLike[str] | str) -> Checkpoint:
     return open_source_checkpoint(open_source(path))
 
 
+def _function(name: str) -> Callable[[ByteSource], Any]:
+    """A registry entry's ``module:function``, imported when first called for."""
+    module, _, function = name.partition(":")
+    found: Callable[[ByteSource], Any] = getattr(importlib.import_module(module), function)
+    return found
+
+
 def open_source_checkpoint(source: ByteSource) -> Checkpoint:
     """Open the checkpoint whose bytes ``source`` gives, with the reader its leading bytes call for."""
     fmt = sniff(source)
-    module, _, function = fmt.reader.partition(":")
-    reader: Callable[[ByteSource], Checkpoint] = getattr(importlib.import_module(module), function)
-    checkpoint = reader(source)
+    checkpoint: Checkpoint = _function(fmt.reader)(source)
     size = checkpoint.size_bytes if checkpoint.size_bytes is not None else source.size
     return dataclasses.replace(
         checkpoint,

@@ -301,6 +301,44 @@ class RemoteSource(ByteSource):
         return RemoteSource(f"{scheme}{sep}{posixpath.join(posixpath.dirname(rest), name)}")
 
 
+@dataclass(eq=False)
+class SliceSource(ByteSource):
+    """A file stored inside another (a torch.save archive kept as a member of a .pt2 archive), read in place: a
+    nested archive costs the bytes its reader asks for, not its size."""
+
+    parent: ByteSource
+    start: int
+    name: str = ""
+    size: int = 0
+
+    def _read(self, offset: int, length: int) -> bytes:
+        return self.parent.read(self.start + offset, length)
+
+    def open(self) -> IO[bytes]:
+        return cast(IO[bytes], SourceFile(self))
+
+    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
+        self.parent.prefetch([(self.start + offset, length) for offset, length in ranges])
+
+
+@dataclass(eq=False)
+class MemorySource(ByteSource):
+    """Bytes already in memory (a compressed member, inflated within its reader's bounds)."""
+
+    data: bytes
+    name: str = ""
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = len(self.data)
+
+    def _read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+    def open(self) -> IO[bytes]:
+        return io.BytesIO(self.data)
+
+
 class SourceFile(io.RawIOBase):
     """A seekable file object over any ByteSource: every read maps to one ``source.read`` and never asks for more
     than the file holds (a crafted length field cannot make it allocate gigabytes)."""

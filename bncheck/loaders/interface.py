@@ -43,6 +43,10 @@ class Format:
     batch_counter: bool = True
     # whether the format stores tensors sorted by name (safetensors) rather than in the model's order
     sorted_names: bool = False
+    # for formats whose leading bytes another format shares (a .pt2 archive is a zip, as a torch.save file is): the
+    # ``module:function`` (a ByteSource -> bool) that decides from the file's contents whether it is this format's;
+    # imported only when the leading bytes match
+    claims: str | None = None
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

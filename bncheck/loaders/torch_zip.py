@@ -39,7 +39,7 @@ import numpy as np
 
 from bncheck.errors import CorruptCheckpointError, UnreadableFileError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
-from bncheck.loaders.files import ByteSource
+from bncheck.loaders.files import ByteSource, MemorySource, SliceSource
 from bncheck.loaders.interface import ByteLocation, Checkpoint, TensorRef, without_data
 from bncheck.loaders.restricted_pickle import StorageRef, globals_of, scan_globals, strided_copy, unpickle, view_span
 
@@ -153,7 +153,10 @@ def _named(hidden: list[tuple[str, tuple[str, ...]]]) -> str:
     return "; hidden pickle " + "; ".join(named) if named else ""
 
 
-class _Archive:
+class TorchArchive:
+    """One view of an archive written by torch's ``PyTorchFileWriter`` (``torch.save``, ``torch.jit.save``,
+    ``torch.export.save``), the same as torch's reader: the checks of the module docstring are made on opening it."""
+
     def __init__(self, source: ByteSource, archive: zipfile.ZipFile) -> None:
         self.source = source
         self.archive = archive
@@ -335,6 +338,17 @@ class _Archive:
             return []
         return [(f"{name} at byte {at}", globals_of(data))]
 
+    def member_source(self, info: zipfile.ZipInfo) -> ByteSource:
+        """A member that is itself a file (a torch.save archive inside a .pt2 archive), read in place when stored,
+        inflated within the bounds of :func:`member_bytes` when compressed."""
+        name = f"{self.source.name}:{info.filename}"
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            return MemorySource(self.read_full(info, noted=False), name=name)
+        data_start = member_data_start(self.source, info)
+        if data_start + info.file_size > self.archive.start_dir:
+            raise CorruptCheckpointError(f"archive member {info.filename} declares more bytes than it holds")
+        return SliceSource(self.source, data_start, name=name, size=info.file_size)
+
     def read_bytes(self, info: zipfile.ZipInfo, start: int, length: int) -> bytes:
         """``length`` bytes from ``start`` within a member, read in place when the member is stored."""
         if info.flag_bits & 0x1:
@@ -357,12 +371,25 @@ class _Archive:
     def make_tensor(
         self, storage: StorageRef, offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype: str
     ) -> TensorRef:
-        itemsize, span = view_span(offset, size, stride, dtype)
+        _, span = view_span(offset, size, stride, dtype)
         if span and storage.numel == 0:
             # torch writes a storage resized to zero (as FSDP frees one) as it is, shape and all; it cannot load it
             return without_data(dtype, size, "zero-size storage")
         info = self.member("data/" + storage.key)
-        storage_bytes = storage.numel * ITEMSIZE.get(storage.dtype, 1)
+        return self.member_tensor(info, offset, size, stride, dtype, storage.numel * ITEMSIZE.get(storage.dtype, 1))
+
+    def member_tensor(
+        self,
+        info: zipfile.ZipInfo,
+        offset: int,
+        size: tuple[int, ...],
+        stride: tuple[int, ...],
+        dtype: str,
+        storage_bytes: int,
+    ) -> TensorRef:
+        """A tensor viewing the first ``storage_bytes`` of a member (its storage) from element ``offset`` on, read
+        in place when asked for."""
+        itemsize, span = view_span(offset, size, stride, dtype)
         if span and (offset + span) * itemsize > storage_bytes:
             raise CorruptCheckpointError(
                 f"tensor of size {size} at offset {offset} reaches past its {storage_bytes}-byte storage"
@@ -381,7 +408,10 @@ class _Archive:
         return TensorRef(dtype, size, read, None, (self.source, info.header_offset, needed))
 
 
-def open_torch_zip(source: ByteSource) -> Checkpoint:
+@contextlib.contextmanager
+def open_archive(source: ByteSource) -> Iterator[TorchArchive]:
+    """The archive torch's reader sees in ``source``; the tensors it hands out stay readable after it is closed
+    (they read through ``source``, not the zip file object)."""
     handle = source.open()
     try:
         archive = zipfile.ZipFile(handle)
@@ -391,7 +421,24 @@ def open_torch_zip(source: ByteSource) -> Checkpoint:
             raise UnreadableFileError(f"cannot read {source.name}: {exc.strerror or exc}") from exc
         raise CorruptCheckpointError(f"broken zip archive: {type(exc).__name__}: {exc}"[:300]) from exc
     with handle, archive:
-        reader = _Archive(source, archive)
+        yield TorchArchive(source, archive)
+
+
+def scan_uncovered(reader: TorchArchive) -> tuple[list[str], tuple[str, ...]]:
+    """Notes on the bytes no member covers, and the globals of the pickles hidden there (see ``hidden_pickles``)."""
+    notes: list[str] = []
+    found_globals: list[str] = []
+    for where, found in reader.hidden_pickles():
+        if where.startswith("bytes "):
+            notes.append(f"{where} of the file belong to no member that torch reads")
+        else:
+            notes.append(f"hidden pickle {where}, which torch never reads, was scanned too")
+            found_globals += found
+    return notes, tuple(dict.fromkeys(found_globals))
+
+
+def open_torch_zip(source: ByteSource) -> Checkpoint:
+    with open_archive(source) as reader:
         root, untrusted = unpickle(reader.read_member("data.pkl"), reader.make_tensor)
         data_pickle = reader.member("data.pkl")
         # TorchScript keeps more pickles (constants.pkl, debug info); their globals are checked too, tensors unread
@@ -399,13 +446,9 @@ def open_torch_zip(source: ByteSource) -> Checkpoint:
             if _is_pickle_name(info.filename) and info is not data_pickle:
                 _, more = unpickle(reader.read_full(info), _unread_tensor)
                 untrusted += tuple(g for g in more if g not in untrusted)
-        notes = list(reader.notes)
-        for where, found in reader.hidden_pickles():
-            if where.startswith("bytes "):
-                notes.append(f"{where} of the file belong to no member that torch reads")
-            else:
-                notes.append(f"hidden pickle {where}, which torch never reads, was scanned too")
-                untrusted += tuple(g for g in found if g not in untrusted)
+        notes, hidden = scan_uncovered(reader)
+        notes = reader.notes + notes
+        untrusted += tuple(g for g in hidden if g not in untrusted)
         is_script = reader.find("code/") is not None or any(
             info.filename.startswith(reader.prefix + "code/") for info in reader.infos
         )
@@ -425,7 +468,7 @@ MAX_CODE_FILE_BYTES = 4 * 1024 * 1024
 MAX_CODE_BYTES = 32 * 1024 * 1024
 
 
-def _script_code(reader: _Archive, notes: list[str]) -> tuple[tuple[str, str], ...]:
+def _script_code(reader: TorchArchive, notes: list[str]) -> tuple[tuple[str, str], ...]:
     """The text of every ``code/**.py`` member, for the layers' configuration; never executed."""
     files: list[tuple[str, str]] = []
     budget = MAX_CODE_BYTES
