@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, get_args, get_origin
@@ -511,6 +511,7 @@ def inspect_command(
     if any(not path for path in paths):  # an empty path would mean the working directory, silently
         raise UsageError("PATH must not be empty")
     try:
+        renderer.load()  # a format's missing extra (bncheck[html]) fails before the work, not after it
         request = _request(
             model=model,
             data=data,
@@ -538,6 +539,7 @@ def inspect_command(
             jobs=jobs,
             unsafe_load=unsafe_load,
         )
+        settings = replace(settings, channel_values=renderer.per_channel)
         with _progress(request is not None and renderer.rich) as progress:
             report = inspect_paths(list(paths), options=settings, recompute=request, progress=progress)
     except BncheckError as exc:
@@ -597,10 +599,13 @@ def diff_command(
 
     renderer = DIFF_FORMATS["json" if json_output else str(output_format)]
     try:
+        renderer.load()
         thresholds = load_settings(config).thresholds
     except BncheckError as exc:
         return _fail(str(exc))
-    diff = diff_checkpoints(a, b, source_a=source_a, source_b=source_b, thresholds=thresholds)
+    diff = diff_checkpoints(
+        a, b, source_a=source_a, source_b=source_b, thresholds=thresholds, channel_values=renderer.per_channel
+    )
     _emit(renderer, diff)
     if diff.error is not None:
         _say(diff.error.message)
