@@ -536,13 +536,24 @@ def _set_line(line: Line2D, data: np.ndarray | None, log: bool) -> None:
         return
     drawn = np.isfinite(data) & ((data > 0) if log else True)
     line.set_data(np.arange(data.size), np.where(drawn, data, np.nan))
-    # a value between two gaps makes no segment: it gets a dot, as every value of a short layer does
-    alone = drawn & ~np.concatenate(([False], drawn[:-1])) & ~np.concatenate((drawn[1:], [False]))
-    dotted = data.size <= DOTTED_UP_TO or bool(alone.any())
-    line.set_marker("." if dotted else "None")
-    line.set_markevery(None if data.size <= DOTTED_UP_TO else alone.tolist())
+    # a stretch of values between gaps too short to see as a line gets dots, as every value of a short layer does
+    panel = line.axes.get_position().width * FIGURE_WIDTH * 72 if line.axes is not None else 1.0
+    dotted = np.ones(data.size, dtype=bool) if data.size <= DOTTED_UP_TO else _short_runs(drawn, 2 * data.size / panel)
+    line.set_marker("." if dotted.any() else "None")
+    line.set_markevery(dotted.tolist())
     line.set_markersize(3)
     line.set_visible(True)
+
+
+def _short_runs(drawn: np.ndarray, shortest: float) -> np.ndarray:
+    """Where ``drawn`` is True in runs of fewer than ``shortest`` values."""
+    edges = np.diff(np.concatenate(([0], drawn.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    short = (ends - starts) < shortest
+    marks = np.zeros(drawn.size + 1, dtype=np.int64)
+    np.add.at(marks, starts[short], 1)
+    np.add.at(marks, ends[short], -1)
+    return np.cumsum(marks[:-1]) > 0
 
 
 def _rug(axes: Axes, channels: Sequence[int] | np.ndarray, low: float, high: float, **style: Any) -> Line2D:
@@ -564,7 +575,7 @@ def _band_width(axes: Axes, values: Sequence[np.ndarray | None]) -> float:
 
 def _edge_marks(axes: Axes, data: np.ndarray, log: bool, *, prefix: str) -> Iterator[tuple[str, Line2D]]:
     """What a line cannot show, as ticks at the edge of the panel: NaN and +inf at the top, -inf (and a variance
-    <= 0 on the log scale) at the bottom, each with its count for the legend."""
+    <= 0 on the log scale) at the bottom, each with its panel and count for the legend ("NaN in var (25)")."""
     kinds = [
         ("NaN", np.isnan(data), 0.88, 1.0, RED),
         ("+inf", np.isposinf(data), 0.88, 1.0, DARK_RED),
@@ -575,7 +586,9 @@ def _edge_marks(axes: Axes, data: np.ndarray, log: bool, *, prefix: str) -> Iter
     for label, mask, low, high, color in kinds:
         channels = np.flatnonzero(mask)
         if channels.size:
-            yield f"{prefix}{label} ({channels.size})", _rug(axes, channels, low, high, color=color, linewidth=1.2)
+            where = "var" if log else "mean"
+            line = _rug(axes, channels, low, high, color=color, linewidth=1.2)
+            yield f"{prefix}{label} in {where} ({channels.size})", line
 
 
 def _limits(axes: Axes, values: Sequence[np.ndarray], log: bool) -> list[Any]:
@@ -613,14 +626,15 @@ def _svg(figure: Figure, salt: str) -> str:
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", metadata=_NO_METADATA)
     svg = buffer.getvalue()
-    svg = svg[svg.index("<svg") :]
-    svg = _NAMESPACES.sub("", svg, count=1)
+    start = svg.index("<svg")
+    end = svg.index(">", start) + 1
+    svg = _NAMESPACES.sub("", svg[start:end]) + svg[end:]
     svg = _GROUP_IDS.sub("<g", svg)
     return _GEOMETRY.sub(_shortened, svg)
 
 
-_NAMESPACES = re.compile(r' xmlns(:xlink)?="[^"]*"(?= |>)(?: xmlns(:xlink)?="[^"]*")?')
-_GROUP_IDS = re.compile(r'<g id="[A-Za-z_.]+_\d+"')
+_NAMESPACES = re.compile(r' xmlns(?::\w+)?="[^"]*"')
+_GROUP_IDS = re.compile(r'<g id="[\w.]+_\d+"')
 # the attributes that hold coordinates (never text): path data, positions, transforms
 _GEOMETRY = re.compile(r'(?<= (?:d|x|y)=")[^"]*|(?<= transform=")[^"]*')
 # matplotlib writes six decimals; a tenth of a point is below a pixel at any usual zoom and saves a quarter of the
