@@ -407,7 +407,7 @@ class ChannelCanvas:
                 axes.yaxis.set_major_formatter(_LogLabels(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
                 axes.yaxis.set_minor_formatter(_LogLabels(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
             else:
-                axes.yaxis.set_major_formatter(_PLAIN)
+                axes.yaxis.set_major_formatter(_plain())
                 axes.yaxis.set_major_locator(MaxNLocator(4))
             lines = [
                 axes.plot([], [], color=color, linestyle=style, linewidth=0.8)[0] for color, style in SERIES_STYLES
@@ -495,14 +495,19 @@ def drift_picture(
             axes.set_yscale("symlog", linthresh=1.0)
             axes.yaxis.set_minor_formatter(NullFormatter())
         axes.set_ylim(0.0, top * 1.08 if top > 0 else 1.0)
-        axes.yaxis.set_major_formatter(_PLAIN)
+        axes.yaxis.set_major_formatter(_plain())
     figure.legend(list(legend.values()), list(legend), **_LEGEND)
     return _svg(figure, salt)
 
 
 # ------------------------------------------------------------------------------------------------ drawing helpers
 
-_PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
+
+def _plain() -> FuncFormatter:
+    """Tick labels as plain numbers (a formatter belongs to one axis, so each gets its own)."""
+    return FuncFormatter(lambda value, _: f"{value:g}")
+
+
 # in the margin right of the panels, which every picture keeps so that all of them line up
 _LEGEND: dict[str, Any] = {"loc": "center left", "bbox_to_anchor": (0.805, 0.5)}
 
