@@ -147,7 +147,9 @@ def _inspect_one(
         from bncheck.recompute import measure_checkpoint
 
         try:
-            drifts, recomputed, from_model = measure_checkpoint(checkpoint.root, layers, workload, options.thresholds)
+            drifts, recomputed, from_model = measure_checkpoint(
+                checkpoint.root, layers, workload, options.thresholds, channel_values=options.channel_values
+            )
             layers = [_with_model_config(data, from_model.get((data.layer.source, data.layer.name))) for data in layers]
         except BncheckError as exc:  # the model does not fit this file: its static findings still stand
             recompute_error = file_error(exc)
@@ -165,5 +167,14 @@ def _inspect_one(
             notes.append(note)
     if excluded and not findings:
         return None
-    report = file_report(path, checkpoint, layers, findings, recomputed, recompute_error, model_configs=configs)
+    report = file_report(
+        path,
+        checkpoint,
+        layers,
+        findings,
+        recomputed,
+        recompute_error,
+        model_configs=configs,
+        channel_values=options.channel_values,
+    )
     return dataclasses.replace(report, notes=report.notes + tuple(notes)) if notes else report

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, get_args, get_origin
@@ -552,6 +552,7 @@ def inspect_command(
         raise UsageError("PATH must not be empty")
     request = None
     try:
+        renderer.load()  # a format's missing extra (bncheck[html]) fails before the work, not after it
         request = _request(
             model=model,
             data=data,
@@ -580,7 +581,10 @@ def inspect_command(
             jobs=jobs,
             unsafe_load=unsafe_load,
         )
-        with _progress(request is not None and renderer.rich and not _quiet(request)) as progress:
+        settings = replace(settings, channel_values=renderer.per_channel)
+        # a bar on stderr for the formats people read (the HTML page goes to a file, so the bar is seen)
+        shown = renderer.rich or renderer.per_channel
+        with _progress(request is not None and shown and not _quiet(request)) as progress:
             report = inspect_paths(list(paths), options=settings, recompute=request, progress=progress)
     except BncheckError as exc:
         return EXIT_NOT_CHECKED if _quiet(request) else _fail(str(exc))
@@ -641,10 +645,13 @@ def diff_command(
 
     renderer = DIFF_FORMATS["json" if json_output else str(output_format)]
     try:
+        renderer.load()
         thresholds = load_settings(config).thresholds
     except BncheckError as exc:
         return _fail(str(exc))
-    diff = diff_checkpoints(a, b, source_a=source_a, source_b=source_b, thresholds=thresholds)
+    diff = diff_checkpoints(
+        a, b, source_a=source_a, source_b=source_b, thresholds=thresholds, channel_values=renderer.per_channel
+    )
     _emit(renderer, diff)
     if diff.error is not None:
         _say(diff.error.message)

@@ -120,6 +120,8 @@ class Options:
     jobs: int = 1
     # let torch unpickle (running its code) the local files bncheck's own reader cannot read; trusted files only
     unsafe_load: bool = False
+    # keep every layer's statistics channel by channel in the report, for the formats that draw them (HTML)
+    channel_values: bool = False
     # the settings file these options came from, if any
     config: SettingsFile | None = None
     # when ``config`` was discovered: the same options without it, whose selection and exclude globs alone decide

@@ -12,6 +12,7 @@ from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, NoSuchEntryError
 from bncheck.read import LayerData, read_checkpoint
 from bncheck.report import DiffReport, FileError, LayerDiff
+from bncheck.summary import packed
 
 PathLike = str | os.PathLike[str]
 
@@ -66,8 +67,10 @@ def diff_checkpoints(
     source_a: str | None = None,
     source_b: str | None = None,
     thresholds: Thresholds | None = None,
+    channel_values: bool = False,
 ) -> DiffReport:
-    """Match the layers of A and B and measure B's drift from A. Never raises for an unreadable file."""
+    """Match the layers of A and B and measure B's drift from A. Never raises for an unreadable file. With
+    ``channel_values``, each drifted layer keeps both sides' statistics channel by channel."""
     from bncheck import __version__
 
     t = thresholds or Thresholds()
@@ -98,6 +101,7 @@ def diff_checkpoints(
             continue  # missing or malformed statistics: inspect reports them
         drift = measure_drift(mean_a, var_a, mean_b, var_b, samples=None, eps=t.drift.eps)
         reasons = tuple(drift.reasons(t.drift))
+        kept = channel_values and bool(reasons)
         diffs.append(
             LayerDiff(
                 name_a=name_a,
@@ -109,6 +113,10 @@ def diff_checkpoints(
                 log_var_ratio_worst=drift.log_var_ratio_worst,
                 drifted=bool(reasons),
                 reasons=reasons,
+                mean_a=packed(mean_a) if kept else None,
+                var_a=packed(var_a) if kept else None,
+                mean_b=packed(mean_b) if kept else None,
+                var_b=packed(var_b) if kept else None,
             )
         )
     return DiffReport(

@@ -25,6 +25,7 @@ from bncheck.layer_config import module_config
 from bncheck.moments import TAIL_SAMPLES, Moments, channel_moments, reduced_dims, tail_moments
 from bncheck.read import LayerData
 from bncheck.report import LayerConfig, LayerDriftInfo, RecomputeInfo, UnmeasuredLayer
+from bncheck.summary import packed
 
 if TYPE_CHECKING:
     import torch
@@ -768,10 +769,16 @@ def model_layer_configs(model: Any, source: str, prefix: str) -> dict[tuple[str,
 
 
 def measure_checkpoint(
-    root: Any, layers: Sequence[LayerData], workload: Workload, thresholds: Thresholds
+    root: Any,
+    layers: Sequence[LayerData],
+    workload: Workload,
+    thresholds: Thresholds,
+    *,
+    channel_values: bool = False,
 ) -> tuple[list[LayerDrift], RecomputeInfo, dict[tuple[str, str], LayerConfig]]:
-    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift; also the
-    configuration the model gives each layer (``model_layer_configs``)."""
+    """Load the checkpoint into the model, rerun it on the sample data, and measure each layer's drift (with
+    ``channel_values``, keep the recomputed statistics channel by channel); also the configuration the model gives
+    each layer (``model_layer_configs``)."""
     request = workload.request
     state, prefix, result = run_model(root, workload, request.mode)
     by_name = {(data.layer.source, data.layer.name): data for data in layers}
@@ -808,6 +815,8 @@ def measure_checkpoint(
                 log_var_ratio_worst=drift.log_var_ratio_worst,
                 stale=bool(drift.reasons(thresholds.drift)),
                 silenced=silenced,
+                recomputed_mean=packed(new_mean) if channel_values else None,
+                recomputed_var=packed(new_var) if channel_values else None,
             )
         )
     estimator = request.estimator if result.pooled else "pytorch"

@@ -15,7 +15,16 @@ from bncheck.loaders.interface import Checkpoint
 from bncheck.loaders.restricted_pickle import Placeholder
 from bncheck.pickle_globals import Risk, grade_global
 from bncheck.read import LayerData
-from bncheck.report import FileError, FileReport, Finding, LayerInfo, ModelConfig, RecomputeInfo, Summary
+from bncheck.report import (
+    ChannelValues,
+    FileError,
+    FileReport,
+    Finding,
+    LayerInfo,
+    ModelConfig,
+    RecomputeInfo,
+    Summary,
+)
 
 
 def file_report(
@@ -27,13 +36,15 @@ def file_report(
     recompute_error: FileError | None = None,
     *,
     model_configs: Sequence[ModelConfig] = (),
+    channel_values: bool = False,
 ) -> FileReport:
-    """The report of a file that could be read."""
+    """The report of a file that could be read; with ``channel_values``, each layer keeps its statistics channel by
+    channel."""
     return FileReport(
         path=str(path),
         format=checkpoint.format,
         size_bytes=checkpoint.size_bytes,
-        layers=tuple(layer_info(data, findings) for data in layers),
+        layers=tuple(layer_info(data, findings, channel_values=channel_values) for data in layers),
         findings=tuple(findings),
         notes=checkpoint.notes
         + _object_notes(checkpoint)
@@ -69,8 +80,9 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
-def layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
+def layer_info(data: LayerData, findings: Sequence[Finding], *, channel_values: bool = False) -> LayerInfo:
     layer = data.layer
+    mean, var = data.floats("running_mean"), data.floats("running_var")
     codes = sorted({f.code for f in findings if f.layer == layer.name and f.source == layer.source})
     return LayerInfo(
         name=layer.name,
@@ -81,11 +93,18 @@ def layer_info(data: LayerData, findings: Sequence[Finding]) -> LayerInfo:
         num_features=layer.num_features,
         dtype=data.dtype("running_var") or data.dtype("running_mean"),
         num_batches_tracked=data.count(),
-        running_mean=_summary(data.floats("running_mean")),
-        running_var=_summary(data.floats("running_var")),
+        running_mean=_summary(mean),
+        running_var=_summary(var),
         codes=tuple(codes),
         configuration=data.config,
+        mean_by_channel=packed(mean) if channel_values else None,
+        var_by_channel=packed(var) if channel_values else None,
     )
+
+
+def packed(values: np.ndarray | None) -> ChannelValues | None:
+    """Values (of any shape: a malformed statistic is drawn as it is stored, flattened) as the report keeps them."""
+    return None if values is None else ChannelValues(np.ascontiguousarray(values, dtype=np.float64).tobytes())
 
 
 def _summary(values: np.ndarray | None) -> Summary | None:

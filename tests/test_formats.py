@@ -201,7 +201,7 @@ def test_diff_format_json_is_the_same_document_as_diff_json(cli) -> None:
     "args",
     [
         ["diff", str(GOOD / "mlp-state-dict.pt"), str(GOOD / "conv1d.safetensors"), "--format", "sarif"],
-        ["inspect", str(GOOD / "mlp-state-dict.pt"), "--format", "html"],
+        ["inspect", str(GOOD / "mlp-state-dict.pt"), "--format", "xml"],
     ],
 )
 def test_an_unregistered_format_is_a_one_line_usage_error(args: list[str]) -> None:

@@ -24,7 +24,8 @@ class Renderer:
     ``rich`` says whether the function returns a rich renderable (for a console) or a ``str`` (written as is).
     ``indents`` says whether it takes ``pretty=`` (indented for a person, one line for a pipe or a file).
     ``names_unreadable`` says whether its output tells a person why a file could not be checked; when it does
-    not (JSON, SARIF), the command line repeats each reason on stderr.
+    not (JSON, SARIF) or goes to a file rather than a terminal (HTML), the command line repeats each reason on
+    stderr. ``per_channel`` says whether it draws statistics channel by channel, which the report then keeps.
     """
 
     name: str
@@ -33,6 +34,7 @@ class Renderer:
     rich: bool = False
     indents: bool = False
     names_unreadable: bool = True
+    per_channel: bool = False
 
     def load(self) -> Callable[..., Any]:
         """The rendering function, imported on first use."""
@@ -117,6 +119,13 @@ REPORT_FORMATS: dict[str, Renderer] = _registry(
         "one line per finding (path:layer: CODE severity message) and the summary, as linters print",
         "bncheck.render.concise:render_concise",
     ),
+    Renderer(
+        "html",
+        "one self-contained HTML page with a picture per layer (needs bncheck[html])",
+        "bncheck.render.html:render_html",
+        names_unreadable=False,
+        per_channel=True,
+    ),
 )
 
 DIFF_FORMATS: dict[str, Renderer] = _registry(
@@ -127,6 +136,13 @@ DIFF_FORMATS: dict[str, Renderer] = _registry(
         "bncheck.render.json:render_diff_json",
         indents=True,
         names_unreadable=False,
+    ),
+    Renderer(
+        "html",
+        "one self-contained HTML page with the drift pictures (needs bncheck[html])",
+        "bncheck.render.html:render_diff_html",
+        names_unreadable=False,
+        per_channel=True,
     ),
 )
 
