@@ -121,7 +121,7 @@ REPORT_FORMATS: dict[str, Renderer] = _registry(
     ),
     Renderer(
         "html",
-        "one self-contained HTML page with a picture per layer (needs bncheck[html])",
+        "one standalone HTML page (no network needed) with a picture per layer (needs bncheck[html])",
         "bncheck.render.html:render_html",
         names_unreadable=False,
         per_channel=True,
@@ -139,7 +139,7 @@ DIFF_FORMATS: dict[str, Renderer] = _registry(
     ),
     Renderer(
         "html",
-        "one self-contained HTML page with the drift pictures (needs bncheck[html])",
+        "one standalone HTML page (no network needed) with the drift pictures (needs bncheck[html])",
         "bncheck.render.html:render_diff_html",
         names_unreadable=False,
         per_channel=True,
