@@ -336,6 +336,33 @@ class SourceFile(io.RawIOBase):
         return len(data)
 
 
+class ReadAheadFile(SourceFile):
+    """A SourceFile for reads of a few bytes at a time (decoding a pickle opcode by opcode): a short read fetches
+    ``block`` bytes, and the reads that follow are served from them, so a remote file costs a request per block
+    rather than per read. Like SourceFile it never asks for more than the file holds (io.BufferedReader would
+    allocate whatever length a crafted opcode names)."""
+
+    def __init__(self, source: ByteSource, *, block: int) -> None:
+        super().__init__(source)
+        self._block = block
+        self._start = 0
+        self._data = b""
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._source.size if size is None or size < 0 else min(self._source.size, self._position + size)
+        length = max(0, end - self._position)
+        if length == 0:
+            return b""
+        offset = self._position - self._start
+        if offset < 0 or offset + length > len(self._data):
+            if length >= self._block:
+                return super().read(size)
+            self._start, offset = self._position, 0
+            self._data = self._source.read(self._position, min(self._block, self._source.size - self._position))
+        self._position += length
+        return self._data[offset : offset + length]
+
+
 def open_source(location: str | os.PathLike[str]) -> ByteSource:
     """A local file or an fsspec URL."""
     if is_url(location):
