@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from bncheck.api import inspect
     from bncheck.checks import Thresholds
     from bncheck.config import Options, RuleSelection
+    from bncheck.loaders import find_checkpoints
     from bncheck.recalibrate import recalibrate
     from bncheck.recompute import RecomputeRequest
     from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity
@@ -30,6 +31,7 @@ __all__ = [
     "Severity",
     "Thresholds",
     "__version__",
+    "find_checkpoints",
     "inspect",
     "recalibrate",
 ]
@@ -38,6 +40,7 @@ __all__ = [
 # readers.
 _HOME = {
     "inspect": "bncheck.api",
+    "find_checkpoints": "bncheck.loaders",
     "recalibrate": "bncheck.recalibrate",
     "Thresholds": "bncheck.checks",
     "Options": "bncheck.config",
