@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BAD, GOOD, ROOT, run_process
@@ -303,3 +305,49 @@ def test_a_web_server_folder_is_refused_in_one_line(cli, tmp_path: Path) -> None
         "name each checkpoint file\n"
     )
     assert requests == 0
+
+
+def test_a_report_pickles(s3_env: S3Server) -> None:
+    """The library's unit of work for a cluster: what it returns crosses process boundaries whole."""
+    import pickle
+
+    import bncheck
+
+    missing = f"s3://{BUCKET}/registry/missing.pt"
+    report = bncheck.inspect([f"s3://{BUCKET}/registry/bad/2026/BN016-saved-in-train-mode.pt", missing])
+    assert [bool(file.findings) for file in report.files] == [True, False] and report.files[1].error is not None
+    assert pickle.loads(pickle.dumps(report)) == report
+
+
+def _readme_dask_example() -> str:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = [block for block in re.findall(r"```python\n(.*?)\n```", readme, flags=re.DOTALL) if "dask" in block]
+    return block
+
+
+def test_the_readme_dask_example_gives_the_serial_result(s3_env: S3Server) -> None:
+    """The README's example, run as it is on a LocalCluster of two worker processes against the loopback bucket
+    (the workers inherit the environment, so they find the endpoint and the keys as the driver does)."""
+    distributed = pytest.importorskip("dask.distributed", reason="needs dask[distributed]")
+    import bncheck
+
+    example = _readme_dask_example()
+    assert "Client()" in example and "s3://models/registry/" in example
+    prefix = f"s3://{BUCKET}/registry/bad/"
+    serial = [bncheck.inspect(url) for url in bncheck.find_checkpoints(prefix)]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        namespace: dict[str, Any] = {}
+        exec(
+            example.replace("Client()", f"Client({cluster.scheduler_address!r})").replace(
+                "s3://models/registry/", prefix
+            ),
+            namespace,
+        )
+        client = namespace["client"]
+        try:
+            workers = set().union(*client.who_has(namespace["futures"]).values())
+        finally:
+            client.close()
+    assert namespace["reports"] == serial
+    assert sum(len(report.files[0].findings) for report in serial) > 25
+    assert len(workers) == 2  # both worker processes did some of the work
