@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from bncheck.checks import Thresholds
     from bncheck.config import Options, RuleSelection
     from bncheck.live import inspect_module
+    from bncheck.loaders import find_checkpoints
     from bncheck.recalibrate import recalibrate
     from bncheck.recompute import RecomputeRequest
     from bncheck.report import FileReport, Finding, LayerInfo, Report, Severity
@@ -31,6 +32,7 @@ __all__ = [
     "Severity",
     "Thresholds",
     "__version__",
+    "find_checkpoints",
     "inspect",
     "inspect_module",
     "recalibrate",
@@ -41,6 +43,7 @@ __all__ = [
 _HOME = {
     "inspect": "bncheck.api",
     "inspect_module": "bncheck.live",
+    "find_checkpoints": "bncheck.loaders",
     "recalibrate": "bncheck.recalibrate",
     "Thresholds": "bncheck.checks",
     "Options": "bncheck.config",

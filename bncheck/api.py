@@ -12,7 +12,7 @@ from bncheck.checks import RULES, LayerDrift, run_checks
 from bncheck.config import Options
 from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
 from bncheck.layer_config import model_configs
-from bncheck.loaders import find_checkpoints, is_url
+from bncheck.loaders import is_url, search_checkpoints
 from bncheck.read import LayerData, read_checkpoint
 from bncheck.report import (
     CONFIG_FIELDS,
@@ -59,11 +59,15 @@ def inspect(
         if not os.fspath(path):  # Path("") is the working directory: never scan it by accident
             units.append(unreadable_report(path, CheckpointNotFoundError("empty path")))
             continue
-        found = find_checkpoints(path, exclude=searched)
+        try:  # a remote folder that cannot be listed is one report, as a file that cannot be read
+            found = search_checkpoints(path, exclude=searched, mark=options.exclude)
+        except BncheckError as exc:
+            units.append(unreadable_report(path, exc))
+            continue
         if not found:
-            units.append(unreadable_report(path, UnsupportedFormatError("directory holds no checkpoint files")))
-        kept = set(find_checkpoints(path, exclude=options.exclude)) if searched != options.exclude else set(found)
-        units.extend((unit, unit not in kept) for unit in found)
+            where = "no checkpoint files under this prefix" if is_url(path) else "directory holds no checkpoint files"
+            units.append(unreadable_report(path, UnsupportedFormatError(where)))
+        units.extend(found)
     todo = [unit for unit in units if not isinstance(unit, FileReport)]
     if options.jobs > 1 and workload is None and len(todo) > 1:
         from concurrent.futures import ProcessPoolExecutor

@@ -441,7 +441,7 @@ def inspect_command(
             metavar="PATH...",
             help=f"Checkpoint files ({_FILE_SUFFIXES}, any name: the format is read from the bytes), "
             f"shard indexes (*{INDEX_SUFFIX}), directories to search recursively, or URLs (https://, s3://, gs://; "
-            "needs bncheck[remote]).",
+            "needs bncheck[remote]); an object-store URL ending in / is a prefix to search the same way.",
         ),
     ],
     output_format: Annotated[

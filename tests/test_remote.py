@@ -133,3 +133,38 @@ def test_a_connection_dropped_during_the_prefetch_is_one_line(
     assert prefetched, "the failure came before the prefetch"
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_remote_legacy_file_is_not_read_an_opcode_at_a_time(tmp_path: Path) -> None:
+    import bncheck
+
+    shutil.copy(GOOD / "conv1d-legacy.pt", tmp_path / "m.pt")
+    with RangeServer(tmp_path) as server:
+        (file,) = bncheck.inspect(f"{server.url}/m.pt").files
+        requests = server.requests
+    assert file.error is None and len(file.layers) == 2
+    # its five pickles cost a request per 64 KiB (1,180 requests when each opcode was one); each storage still costs
+    # one for its length and each BatchNorm tensor one
+    assert requests < 40, requests
+
+
+def test_read_ahead_serves_small_reads_from_one_block_and_never_asks_past_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from bncheck.loaders.files import LocalSource, ReadAheadFile
+
+    data = bytes(range(256)) * 40
+    (tmp_path / "f").write_bytes(data)
+    source = LocalSource(tmp_path / "f")
+    reads: list[tuple[int, int]] = []
+    real_read = source._read
+    monkeypatch.setattr(
+        source, "_read", lambda offset, length: reads.append((offset, length)) or real_read(offset, length)
+    )
+    stream = ReadAheadFile(source, block=4096)
+    stream.seek(100)
+    assert [stream.read(3) for _ in range(4)] == [data[100 + 3 * i : 103 + 3 * i] for i in range(4)]
+    assert reads == [(100, 4096)]
+    stream.seek(10_000)
+    assert stream.read(2**62) == data[10_000:]  # a crafted length gets what the file holds, and allocates no more
+    assert reads[-1] == (10_000, len(data) - 10_000)

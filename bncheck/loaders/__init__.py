@@ -6,12 +6,13 @@ import dataclasses
 import fnmatch
 import importlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+import posixpath
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from bncheck.errors import UnsupportedFormatError
-from bncheck.loaders.files import ByteSource, is_url, open_source
+from bncheck.loaders.files import ByteSource, is_remote_folder, is_url, list_remote_folder, open_source
 from bncheck.loaders.interface import Checkpoint, Format, TensorRef
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "is_url",
     "open_checkpoint",
     "open_source_checkpoint",
+    "search_checkpoints",
     "shards_named_by",
 ]
 
@@ -35,6 +37,8 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 INDEX_SUFFIX = ".index.json"
 # what the leading-bytes tests see: a tar header block is 512 bytes
 SNIFF_BYTES = 512
+# a file found in a folder: a local path or a URL
+_Found = TypeVar("_Found", Path, str)
 
 
 # The opcodes a protocol 0 or 1 pickle (no PROTO opcode) of an object worth loading starts with: a global, a mark, an
@@ -248,48 +252,107 @@ def _checkpoint_in_directory(path: Path) -> Path:
     raise UnsupportedFormatError("directory holds no single checkpoint (a *.index.json or a model.safetensors)")
 
 
+def _shard_names(data: bytes) -> set[str]:
+    """The shard file names in a shard index's JSON (raises when it is not one)."""
+    from bncheck.loaders.safetensors import parse_json
+
+    return set(parse_json(data, "shard index").get("weight_map", {}).values())
+
+
 def shards_named_by(index: Path) -> set[Path]:
     """The shard files a shard index points to (empty when the index is unreadable: opening it reports why)."""
     from bncheck.errors import BncheckError
-    from bncheck.loaders.safetensors import MAX_HEADER_BYTES, parse_json
+    from bncheck.loaders.safetensors import MAX_HEADER_BYTES
 
     try:
         if index.stat().st_size > MAX_HEADER_BYTES:
             return set()
-        weight_map = parse_json(index.read_bytes(), "shard index").get("weight_map", {})
-        return {(index.parent / name).resolve() for name in weight_map.values()}
+        return {(index.parent / name).resolve() for name in _shard_names(index.read_bytes())}
     except (OSError, BncheckError, ValueError, AttributeError, TypeError):
         return set()
 
 
-def _excluded(path: Path, root: Path, patterns: Sequence[str]) -> bool:
-    relative = path.relative_to(root).as_posix()
-    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(path.name, p) for p in patterns)
+def _shard_urls_named_by(index: str) -> set[str]:
+    """The URLs of the shards a remote shard index points to, normalised (empty when the index is unreadable)."""
+    from bncheck.errors import BncheckError
+    from bncheck.loaders.safetensors import MAX_HEADER_BYTES
+
+    try:
+        source = open_source(index)
+        if source.size > MAX_HEADER_BYTES:
+            return set()
+        return {_normalised_url(source.sibling(name).name) for name in _shard_names(source.read(0, source.size))}
+    except (BncheckError, ValueError, AttributeError, TypeError):
+        return set()
+
+
+def _normalised_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{posixpath.normpath(rest)}"
+
+
+def _excluded(relative: str, patterns: Sequence[str]) -> bool:
+    name = relative.rpartition("/")[2]
+    return any(fnmatch.fnmatchcase(relative, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _names_a_folder(url: str) -> bool:
+    """A URL ending in / names a folder; one ending in a checkpoint's suffix names a file without a request to ask."""
+    if url.endswith("/"):
+        return True
+    return not url.lower().endswith(checkpoint_suffixes()) and is_remote_folder(url)
+
+
+def _checkpoints_among(
+    files: Mapping[str, _Found], *, shards_of: Callable[[_Found], set[Any]], same_file: Callable[[_Found], Any]
+) -> list[tuple[str, _Found]]:
+    """The checkpoints among a folder's files (path below the folder -> the file), sorted by location: every shard
+    index, and every other file with a checkpoint's suffix that no index names as a shard, outside dot-folders."""
+    visible = {
+        relative: found
+        for relative, found in files.items()
+        if not any(part.startswith(".") for part in relative.split("/"))
+    }
+    indexes = [relative for relative in visible if relative.endswith(INDEX_SUFFIX)]
+    shards = set().union(*(shards_of(visible[relative]) for relative in indexes))
+    suffixes = checkpoint_suffixes()
+    singles = [
+        relative
+        for relative, found in visible.items()
+        if relative.lower().endswith(suffixes)
+        and not relative.endswith(INDEX_SUFFIX)
+        and not (shards and same_file(found) in shards)
+    ]
+    return sorted(((relative, visible[relative]) for relative in indexes + singles), key=lambda pair: str(pair[1]))
 
 
 def find_checkpoints(path: os.PathLike[str] | str, *, exclude: Sequence[str] = ()) -> list[Path | str]:
-    """The checkpoints a path stands for, in sorted order.
+    """The checkpoints a path or URL stands for, in sorted order.
 
     A file is itself (whatever its name). A directory is searched recursively: every shard index is one checkpoint
-    that stands for its shards, and every other file with a checkpoint extension is one checkpoint. ``exclude``
-    globs drop files found in directories (matched against the path below the directory, or the file name).
+    that stands for its shards, and every other file with a checkpoint extension is one checkpoint. A URL that ends
+    in ``/``, or that names a bucket or prefix on its object store, is a folder searched the same way through fsspec.
+    ``exclude`` globs drop files found in folders (matched against the path below the folder, or the file name).
+    Raises a BncheckError with one line when a remote folder cannot be listed.
     """
+    return [found for found, _ in search_checkpoints(path, exclude=exclude)]
+
+
+def search_checkpoints(
+    path: os.PathLike[str] | str, *, exclude: Sequence[str] = (), mark: Sequence[str] = ()
+) -> list[tuple[Path | str, bool]]:
+    """``find_checkpoints(path, exclude=exclude)``, each paired with whether the ``mark`` globs would drop it too: one
+    search (one listing of a remote folder) serves two sets of globs."""
+    chosen: list[tuple[str, Path]] | list[tuple[str, str]]
     if is_url(path):
-        return [str(path)]  # a URL names one file or shard index; object stores are not listed
-    path = Path(path)
-    if not path.is_dir():
-        return [path]
-    files = sorted(
-        p
-        for p in path.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    indexes = [p for p in files if p.name.endswith(INDEX_SUFFIX)]
-    shards = set().union(*(shards_named_by(index) for index in indexes)) if indexes else set()
-    suffixes = checkpoint_suffixes()
-    singles = [
-        p
-        for p in files
-        if p.name.lower().endswith(suffixes) and not p.name.endswith(INDEX_SUFFIX) and p.resolve() not in shards
-    ]
-    return sorted((p for p in indexes + singles if not _excluded(p, path, exclude)), key=str)
+        url = str(path)
+        if not _names_a_folder(url):
+            return [(url, False)]
+        chosen = _checkpoints_among(list_remote_folder(url), shards_of=_shard_urls_named_by, same_file=_normalised_url)
+    else:
+        path = Path(path)
+        if not path.is_dir():
+            return [(path, False)]
+        files = {found.relative_to(path).as_posix(): found for found in sorted(path.rglob("*")) if found.is_file()}
+        chosen = _checkpoints_among(files, shards_of=shards_named_by, same_file=Path.resolve)
+    return [(found, _excluded(relative, mark)) for relative, found in chosen if not _excluded(relative, exclude)]

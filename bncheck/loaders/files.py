@@ -10,6 +10,7 @@ import bisect
 import io
 import os
 import posixpath
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from bncheck.errors import (
     CorruptCheckpointError,
     MissingDependencyError,
     UnreadableFileError,
+    UnsupportedFormatError,
     first_line,
 )
 
@@ -136,9 +138,18 @@ class LocalSource(ByteSource):
 
 
 def _remote_error(url: str, exc: BaseException) -> Exception:
-    """One clear error for everything a remote read can raise."""
+    """One clear error for everything a remote read or listing can raise."""
+    reason = first_line(exc).partition(": ")[2] or type(exc).__name__
     if isinstance(exc, FileNotFoundError):
-        return CheckpointNotFoundError(f"not found: {url}")
+        # s3fs's message is the bare key for a missing object, a sentence for a missing bucket
+        return CheckpointNotFoundError(f"not found: {url}" + ("" if reason in url else f" ({reason})"))
+    if isinstance(exc, PermissionError):  # 403: AccessDenied, an unknown key id, a bad signature
+        return UnreadableFileError(f"access denied: {url} ({reason})"[:300])
+    if "Credential" in type(exc).__name__:  # botocore's NoCredentialsError, google.auth's DefaultCredentialsError...
+        return UnreadableFileError(
+            f"no credentials for {url} ({reason}); bncheck takes them where the backend looks: environment "
+            "variables, its config files, an instance role"[:300]
+        )
     if "range requests" in str(exc).lower():
         return UnreadableFileError(
             "the server ignores HTTP Range requests; bncheck reads only the bytes it needs and will not "
@@ -153,14 +164,82 @@ def _is_http(fs: Any) -> bool:
 
 
 def _remote_errors() -> tuple[type[BaseException], ...]:
-    """What fsspec and its HTTP/cloud backends raise for missing objects, refused ranges and dropped connections
-    (aiohttp's errors are not OSErrors; it is imported only when a URL is read, as it is slow to import)."""
+    """What fsspec and its HTTP/cloud backends raise for missing objects, refused access, missing credentials,
+    refused ranges and dropped connections. aiohttp's errors are not OSErrors (it is imported only when a URL is read,
+    as it is slow to import); neither are botocore's and google-auth's (credentials, endpoints), which are looked up
+    only when their backend has loaded them."""
     errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, TimeoutError)
+    for module, name in (("botocore.exceptions", "BotoCoreError"), ("google.auth.exceptions", "GoogleAuthError")):
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            errors += (getattr(loaded, name),)
     try:
         import aiohttp
     except ImportError:
         return errors
     return (*errors, aiohttp.ClientError)
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec file system of a URL and the path on it, with listings asked afresh: fsspec keeps one file system
+    per backend and process, whose cached listings would give a process that lives for days (a Dask worker) the
+    size of an object since replaced."""
+    try:
+        import fsspec
+    except ImportError:
+        raise MissingDependencyError("reading URLs needs fsspec: pip install 'bncheck[remote]'") from None
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise MissingDependencyError(f"no fsspec backend for {url}: {exc}") from None
+    fs.invalidate_cache(path)
+    return fs, path
+
+
+def _info_within_deadline(fs: Any, path: str, url: str) -> dict[str, Any]:
+    """What the backend knows of one path (its kind and size), within the remote deadline."""
+    if not fs.async_impl:
+        info: dict[str, Any] = fs.info(path)
+        return info
+    from fsspec.asyn import sync
+
+    from bncheck.loaders.remote import info_within_deadline
+
+    return cast(dict[str, Any], sync(fs.loop, info_within_deadline, fs._info(path), url))
+
+
+def is_remote_folder(url: str) -> bool:
+    """Whether a URL names a folder: a directory, a bucket, or an object-store prefix that objects lie below (one
+    metadata request). An http(s) URL names a file: a web server has no listing."""
+    try:
+        fs, path = _filesystem(url)
+        return not _is_http(fs) and _info_within_deadline(fs, path, url).get("type") == "directory"
+    except _remote_errors() as exc:
+        raise _remote_error(url, exc) from exc
+
+
+def list_remote_folder(url: str) -> dict[str, str]:
+    """Every file below a remote folder (at any depth), as its path below the folder -> its URL, in sorted order.
+
+    The listing comes from the backend (one request per 1,000 keys on S3) and its requests are bounded by the
+    backend's own timeouts. Raises a BncheckError with one line when it fails (no such bucket, access denied, no
+    credentials) or when the URL is http(s), whose servers have no listing.
+    """
+    folder = url if url.endswith("/") else f"{url}/"
+    try:
+        fs, path = _filesystem(url)
+        if _is_http(fs):
+            raise UnsupportedFormatError(
+                f"{url} names a folder, but a web server has no listing to search: name each checkpoint file"
+            )
+        root = path.rstrip("/")
+        names: list[str] = fs.find(root)
+    except _remote_errors() as exc:
+        raise _remote_error(folder, exc) from exc
+    # the backend names files by their path (bucket/key), not by URL; the URL keeps the scheme the user wrote
+    relatives = sorted(name[len(root) + 1 :] for name in names if name.startswith(f"{root}/"))
+    # a key ending in / is a folder marker some tools write, not a file
+    return {relative: folder + relative for relative in relatives if relative and not relative.endswith("/")}
 
 
 @dataclass(eq=False)
@@ -177,34 +256,18 @@ class RemoteSource(ByteSource):
     _starts: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        try:
-            import fsspec
-        except ImportError:
-            raise MissingDependencyError("reading URLs needs fsspec: pip install 'bncheck[remote]'") from None
         self.name = self.url
         try:
-            self._fs, self._path = fsspec.core.url_to_fs(self.url)
-            info = self._info()
-        except ImportError as exc:
-            raise MissingDependencyError(f"no fsspec backend for {self.url}: {exc}") from None
+            self._fs, self._path = _filesystem(self.url)
+            info = _info_within_deadline(self._fs, self._path, self.url)
         except _remote_errors() as exc:
             raise _remote_error(self.url, exc) from exc
         if info.get("type") == "directory":
-            raise UnreadableFileError(f"{self.url} is a directory; name a checkpoint file or shard index")
+            raise UnreadableFileError(f"{self.url} is a folder; end it with / to search it for checkpoints")
         size = info.get("size")
         if not isinstance(size, int):
             raise UnreadableFileError(f"the server does not say how large {self.url} is")
         self.size = size
-
-    def _info(self) -> dict[str, Any]:
-        if not self._fs.async_impl:
-            info: dict[str, Any] = self._fs.info(self._path)
-            return info
-        from fsspec.asyn import sync
-
-        from bncheck.loaders.remote import info_within_deadline
-
-        return cast(dict[str, Any], sync(self._fs.loop, info_within_deadline, self._fs._info(self._path), self.url))
 
     def _bounded_read(self, offset: int, length: int) -> bytes | None:
         """One ranged request held to the deadline and byte cap of :mod:`bncheck.loaders.remote`: read by bncheck
@@ -372,6 +435,33 @@ class SourceFile(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+class ReadAheadFile(SourceFile):
+    """A SourceFile for reads of a few bytes at a time (decoding a pickle opcode by opcode): a short read fetches
+    ``block`` bytes, and the reads that follow are served from them, so a remote file costs a request per block
+    rather than per read. Like SourceFile it never asks for more than the file holds (io.BufferedReader would
+    allocate whatever length a crafted opcode names)."""
+
+    def __init__(self, source: ByteSource, *, block: int) -> None:
+        super().__init__(source)
+        self._block = block
+        self._start = 0
+        self._data = b""
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._source.size if size is None or size < 0 else min(self._source.size, self._position + size)
+        length = max(0, end - self._position)
+        if length == 0:
+            return b""
+        offset = self._position - self._start
+        if offset < 0 or offset + length > len(self._data):
+            if length >= self._block:
+                return super().read(size)
+            self._start, offset = self._position, 0
+            self._data = self._source.read(self._position, min(self._block, self._source.size - self._position))
+        self._position += length
+        return self._data[offset : offset + length]
 
 
 def open_source(location: str | os.PathLike[str]) -> ByteSource:

@@ -17,7 +17,7 @@ import numpy as np
 
 from bncheck.errors import CorruptCheckpointError, UnsupportedFormatError
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
-from bncheck.loaders.files import ByteSource, SourceFile
+from bncheck.loaders.files import ByteSource, ReadAheadFile
 from bncheck.loaders.interface import Checkpoint, TensorRef, without_data
 from bncheck.loaders.restricted_pickle import (
     StorageRef,
@@ -30,6 +30,7 @@ from bncheck.loaders.restricted_pickle import (
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
+PICKLE_READ_AHEAD = 64 * 1024
 
 
 class PickleSequence:
@@ -40,9 +41,12 @@ class PickleSequence:
         self.source = source
         self.position = 0
         self.globals: list[str] = []  # every pickle's untrusted globals, in order: torch.load resolves them all
+        # decoding asks for a few bytes per opcode: read ahead, a remote file costs a request per 64 KiB of pickles
+        # rather than one per opcode
+        self.stream = ReadAheadFile(source, block=PICKLE_READ_AHEAD)
 
     def next_bytes(self) -> bytes:
-        stream = SourceFile(self.source)
+        stream = self.stream
         stream.seek(self.position)
         try:
             with invalid_escapes_refused():
@@ -59,7 +63,8 @@ class PickleSequence:
             DeprecationWarning,
         ) as exc:
             raise CorruptCheckpointError(f"cannot parse legacy torch.save file: {exc}"[:300]) from exc
-        data = self.source.read(self.position, end - self.position)
+        stream.seek(self.position)
+        data = stream.read(end - self.position)  # from the read-ahead buffer unless the pickle is larger
         self.position = end
         return data
 
