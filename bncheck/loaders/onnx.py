@@ -1,0 +1,855 @@
+"""ONNX models (``.onnx``): every BatchNormalization node of the main graph, with its statistics, affine parameters,
+epsilon, momentum and mode, read from the protobuf wire format.
+
+A model is a ``ModelProto`` message; its ``graph`` holds the nodes and the initializers (named tensors, their bytes
+in ``raw_data`` or in an external data file beside the model). bncheck walks the messages itself, field by field,
+and skips every payload it does not need by its length, so a 1 GB model costs its structure and its BatchNorm
+tensors, never its convolution weights, and no tensor is read before it is asked for. It does not go through the
+``onnx`` package: ``import onnx`` alone takes 0.6 s (its ml_dtypes dependency 0.55 s of it), more than a whole
+inspection, and ``onnx.load`` parses the whole model into memory, where a message of two bytes becomes about 160
+(an 8 MB file of empty nodes needs 0.8 GB). The fields read here follow ``onnx/onnx.proto`` (proto2) as protobuf
+reads them: the last occurrence of a singular field wins, a singular message met twice is merged, repeated fields
+accumulate, packed or not. Anything protobuf would read differently (a known field with another wire type, a group)
+is refused.
+
+Each BatchNormalization node is one layer, named from its statistics' initializers as torch's exporters keep them
+(``bn1.running_mean`` -> ``bn1``), else from the node's name. Its inputs come from initializers, ``Constant`` nodes
+or through ``Identity`` nodes (the TorchScript exporter deduplicates equal initializers that way). The node records
+its configuration (:class:`~bncheck.loaders.interface.RecordedCall`): epsilon, momentum converted to PyTorch's
+convention, and whether it normalises with batch statistics, by the rule of the model's opset and ONNX Runtime's.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import PurePosixPath, PureWindowsPath
+from typing import Any
+
+import numpy as np
+
+from bncheck.errors import BncheckError, CorruptCheckpointError, UnsupportedDtypeError
+from bncheck.layer_config import ONNX_NODE
+from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
+from bncheck.loaders.files import ByteSource
+from bncheck.loaders.interface import ByteLocation, Checkpoint, RecordedCall, TensorRef, contiguous_strides, in_memory
+
+# Limits far beyond any exported model, so that a crafted file costs seconds and megabytes: entries of the main
+# graph (nodes and initializers; each costs Python time and a little memory), BatchNormalization nodes, the length
+# of a name, the dimensions of a tensor, the external-data entries of one tensor, and values stored as typed fields
+# (float_data, int32_data...) rather than raw bytes.
+MAX_GRAPH_ENTRIES = 1_000_000
+MAX_BATCHNORM_NODES = 100_000
+MAX_NAME_BYTES = 64 * 1024
+MAX_DIMS = 64
+MAX_EXTERNAL_ENTRIES = 64
+MAX_TYPED_VALUES = 1 << 20
+# Identity chains followed from a BatchNormalization input to the tensor it stands for.
+MAX_IDENTITY_CHAIN = 64
+
+# How much of the file one read fetches. A node or a tensor's metadata is read in one piece; the tensor bytes between
+# them are skipped by offset, so a larger block would read weights for nothing.
+_BLOCK = 64 * 1024
+# a field's key and a length: two varints
+_HEAD = 20
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+# TensorProto.DataType -> torch's name for the dtype (what reports show for every format)
+ONNX_DTYPES = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    8: "string",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    14: "complex64",
+    15: "complex128",
+    16: "bfloat16",
+    17: "float8_e4m3fn",
+    18: "float8_e4m3fnuz",
+    19: "float8_e5m2",
+    20: "float8_e5m2fnuz",
+    24: "float8_e8m0fnu",
+}
+# A proto2 enum field with a value outside its enum is an unknown field to protobuf: the field stays as it was.
+_KNOWN_DATA_TYPES = range(0, 29)
+_DATA_LOCATIONS = (0, 1)  # DEFAULT, EXTERNAL
+_KNOWN_ATTRIBUTE_TYPES = range(0, 15)
+_ATTR_FLOAT, _ATTR_INT, _ATTR_TENSOR, _ATTR_GRAPH, _ATTR_FLOATS, _ATTR_GRAPHS = 1, 2, 4, 5, 6, 10
+
+# Typed fields of a TensorProto, by the dtypes stored in each (float16 and bfloat16 as their bits in int32_data).
+_FLOAT_DATA, _INT32_DATA, _INT64_DATA, _DOUBLE_DATA, _UINT64_DATA = 4, 5, 7, 10, 11
+_TYPED_FIELD = {
+    "float32": _FLOAT_DATA,
+    "float64": _DOUBLE_DATA,
+    "int64": _INT64_DATA,
+    "uint32": _UINT64_DATA,
+    "uint64": _UINT64_DATA,
+    **dict.fromkeys(("int32", "int16", "int8", "uint16", "uint8", "bool", "float16", "bfloat16"), _INT32_DATA),
+}
+
+BATCH_NORM = b"BatchNormalization"
+# The nodes a BatchNormalization input is traced through; a node without any of these names in its bytes is
+# skipped unparsed (the op_type's bytes appear verbatim in a node that has it).
+_TRACED_OPS = (BATCH_NORM, b"Constant", b"Identity")
+_DEFAULT_DOMAINS = (b"", b"ai.onnx")
+
+# What ONNX Runtime reads as an address in its own memory rather than a file name.
+_ORT_MEMORY_LOCATION = "*/_ORT_MEM_ADDR_/*"
+STAT_LEAVES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _corrupt(message: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"ONNX model: {message}")
+
+
+class _Window:
+    """Reads of a ByteSource through one cached block: walking a message's fields costs a read per block, not per
+    field. Over bytes already in memory (a node read whole), it never reads."""
+
+    def __init__(self, source: ByteSource | None, data: bytes = b"", start: int = 0) -> None:
+        self._source = source
+        self._data = data
+        self._start = start
+
+    def get(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; callers keep them inside the message they walk."""
+        at = offset - self._start
+        if at < 0 or at + length > len(self._data):
+            if self._source is None:
+                raise _corrupt("a field runs past the end of its message")
+            self._data = self._source.read(offset, min(max(length, _BLOCK), self._source.size - offset))
+            self._start, at = offset, 0
+        return self._data[at : at + length]
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The unsigned varint at ``at`` in ``data`` and the position after it."""
+    byte = data[at] if at < len(data) else 0x80
+    if byte < 0x80:
+        return byte, at + 1
+    value = shift = 0
+    for position in range(at, min(at + 10, len(data))):
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if value >> 64:
+                break
+            return value, position + 1
+        shift += 7
+    raise _corrupt("a malformed or truncated varint")
+
+
+def _signed(value: int) -> int:
+    """An int64 field's varint as the number it stands for (two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _fields(window: _Window, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """Each field of the message in ``[start, end)``: (number, wire type, value, length). A varint's value is the
+    number itself; any other field's value is where its payload starts, and ``length`` its size."""
+    position = start
+    while position < end:
+        head = window.get(position, min(_HEAD, end - position))
+        key, used = _varint(head, 0)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _corrupt("a field numbered 0")
+        if wire == _VARINT:
+            value, used = _varint(head, used)
+            yield number, wire, value, 0
+            position += used
+            continue
+        if wire == _LEN:
+            length, used = _varint(head, used)
+        elif wire in (_I64, _I32):
+            length = 8 if wire == _I64 else 4
+        else:
+            raise _corrupt(f"wire type {wire} (groups, or not protobuf at all)")
+        payload = position + used
+        if length > end - payload:
+            raise _corrupt(f"a field of {length} bytes runs past the end of its message")
+        yield number, wire, payload, length
+        position = payload + length
+
+
+def _expect(wire: int, expected: int, what: str) -> None:
+    # protobuf would keep a known field of another wire type as an unknown field: refused, never read two ways
+    if wire != expected:
+        raise _corrupt(f"{what} has wire type {wire}, not {expected}")
+
+
+def _string(window: _Window, offset: int, length: int, what: str) -> bytes:
+    if length > MAX_NAME_BYTES:
+        raise _corrupt(f"{what} of {length} bytes (names are at most {MAX_NAME_BYTES})")
+    return window.get(offset, length)
+
+
+def _display(name: bytes) -> str:
+    """A name as reports show it: proto2 strings are bytes, and invalid UTF-8 is shown escaped."""
+    return name.decode("utf-8", "backslashreplace")
+
+
+@dataclass(eq=False)
+class _Tensor:
+    """A TensorProto's metadata; a message met more than once (a merged attribute) accumulates here."""
+
+    name: bytes = b""
+    data_type: int = 0
+    dims: list[int] = field(default_factory=list)
+    raw: tuple[int, int] | None = None  # (offset, length) of raw_data in the model file
+    location: int = 0  # data_location: DEFAULT or EXTERNAL
+    external: list[tuple[bytes, bytes]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # the message(s), re-read for typed values
+    segment: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return ONNX_DTYPES.get(self.data_type, f"onnx type {self.data_type}")
+
+
+def _read_tensor(window: _Window, start: int, end: int, tensor: _Tensor) -> None:
+    tensor.spans.append((start, end))
+    for number, wire, value, length in _fields(window, start, end):
+        if number == 1:  # dims: packed, or one varint per field
+            if wire == _LEN:
+                data, at = window.get(value, length), 0
+                while at < length:
+                    dim, at = _varint(data, at)
+                    tensor.dims.append(_signed(dim))
+                    if len(tensor.dims) > MAX_DIMS:
+                        break
+            else:
+                _expect(wire, _VARINT, "a tensor's dims")
+                tensor.dims.append(_signed(value))
+            if len(tensor.dims) > MAX_DIMS:
+                raise _corrupt(f"a tensor with more than {MAX_DIMS} dimensions")
+        elif number == 2:
+            _expect(wire, _VARINT, "a tensor's data_type")
+            if value in _KNOWN_DATA_TYPES:
+                tensor.data_type = value
+        elif number == 3:
+            _expect(wire, _LEN, "a tensor's segment")
+            tensor.segment = True
+        elif number == 8:
+            _expect(wire, _LEN, "a tensor's name")
+            tensor.name = _string(window, value, length, "a tensor name")
+        elif number == 9:
+            _expect(wire, _LEN, "a tensor's raw_data")
+            tensor.raw = (value, length)
+        elif number == 13:
+            _expect(wire, _LEN, "a tensor's external_data")
+            tensor.external.append(_read_entry(window, value, value + length))
+            if len(tensor.external) > MAX_EXTERNAL_ENTRIES:
+                raise _corrupt(f"a tensor with more than {MAX_EXTERNAL_ENTRIES} external_data entries")
+        elif number == 14:
+            _expect(wire, _VARINT, "a tensor's data_location")
+            if value in _DATA_LOCATIONS:
+                tensor.location = value
+
+
+def _read_entry(window: _Window, start: int, end: int) -> tuple[bytes, bytes]:
+    """A StringStringEntryProto: (key, value)."""
+    key = text = b""
+    for number, wire, value, length in _fields(window, start, end):
+        if number in (1, 2):
+            _expect(wire, _LEN, "an external_data entry")
+            if number == 1:
+                key = _string(window, value, length, "an external_data key")
+            else:
+                text = _string(window, value, length, "an external_data value")
+    return key, text
+
+
+@dataclass
+class _Attribute:
+    name: bytes = b""
+    type: int = 0
+    f: float = 0.0
+    i: int = 0
+    floats: list[float] = field(default_factory=list)
+    tensor: _Tensor | None = None
+    graphs: list[tuple[int, int]] = field(default_factory=list)  # subgraph spans (If, Loop, Scan bodies)
+
+
+def _read_attribute(window: _Window, start: int, end: int) -> _Attribute:
+    attribute = _Attribute()
+    for number, wire, value, length in _fields(window, start, end):
+        if number == 1:
+            _expect(wire, _LEN, "an attribute's name")
+            attribute.name = _string(window, value, length, "an attribute name")
+        elif number == 20:
+            _expect(wire, _VARINT, "an attribute's type")
+            if value in _KNOWN_ATTRIBUTE_TYPES:
+                attribute.type = value
+        elif number == 2:
+            _expect(wire, _I32, "an attribute's float")
+            (attribute.f,) = struct.unpack("<f", window.get(value, 4))
+        elif number == 3:
+            _expect(wire, _VARINT, "an attribute's int")
+            attribute.i = _signed(value)
+        elif number == 7:
+            if wire == _LEN:
+                if length % 4 or len(attribute.floats) + length // 4 > MAX_TYPED_VALUES:
+                    raise _corrupt("an attribute's packed floats are malformed or too many")
+                attribute.floats.extend(np.frombuffer(window.get(value, length), "<f4").tolist())
+            else:
+                _expect(wire, _I32, "an attribute's floats")
+                attribute.floats.extend(struct.unpack("<f", window.get(value, 4)))
+            if len(attribute.floats) > MAX_TYPED_VALUES:
+                raise _corrupt("an attribute with too many floats")
+        elif number == 5:
+            _expect(wire, _LEN, "an attribute's tensor")
+            attribute.tensor = attribute.tensor or _Tensor()
+            _read_tensor(window, value, value + length, attribute.tensor)
+        elif number in (6, 11):
+            _expect(wire, _LEN, "an attribute's graph")
+            attribute.graphs.append((value, value + length))
+    return attribute
+
+
+@dataclass
+class _Node:
+    inputs: list[bytes] = field(default_factory=list)
+    outputs: list[bytes] = field(default_factory=list)
+    name: bytes = b""
+    op_type: bytes = b""
+    domain: bytes = b""
+    attributes: list[tuple[int, int]] = field(default_factory=list)  # spans, read once the op_type is known
+
+
+def _read_node(window: _Window, start: int, end: int) -> _Node | None:
+    """The node at ``[start, end)``, or None when it is none of the ops a BatchNormalization input is traced
+    through (nor a control-flow node that mentions one)."""
+    if end - start <= _BLOCK:
+        data = window.get(start, end - start)
+        if not any(op in data for op in _TRACED_OPS):
+            return None
+        window = _Window(None, data, start)  # parse the node from the bytes in hand
+    node = _Node()
+    for number, wire, value, length in _fields(window, start, end):
+        if number in (1, 2, 3, 4, 7):
+            _expect(wire, _LEN, "a node's names")
+            text = _string(window, value, length, "a node's input, output or name")
+            if number == 1:
+                node.inputs.append(text)
+            elif number == 2:
+                node.outputs.append(text)
+            elif number == 3:
+                node.name = text
+            elif number == 4:
+                node.op_type = text
+            else:
+                node.domain = text
+        elif number == 5:
+            _expect(wire, _LEN, "a node's attribute")
+            node.attributes.append((value, value + length))
+        if len(node.inputs) + len(node.outputs) > MAX_TYPED_VALUES:
+            raise _corrupt("a node with too many inputs and outputs")
+    return node
+
+
+@dataclass
+class _BatchNorm:
+    node: _Node
+    index: int  # among the graph's BatchNormalization nodes
+    attributes: dict[bytes, _Attribute]
+
+
+@dataclass
+class _Graph:
+    """What the main graph says about its BatchNormalization nodes and the tensors they read."""
+
+    batch_norms: list[_BatchNorm] = field(default_factory=list)
+    initializers: dict[bytes, _Tensor] = field(default_factory=dict)
+    constants: dict[bytes, _Tensor | list[float]] = field(default_factory=dict)
+    identities: dict[bytes, bytes] = field(default_factory=dict)
+    sparse: set[bytes] = field(default_factory=set)  # names of sparse initializers (not read)
+    subgraph_mentions: list[str] = field(default_factory=list)  # control-flow nodes whose bodies name BatchNorm
+    entries: int = 0
+
+
+def _mentions(window: _Window, start: int, end: int, needle: bytes) -> bool:
+    """Whether the bytes in ``[start, end)`` contain ``needle``, read block by block."""
+    step = _BLOCK
+    for offset in range(start, end, step):
+        chunk = window.get(offset, min(step + len(needle) - 1, end - offset))
+        if needle in chunk:
+            return True
+    return False
+
+
+def _add_node(window: _Window, node: _Node, graph: _Graph) -> None:
+    if node.domain not in _DEFAULT_DOMAINS:
+        return
+    attributes = {a.name: a for a in (_read_attribute(window, s, e) for s, e in node.attributes)}
+    if node.op_type == BATCH_NORM:
+        if len(graph.batch_norms) >= MAX_BATCHNORM_NODES:
+            raise _corrupt(f"more than {MAX_BATCHNORM_NODES} BatchNormalization nodes")
+        graph.batch_norms.append(_BatchNorm(node, len(graph.batch_norms), attributes))
+    elif node.op_type == b"Constant" and len(node.outputs) == 1:
+        value = _constant_value(attributes)
+        if value is not None:
+            graph.constants[node.outputs[0]] = value
+    elif node.op_type == b"Identity" and len(node.inputs) == 1 and len(node.outputs) == 1:
+        graph.identities[node.outputs[0]] = node.inputs[0]
+    else:
+        bodies = [span for a in attributes.values() for span in a.graphs]
+        if any(_mentions(window, s, e, BATCH_NORM) for s, e in bodies):
+            graph.subgraph_mentions.append(f"{_display(node.op_type)} {_display(node.name)!r}")
+
+
+def _constant_value(attributes: dict[bytes, _Attribute]) -> _Tensor | list[float] | None:
+    """A Constant node's value, when it is a tensor or floats (the forms a statistic can take)."""
+    value = attributes.get(b"value")
+    if value is not None and value.type == _ATTR_TENSOR and value.tensor is not None:
+        return value.tensor
+    floats = attributes.get(b"value_floats")
+    if floats is not None and floats.type == _ATTR_FLOATS:
+        return floats.floats
+    single = attributes.get(b"value_float")
+    if single is not None and single.type == _ATTR_FLOAT:
+        return [single.f]
+    return None
+
+
+def _read_graph(window: _Window, start: int, end: int, graph: _Graph) -> None:
+    for number, wire, value, length in _fields(window, start, end):
+        if number in (1, 5, 15):
+            graph.entries += 1
+            if graph.entries > MAX_GRAPH_ENTRIES:
+                raise _corrupt(f"a graph of more than {MAX_GRAPH_ENTRIES} nodes and initializers")
+        if number == 1:
+            _expect(wire, _LEN, "a graph's node")
+            node = _read_node(window, value, value + length)
+            if node is not None:
+                _add_node(window, node, graph)
+        elif number == 5:
+            _expect(wire, _LEN, "a graph's initializer")
+            tensor = _Tensor()
+            _read_tensor(window, value, value + length, tensor)
+            if tensor.name in graph.initializers:
+                # ONNX Runtime refuses a graph that defines a name twice
+                raise _corrupt(f"two initializers named {_display(tensor.name)!r}")
+            graph.initializers[tensor.name] = tensor
+        elif number == 15:
+            _expect(wire, _LEN, "a graph's sparse_initializer")
+            graph.sparse.update(_sparse_names(window, value, value + length))
+
+
+def _sparse_names(window: _Window, start: int, end: int) -> list[bytes]:
+    """The name of a SparseTensorProto: its values tensor's."""
+    for number, wire, value, length in _fields(window, start, end):
+        if number == 1 and wire == _LEN:
+            tensor = _Tensor()
+            _read_tensor(window, value, value + length, tensor)
+            return [tensor.name]
+    return []
+
+
+@dataclass
+class _Model:
+    graph: _Graph = field(default_factory=_Graph)
+    opset: int | None = None
+    function_mentions: int = 0  # local functions whose bodies name BatchNormalization
+
+
+def _read_model(source: ByteSource) -> _Model:
+    window = _Window(source)
+    model = _Model()
+    for number, wire, value, length in _fields(window, 0, source.size):
+        if number == 7:
+            _expect(wire, _LEN, "the model's graph")
+            _read_graph(window, value, value + length, model.graph)  # a graph met twice merges, as protobuf does
+        elif number == 8:
+            _expect(wire, _LEN, "the model's opset_import")
+            domain, version = _read_entry_version(window, value, value + length)
+            if domain in _DEFAULT_DOMAINS and version is not None:
+                model.opset = version
+        elif number == 25:
+            _expect(wire, _LEN, "the model's functions")
+            model.function_mentions += _mentions(window, value, value + length, BATCH_NORM)
+    return model
+
+
+def _read_entry_version(window: _Window, start: int, end: int) -> tuple[bytes, int | None]:
+    """An OperatorSetIdProto: (domain, version)."""
+    domain, version = b"", None
+    for number, wire, value, length in _fields(window, start, end):
+        if number == 1:
+            _expect(wire, _LEN, "an opset's domain")
+            domain = _string(window, value, length, "an opset domain")
+        elif number == 2:
+            _expect(wire, _VARINT, "an opset's version")
+            version = _signed(value)
+    return domain, version
+
+
+# ---------------------------------------------------------------- tensors: where their bytes are, read on demand
+
+
+def _numel(tensor: _Tensor) -> int:
+    if any(d < 0 for d in tensor.dims):
+        raise _corrupt(f"tensor {_display(tensor.name)!r} has a negative dimension {tensor.dims}")
+    return math.prod(tensor.dims)
+
+
+def _expected_bytes(tensor: _Tensor, length: int) -> None:
+    itemsize = ITEMSIZE.get(tensor.dtype)
+    if itemsize is not None and _numel(tensor) * itemsize != length:
+        raise _corrupt(
+            f"tensor {_display(tensor.name)!r}: shape {tensor.dims} of {tensor.dtype} needs "
+            f"{_numel(tensor) * itemsize} bytes, the file gives {length}"
+        )
+
+
+class _ExternalFiles:
+    """The external data files a model names, each opened once and only from inside the model's folder."""
+
+    def __init__(self, model: ByteSource) -> None:
+        self._model = model
+        self._files: dict[str, ByteSource] = {}
+
+    def get(self, location: bytes, tensor: bytes) -> ByteSource:
+        try:
+            name = location.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _corrupt(f"tensor {_display(tensor)!r} names external data {_display(location)!r}") from None
+        if name not in self._files:
+            self._files[name] = self._open(name, tensor)
+        return self._files[name]
+
+    @property
+    def size(self) -> int:
+        """The bytes of every external data file the model names."""
+        return sum(source.size for source in self._files.values())
+
+    def _open(self, name: str, tensor: bytes) -> ByteSource:
+        refused = f"tensor {_display(tensor)!r} names external data {name!r}"
+        posix, windows = PurePosixPath(name), PureWindowsPath(name)
+        if not name or "\0" in name or name == _ORT_MEMORY_LOCATION:
+            raise _corrupt(f"{refused}, which is no file name")
+        if posix.is_absolute() or windows.anchor or ".." in posix.parts or ".." in windows.parts:
+            raise _corrupt(f"{refused} outside the model's folder; bncheck reads external data only from inside it")
+        folder = self._model.local_path.parent if self._model.local_path is not None else None
+        if folder is not None:
+            target = (folder / name).resolve()
+            if not target.is_relative_to(folder.resolve()):  # a symlink that leads out of the folder
+                raise _corrupt(f"{refused}, a link to {target} outside the model's folder; bncheck does not follow it")
+            if not target.is_file():
+                raise _corrupt(f"{refused}, which is missing or not a file")
+        try:
+            return self._model.sibling(name)
+        except BncheckError as exc:
+            raise _corrupt(f"{refused}, which cannot be read: {exc}") from None
+
+
+def _external_span(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource, int, int]:
+    entries = dict(tensor.external)  # the last entry of a key wins, as in onnx's loader
+    location = entries.get(b"location")
+    if location is None:
+        raise _corrupt(f"tensor {_display(tensor.name)!r} is stored externally but names no location")
+    source = files.get(location, tensor.name)
+    numbers = {}
+    for key in (b"offset", b"length"):
+        text = entries.get(key)
+        if text is not None:
+            if not text.isdigit() or len(text) > 20:
+                raise _corrupt(f"tensor {_display(tensor.name)!r} has external {key.decode()} {_display(text)!r}")
+            numbers[key] = int(text)
+    offset = numbers.get(b"offset", 0)
+    length = numbers.get(b"length", source.size - offset)
+    if offset + length > source.size:
+        raise _corrupt(
+            f"tensor {_display(tensor.name)!r} needs {length} bytes at offset {offset} of "
+            f"{_display(location)!r}, which has {source.size}"
+        )
+    return source, offset, length
+
+
+def _typed_values(window: _Window, tensor: _Tensor, count: int) -> np.ndarray:
+    """A tensor stored in a typed field (float_data, int32_data...) rather than raw bytes, in the field's order."""
+    number = _TYPED_FIELD.get(tensor.dtype)
+    if number is None:
+        raise UnsupportedDtypeError(f"{tensor.dtype} tensors in typed fields are not read")
+    name = _display(tensor.name)
+    if count > MAX_TYPED_VALUES:
+        raise _corrupt(f"tensor {name!r} holds {count} values outside raw_data")
+    fixed = {_FLOAT_DATA: ("<f4", _I32), _DOUBLE_DATA: ("<f8", _I64)}.get(number)
+    values: list[Any] = []
+    for start, end in tensor.spans:
+        for field_number, wire, value, length in _fields(window, start, end):
+            if field_number != number:
+                continue
+            if fixed is not None:
+                code, single = fixed
+                itemsize = np.dtype(code).itemsize
+                if wire != single and not (wire == _LEN and length % itemsize == 0):
+                    raise _corrupt(f"tensor {name!r} has malformed typed values")
+                if len(values) + length // itemsize > count:
+                    raise _corrupt(f"tensor {name!r} holds more values than its shape {tensor.dims}")
+                values.extend(np.frombuffer(window.get(value, length), code).tolist())
+            elif wire == _LEN:
+                data, at = window.get(value, length), 0
+                while at < length:
+                    item, at = _varint(data, at)
+                    values.append(item)
+                    if len(values) > count:
+                        raise _corrupt(f"tensor {name!r} holds more values than its shape {tensor.dims}")
+            else:
+                _expect(wire, _VARINT, "a tensor's typed values")
+                values.append(value)
+                if len(values) > count:
+                    raise _corrupt(f"tensor {name!r} holds more values than its shape {tensor.dims}")
+    if len(values) != count:
+        raise _corrupt(f"tensor {name!r} of shape {tensor.dims} holds {len(values)} values")
+    if fixed is not None:
+        return np.array(values, dtype=fixed[0])
+    if number == _INT32_DATA:  # protobuf keeps an int32 field's low 32 bits
+        values = [((v + (1 << 31)) % (1 << 32)) - (1 << 31) for v in values]
+        if tensor.dtype in ("float16", "bfloat16"):  # their bits
+            bits = np.array([v & 0xFFFF for v in values], dtype="<u2")
+            return bytes_to_array(bits.tobytes(), tensor.dtype)
+    elif number == _INT64_DATA:
+        values = [_signed(v) for v in values]
+    try:
+        return np.array(values, dtype=np.dtype(tensor.dtype))
+    except OverflowError:
+        raise _corrupt(f"tensor {name!r} holds values outside {tensor.dtype}") from None
+
+
+def _tensor_ref(source: ByteSource, window: _Window, tensor: _Tensor, files: _ExternalFiles) -> TensorRef:
+    """A TensorRef that reads the tensor's bytes when asked: from raw_data in the model, an external file, or the
+    typed fields."""
+    shape = tuple(tensor.dims)
+    numel = _numel(tensor)
+    dtype = tensor.dtype
+
+    def refuse_segment() -> np.ndarray:
+        raise _corrupt(f"tensor {_display(tensor.name)!r} is a segment of a larger tensor, which is not read")
+
+    if tensor.segment:
+        return TensorRef(dtype, shape, refuse_segment)
+    if tensor.location == 1:
+        data_source, offset, length = _external_span(tensor, files)
+    elif tensor.raw is not None:
+        data_source, (offset, length) = source, tensor.raw
+    else:
+        typed_window = _Window(source)
+
+        def read_typed() -> np.ndarray:
+            return _typed_values(typed_window, tensor, numel).reshape(shape)
+
+        return TensorRef(dtype, shape, read_typed)
+    _expected_bytes(tensor, length)
+
+    def read() -> np.ndarray:
+        data = data_source.read(offset, length)
+        if data_source is not source:
+            data_source.close()  # a model may name a file per tensor: never hold them all open
+        return bytes_to_array(data, dtype).reshape(shape)
+
+    path = data_source.local_path
+    location = ByteLocation(path, None, offset, contiguous_strides(shape)) if path is not None else None
+    span = None if path is not None else (data_source, offset, length)  # a remote file: fetched together
+    return TensorRef(dtype, shape, read, location, span)
+
+
+# ---------------------------------------------------------------- BatchNormalization nodes -> layers and calls
+
+
+def _pytorch_momentum(onnx_momentum: float) -> float:
+    """ONNX's momentum is the weight of the running value (running = running * momentum + batch * (1 - momentum),
+    the Keras convention, default 0.9); PyTorch's is the weight of the batch. The attribute is a float32: 1 - m is
+    taken on its shortest decimal form, so torch's 0.9 (stored as 0.8999999762) comes back as 0.1, not 0.1000000238.
+    """
+    shortest = Decimal(str(np.float32(onnx_momentum)))
+    return float(1 - shortest)
+
+
+def _float32(value: float) -> float:
+    """A float32 attribute as the decimal it was written from (1e-05, not 9.999999747e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _mode(batch_norm: _BatchNorm, opset: int | None) -> tuple[bool, str]:
+    """Whether the node normalises with batch statistics, and the evidence: the ``training_mode`` attribute (opset
+    14 and later), the ``is_test`` attribute (opsets 1-6, where it defaults to 0: training), and more than one output,
+    by which ONNX Runtime's kernel decides at every opset it runs (7 and later). A model that declares no ONNX opset
+    is judged by every rule's explicit evidence."""
+    attributes = batch_norm.attributes
+    evidence = []
+    if opset is None or opset >= 14:
+        mode = attributes.get(b"training_mode")
+        if mode is not None and mode.type == _ATTR_INT and mode.i != 0:
+            evidence.append(f"training_mode={mode.i}")
+    if opset is None or opset <= 6:
+        is_test = attributes.get(b"is_test")
+        if is_test is not None and is_test.type == _ATTR_INT:
+            if is_test.i == 0:
+                evidence.append("is_test=0")
+        elif opset is not None:
+            evidence.append("is_test unset, so 0")
+    outputs = len(batch_norm.node.outputs)
+    if outputs > 1 and (opset is None or opset >= 7):
+        evidence.append(f"{outputs} outputs")
+    return bool(evidence), ", ".join(evidence)
+
+
+def _call(batch_norm: _BatchNorm, layer: str, opset: int | None) -> RecordedCall:
+    training, evidence = _mode(batch_norm, opset)
+    attributes = batch_norm.attributes
+    epsilon = attributes.get(b"epsilon")
+    momentum = attributes.get(b"momentum")
+    # the operator's defaults when an attribute is absent (or not a float): what a runtime uses
+    eps = epsilon.f if epsilon is not None and epsilon.type == _ATTR_FLOAT else 1e-5
+    onnx_momentum = momentum.f if momentum is not None and momentum.type == _ATTR_FLOAT else 0.9
+    arguments: list[tuple[str, Any]] = [("training", training), ("eps", _float32(eps))]
+    # An inference node never updates its statistics, so its momentum only says how the layer was configured.
+    # torch's exporters write 1 there for momentum=None (a cumulative average, which exports as factor 0): nothing
+    # to judge. A training node's momentum is the one it applies, and 1 (never moving) is a finding.
+    if training or onnx_momentum != 1.0:
+        arguments.append(("momentum", _pytorch_momentum(onnx_momentum)))
+    source = f"{ONNX_NODE} ({evidence})" if training else ONNX_NODE
+    return RecordedCall(layer=layer, source=source, arguments=tuple(arguments))
+
+
+_LEAVES = ("weight", "bias", "running_mean", "running_var")  # the node's inputs 1-4: scale, B, mean, var
+
+
+def _layer_name(batch_norm: _BatchNorm) -> str:
+    """The layer's name from its statistics' names as torch's exporters keep them, else the node's."""
+    inputs = batch_norm.node.inputs
+    for index, leaf in ((3, "running_mean"), (4, "running_var")):
+        name = _display(inputs[index])
+        prefix, dot, last = name.rpartition(".")
+        if dot and last == leaf and prefix:
+            return prefix
+    return _display(batch_norm.node.name) or f"BatchNormalization_{batch_norm.index}"
+
+
+Resolved = _Tensor | list[float] | None
+
+
+def _resolve(graph: _Graph, name: bytes) -> Resolved:
+    """The stored tensor a node input stands for: an initializer or a Constant, through Identity nodes; None when
+    the graph computes it (or takes it as an input) at run time."""
+    for _ in range(MAX_IDENTITY_CHAIN):
+        if name in graph.initializers:
+            return graph.initializers[name]
+        if name in graph.constants:
+            return graph.constants[name]
+        if name not in graph.identities:
+            return None
+        name = graph.identities[name]
+    return None
+
+
+def open_onnx(source: ByteSource) -> Checkpoint:
+    """An ONNX model: its initializers by name (read lazily), each BatchNormalization node's tensors under its
+    layer's ``state_dict`` names, and one RecordedCall per node."""
+    model = _read_model(source)
+    graph = model.graph
+    window = _Window(source)
+    files = _ExternalFiles(source)
+    refs: dict[int, TensorRef] = {}
+
+    def ref_of(value: _Tensor | list[float]) -> TensorRef:
+        if isinstance(value, list):
+            return in_memory(np.array(value, dtype=np.float32), "float32")
+        if id(value) not in refs:
+            refs[id(value)] = _tensor_ref(source, window, value, files)
+        return refs[id(value)]
+
+    layer_tensors: dict[str, TensorRef] = {}
+    calls: list[RecordedCall] = []
+    layers: dict[str, tuple[bytes, ...]] = {}  # layer -> the input names it was built from
+    computed: list[str] = []
+    consumed: set[int] = set()
+    for batch_norm in graph.batch_norms:
+        node = batch_norm.node
+        if len(node.inputs) != 5:
+            raise _corrupt(
+                f"BatchNormalization node {_display(node.name)!r} has {len(node.inputs)} inputs; the operator takes 5"
+            )
+        key = tuple(node.inputs[1:5])
+        layer = _layer_name(batch_norm)
+        while layer in layers and layers[layer] != key:  # another node's tensors under the same name
+            layer = f"{layer}#{batch_norm.index}"
+        layers[layer] = key
+        resolved = [_resolve(graph, name) for name in key]
+        if resolved[2] is None and resolved[3] is None:
+            computed.append(layer)
+        for leaf, value in zip(_LEAVES, resolved, strict=True):
+            if value is not None:
+                consumed.add(id(value))
+                layer_tensors[f"{layer}.{leaf}"] = ref_of(value)
+        calls.append(_call(batch_norm, layer, model.opset))
+
+    # every other initializer by its own name (a feeding convolution's weight tells the layer's kind), except those
+    # named as statistics: one that no BatchNormalization node reads is no layer, and is left out with a note
+    root: dict[str, TensorRef] = {}
+    unused_stats: list[str] = []
+    for name, tensor in graph.initializers.items():
+        shown = _display(name)
+        if shown.rpartition(".")[2] not in STAT_LEAVES:
+            root[shown] = ref_of(tensor)
+        elif id(tensor) not in consumed:
+            unused_stats.append(shown)
+    root.update(layer_tensors)
+    return Checkpoint(
+        format="onnx",
+        root=root,
+        notes=_notes(model, unused_stats, computed),
+        size_bytes=source.size + files.size,
+        calls=tuple(calls),
+    )
+
+
+def _notes(model: _Model, unused_stats: list[str], computed: list[str]) -> tuple[str, ...]:
+    graph = model.graph
+    notes = []
+    if not graph.batch_norms:
+        notes.append(
+            "no BatchNormalization node in the graph: if the model had BatchNorm layers, the exporter folded them "
+            "into the convolution or linear layer before each (torch.onnx.export does in eval mode, unless "
+            "do_constant_folding=False, or optimize=False for the dynamo exporter); there are no statistics to check"
+        )
+    if computed:
+        notes.append(
+            f"BatchNormalization {_shown_list(computed)} normalise with statistics the graph computes or takes as "
+            "inputs at run time, not stored ones: not checked"
+        )
+    if unused_stats:
+        notes.append(
+            f"initializers named as BatchNorm statistics feed no BatchNormalization node ({_shown_list(unused_stats)}):"
+            " not checked"
+        )
+    if graph.subgraph_mentions:
+        notes.append(
+            f"the bodies of {_shown_list(graph.subgraph_mentions)} mention BatchNormalization; nodes inside "
+            "control-flow subgraphs are not read"
+        )
+    if model.function_mentions:
+        notes.append(
+            f"{model.function_mentions} local function(s) of the model mention BatchNormalization; nodes inside "
+            "functions are not read"
+        )
+    if graph.sparse:
+        notes.append(f"{len(graph.sparse)} sparse initializer(s) are not read")
+    return tuple(notes)
+
+
+def _shown_list(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
