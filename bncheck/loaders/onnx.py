@@ -41,7 +41,10 @@ from bncheck.loaders.interface import ByteLocation, Checkpoint, RecordedCall, Te
 # graph (nodes and initializers; each costs Python time and a little memory), BatchNormalization nodes, the length
 # of a name, the dimensions of a tensor, the external-data entries of one tensor, and values stored as typed fields
 # (float_data, int32_data...) rather than raw bytes.
-MAX_GRAPH_ENTRIES = 1_000_000
+MAX_GRAPH_ENTRIES = 500_000
+MAX_INITIALIZERS = 200_000
+# Fields decoded in all (each costs about a microsecond): a model's structure, not its tensor bytes, which are skipped.
+MAX_FIELDS = 5_000_000
 MAX_BATCHNORM_NODES = 100_000
 MAX_NAME_BYTES = 64 * 1024
 MAX_DIMS = 64
@@ -116,31 +119,32 @@ def _corrupt(message: str) -> CorruptCheckpointError:
 
 class _Window:
     """Reads of a ByteSource through one cached block: walking a message's fields costs a read per block, not per
-    field. Over bytes already in memory (a node read whole), it never reads."""
+    field, and decodes them from the block in place."""
 
-    def __init__(self, source: ByteSource | None, data: bytes = b"", start: int = 0) -> None:
+    def __init__(self, source: ByteSource) -> None:
         self._source = source
-        self._data = data
-        self._start = start
+        self._data = b""
+        self._start = 0
+        self.fields = 0  # decoded through this window, held to MAX_FIELDS
 
-    def get(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset``; callers keep them inside the message they walk."""
+    def view(self, offset: int, length: int) -> tuple[bytes, int]:
+        """A block holding the ``length`` bytes at ``offset``, and where they start in it; callers keep them inside
+        the message they walk (so inside the file)."""
         at = offset - self._start
         if at < 0 or at + length > len(self._data):
-            if self._source is None:
-                raise _corrupt("a field runs past the end of its message")
             self._data = self._source.read(offset, min(max(length, _BLOCK), self._source.size - offset))
             self._start, at = offset, 0
-        return self._data[at : at + length]
+        return self._data, at
+
+    def get(self, offset: int, length: int) -> bytes:
+        data, at = self.view(offset, length)
+        return data[at : at + length]
 
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    """The unsigned varint at ``at`` in ``data`` and the position after it."""
-    byte = data[at] if at < len(data) else 0x80
-    if byte < 0x80:
-        return byte, at + 1
+def _varint(data: bytes, at: int, stop: int) -> tuple[int, int]:
+    """The unsigned varint at ``at`` in ``data`` (which ends for it at ``stop``) and the position after it."""
     value = shift = 0
-    for position in range(at, min(at + 10, len(data))):
+    for position in range(at, min(at + 10, stop)):
         byte = data[position]
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
@@ -161,23 +165,34 @@ def _fields(window: _Window, start: int, end: int) -> Iterator[tuple[int, int, i
     number itself; any other field's value is where its payload starts, and ``length`` its size."""
     position = start
     while position < end:
-        head = window.get(position, min(_HEAD, end - position))
-        key, used = _varint(head, 0)
+        window.fields += 1
+        if window.fields > MAX_FIELDS:
+            raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
+        room = min(_HEAD, end - position)
+        data, at = window.view(position, room)
+        stop = at + room
+        key = data[at]
+        cursor = at + 1
+        if key >= 0x80:
+            key, cursor = _varint(data, at, stop)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise _corrupt("a field numbered 0")
-        if wire == _VARINT:
-            value, used = _varint(head, used)
-            yield number, wire, value, 0
-            position += used
-            continue
-        if wire == _LEN:
-            length, used = _varint(head, used)
+        if wire in (_VARINT, _LEN):
+            if cursor < stop and data[cursor] < 0x80:
+                value, cursor = data[cursor], cursor + 1
+            else:
+                value, cursor = _varint(data, cursor, stop)
+            if wire == _VARINT:
+                yield number, wire, value, 0
+                position += cursor - at
+                continue
+            length = value
         elif wire in (_I64, _I32):
             length = 8 if wire == _I64 else 4
         else:
             raise _corrupt(f"wire type {wire} (groups, or not protobuf at all)")
-        payload = position + used
+        payload = position + cursor - at
         if length > end - payload:
             raise _corrupt(f"a field of {length} bytes runs past the end of its message")
         yield number, wire, payload, length
@@ -201,7 +216,7 @@ def _display(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Tensor:
     """A TensorProto's metadata; a message met more than once (a merged attribute) accumulates here."""
 
@@ -218,6 +233,11 @@ class _Tensor:
     def dtype(self) -> str:
         return ONNX_DTYPES.get(self.data_type, f"onnx type {self.data_type}")
 
+    @property
+    def feeds_kind(self) -> bool:
+        """A weight of rank 2 or more: the layer before a BatchNorm, whose rank tells the layer's kind."""
+        return len(self.dims) >= 2 and self.name.endswith(b".weight")
+
 
 def _read_tensor(window: _Window, start: int, end: int, tensor: _Tensor) -> None:
     tensor.spans.append((start, end))
@@ -226,7 +246,7 @@ def _read_tensor(window: _Window, start: int, end: int, tensor: _Tensor) -> None
             if wire == _LEN:
                 data, at = window.get(value, length), 0
                 while at < length:
-                    dim, at = _varint(data, at)
+                    dim, at = _varint(data, at, length)
                     tensor.dims.append(_signed(dim))
                     if len(tensor.dims) > MAX_DIMS:
                         break
@@ -333,10 +353,10 @@ def _read_node(window: _Window, start: int, end: int) -> _Node | None:
     """The node at ``[start, end)``, or None when it is none of the ops a BatchNormalization input is traced
     through (nor a control-flow node that mentions one)."""
     if end - start <= _BLOCK:
-        data = window.get(start, end - start)
-        if not any(op in data for op in _TRACED_OPS):
+        data, at = window.view(start, end - start)
+        stop = at + end - start
+        if all(data.find(op, at, stop) < 0 for op in _TRACED_OPS):
             return None
-        window = _Window(None, data, start)  # parse the node from the bytes in hand
     node = _Node()
     for number, wire, value, length in _fields(window, start, end):
         if number in (1, 2, 3, 4, 7):
@@ -443,6 +463,8 @@ def _read_graph(window: _Window, start: int, end: int, graph: _Graph) -> None:
                 # ONNX Runtime refuses a graph that defines a name twice
                 raise _corrupt(f"two initializers named {_display(tensor.name)!r}")
             graph.initializers[tensor.name] = tensor
+            if len(graph.initializers) > MAX_INITIALIZERS:
+                raise _corrupt(f"a graph of more than {MAX_INITIALIZERS} initializers")
         elif number == 15:
             _expect(wire, _LEN, "a graph's sparse_initializer")
             graph.sparse.update(_sparse_names(window, value, value + length))
@@ -500,17 +522,17 @@ def _read_entry_version(window: _Window, start: int, end: int) -> tuple[bytes, i
 
 
 def _numel(tensor: _Tensor) -> int:
-    if any(d < 0 for d in tensor.dims):
+    if min(tensor.dims, default=0) < 0:
         raise _corrupt(f"tensor {_display(tensor.name)!r} has a negative dimension {tensor.dims}")
     return math.prod(tensor.dims)
 
 
-def _expected_bytes(tensor: _Tensor, length: int) -> None:
+def _expected_bytes(tensor: _Tensor, numel: int, length: int) -> None:
     itemsize = ITEMSIZE.get(tensor.dtype)
-    if itemsize is not None and _numel(tensor) * itemsize != length:
+    if itemsize is not None and numel * itemsize != length:
         raise _corrupt(
             f"tensor {_display(tensor.name)!r}: shape {tensor.dims} of {tensor.dtype} needs "
-            f"{_numel(tensor) * itemsize} bytes, the file gives {length}"
+            f"{numel * itemsize} bytes, the file gives {length}"
         )
 
 
@@ -603,7 +625,7 @@ def _typed_values(window: _Window, tensor: _Tensor, count: int) -> np.ndarray:
             elif wire == _LEN:
                 data, at = window.get(value, length), 0
                 while at < length:
-                    item, at = _varint(data, at)
+                    item, at = _varint(data, at, length)
                     values.append(item)
                     if len(values) > count:
                         raise _corrupt(f"tensor {name!r} holds more values than its shape {tensor.dims}")
@@ -629,9 +651,10 @@ def _typed_values(window: _Window, tensor: _Tensor, count: int) -> np.ndarray:
         raise _corrupt(f"tensor {name!r} holds values outside {tensor.dtype}") from None
 
 
-def _tensor_ref(source: ByteSource, window: _Window, tensor: _Tensor, files: _ExternalFiles) -> TensorRef:
+def _tensor_ref(source: ByteSource, tensor: _Tensor, files: _ExternalFiles, *, locate: bool) -> TensorRef:
     """A TensorRef that reads the tensor's bytes when asked: from raw_data in the model, an external file, or the
-    typed fields."""
+    typed fields. ``locate``: say where the bytes are (to patch them, or fetch a remote file's together); a weight
+    that only tells a layer's kind needs neither."""
     shape = tuple(tensor.dims)
     numel = _numel(tensor)
     dtype = tensor.dtype
@@ -646,13 +669,13 @@ def _tensor_ref(source: ByteSource, window: _Window, tensor: _Tensor, files: _Ex
     elif tensor.raw is not None:
         data_source, (offset, length) = source, tensor.raw
     else:
-        typed_window = _Window(source)
+        window = _Window(source)
 
         def read_typed() -> np.ndarray:
-            return _typed_values(typed_window, tensor, numel).reshape(shape)
+            return _typed_values(window, tensor, numel).reshape(shape)
 
         return TensorRef(dtype, shape, read_typed)
-    _expected_bytes(tensor, length)
+    _expected_bytes(tensor, numel, length)
 
     def read() -> np.ndarray:
         data = data_source.read(offset, length)
@@ -661,9 +684,11 @@ def _tensor_ref(source: ByteSource, window: _Window, tensor: _Tensor, files: _Ex
         return bytes_to_array(data, dtype).reshape(shape)
 
     path = data_source.local_path
-    location = ByteLocation(path, None, offset, contiguous_strides(shape)) if path is not None else None
-    span = None if path is not None else (data_source, offset, length)  # a remote file: fetched together
-    return TensorRef(dtype, shape, read, location, span)
+    if not locate:
+        return TensorRef(dtype, shape, read)
+    if path is None:  # a remote file: its BatchNorm tensors are fetched together
+        return TensorRef(dtype, shape, read, span=(data_source, offset, length))
+    return TensorRef(dtype, shape, read, ByteLocation(path, None, offset, contiguous_strides(shape)))
 
 
 # ---------------------------------------------------------------- BatchNormalization nodes -> layers and calls
@@ -757,19 +782,21 @@ def _resolve(graph: _Graph, name: bytes) -> Resolved:
 
 
 def open_onnx(source: ByteSource) -> Checkpoint:
-    """An ONNX model: its initializers by name (read lazily), each BatchNormalization node's tensors under its
-    layer's ``state_dict`` names, and one RecordedCall per node."""
+    """An ONNX model: each BatchNormalization node's tensors under its layer's ``state_dict`` names and the weights
+    of rank 2 and more under their own (all read lazily), and one RecordedCall per node."""
     model = _read_model(source)
     graph = model.graph
-    window = _Window(source)
     files = _ExternalFiles(source)
+    for tensor in graph.initializers.values():
+        if tensor.location == 1:  # a model that names a file outside its folder is refused, whichever tensor does
+            _external_span(tensor, files)
     refs: dict[int, TensorRef] = {}
 
-    def ref_of(value: _Tensor | list[float]) -> TensorRef:
+    def ref_of(value: _Tensor | list[float], *, locate: bool = True) -> TensorRef:
         if isinstance(value, list):
             return in_memory(np.array(value, dtype=np.float32), "float32")
         if id(value) not in refs:
-            refs[id(value)] = _tensor_ref(source, window, value, files)
+            refs[id(value)] = _tensor_ref(source, value, files, locate=locate)
         return refs[id(value)]
 
     layer_tensors: dict[str, TensorRef] = {}
@@ -797,16 +824,15 @@ def open_onnx(source: ByteSource) -> Checkpoint:
                 layer_tensors[f"{layer}.{leaf}"] = ref_of(value)
         calls.append(_call(batch_norm, layer, model.opset))
 
-    # every other initializer by its own name (a feeding convolution's weight tells the layer's kind), except those
-    # named as statistics: one that no BatchNormalization node reads is no layer, and is left out with a note
+    # beside them, the weights of rank 2 and more by their own names (the layer feeding a BatchNorm tells its kind);
+    # an initializer named as a statistic that no BatchNormalization node reads is no layer: left out, with a note
     root: dict[str, TensorRef] = {}
     unused_stats: list[str] = []
     for name, tensor in graph.initializers.items():
-        shown = _display(name)
-        if shown.rpartition(".")[2] not in STAT_LEAVES:
-            root[shown] = ref_of(tensor)
-        elif id(tensor) not in consumed:
-            unused_stats.append(shown)
+        if tensor.feeds_kind:
+            root[_display(name)] = ref_of(tensor, locate=False)
+        elif id(tensor) not in consumed and _display(name).rpartition(".")[2] in STAT_LEAVES:
+            unused_stats.append(_display(name))
     root.update(layer_tensors)
     return Checkpoint(
         format="onnx",
