@@ -41,11 +41,11 @@ from bncheck.loaders.interface import ByteLocation, Checkpoint, RecordedCall, Te
 # graph (nodes and initializers; each costs Python time and a little memory), BatchNormalization nodes, the length
 # of a name, the dimensions of a tensor, the external-data entries of one tensor, and values stored as typed fields
 # (float_data, int32_data...) rather than raw bytes.
-MAX_GRAPH_ENTRIES = 500_000
-MAX_INITIALIZERS = 200_000
+MAX_GRAPH_ENTRIES = 300_000
+MAX_INITIALIZERS = 100_000
 # Fields decoded in all (each costs about a microsecond): a model's structure, not its tensor bytes, which are skipped.
-MAX_FIELDS = 5_000_000
-MAX_BATCHNORM_NODES = 100_000
+MAX_FIELDS = 2_000_000
+MAX_BATCHNORM_NODES = 20_000
 MAX_NAME_BYTES = 64 * 1024
 MAX_DIMS = 64
 MAX_EXTERNAL_ENTRIES = 64
@@ -103,9 +103,8 @@ _TYPED_FIELD = {
 }
 
 BATCH_NORM = b"BatchNormalization"
-# The nodes a BatchNormalization input is traced through; a node without any of these names in its bytes is
-# skipped unparsed (the op_type's bytes appear verbatim in a node that has it).
-_TRACED_OPS = (BATCH_NORM, b"Constant", b"Identity")
+# The nodes a BatchNormalization input is traced through (Constant, Identity): a node without any of these names
+# in its bytes is skipped unparsed, since a node's op_type bytes appear verbatim in it.
 _DEFAULT_DOMAINS = (b"", b"ai.onnx")
 
 # What ONNX Runtime reads as an address in its own memory rather than a file name.
@@ -125,7 +124,7 @@ class _Window:
         self._source = source
         self._data = b""
         self._start = 0
-        self.fields = 0  # decoded through this window, held to MAX_FIELDS
+        self.fields = 0  # decoded through this window: held to MAX_FIELDS
 
     def view(self, offset: int, length: int) -> tuple[bytes, int]:
         """A block holding the ``length`` bytes at ``offset``, and where they start in it; callers keep them inside
@@ -160,43 +159,83 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
+def _count_field(window: _Window) -> None:
+    window.fields += 1
+    if window.fields > MAX_FIELDS:
+        raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
+
+
 def _fields(window: _Window, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """Each field of the message in ``[start, end)``: (number, wire type, value, length). A varint's value is the
     number itself; any other field's value is where its payload starts, and ``length`` its size."""
+    if end - start <= _BLOCK:  # a node, a tensor's metadata: decoded in place from one block
+        data, at = window.view(start, end - start)
+        yield from _fields_in(window, data, at, at + end - start, start - at)
+        return
     position = start
-    while position < end:
-        window.fields += 1
-        if window.fields > MAX_FIELDS:
-            raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
+    while position < end:  # a graph, a model: field by field through the blocks, payloads skipped by offset
+        _count_field(window)
         room = min(_HEAD, end - position)
         data, at = window.view(position, room)
-        stop = at + room
-        key = data[at]
-        cursor = at + 1
-        if key >= 0x80:
-            key, cursor = _varint(data, at, stop)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise _corrupt("a field numbered 0")
-        if wire in (_VARINT, _LEN):
-            if cursor < stop and data[cursor] < 0x80:
-                value, cursor = data[cursor], cursor + 1
+        number, wire, value, cursor = _key_and_value(data, at, at + room)
+        if wire == _VARINT:
+            yield number, wire, value, 0
+            position += cursor - at
+            continue
+        payload = position + cursor - at
+        if value > end - payload:
+            raise _corrupt(f"a field of {value} bytes runs past the end of its message")
+        yield number, wire, payload, value
+        position = payload + value
+
+
+def _fields_in(window: _Window, data: bytes, at: int, stop: int, shift: int) -> Iterator[tuple[int, int, int, int]]:
+    """:func:`_fields` of a message held whole in ``data[at:stop]``; offsets are ``shift`` from positions in
+    ``data``. The hot loop: tensors and attributes are most of a model's fields, so a one-byte key and length are
+    decoded inline, and the fields are counted once the message is done (it holds at most a block's worth)."""
+    position, fields = at, 0
+    try:
+        while position < stop:
+            fields += 1
+            key = data[position]
+            if key < 0x80 and key & 7 in (_VARINT, _LEN) and position + 1 < stop and data[position + 1] < 0x80:
+                number, wire, value, cursor = key >> 3, key & 7, data[position + 1], position + 2
+                if number == 0:
+                    raise _corrupt("a field numbered 0")
             else:
-                value, cursor = _varint(data, cursor, stop)
+                number, wire, value, cursor = _key_and_value(data, position, stop)
             if wire == _VARINT:
                 yield number, wire, value, 0
-                position += cursor - at
+                position = cursor
                 continue
-            length = value
-        elif wire in (_I64, _I32):
-            length = 8 if wire == _I64 else 4
-        else:
-            raise _corrupt(f"wire type {wire} (groups, or not protobuf at all)")
-        payload = position + cursor - at
-        if length > end - payload:
-            raise _corrupt(f"a field of {length} bytes runs past the end of its message")
-        yield number, wire, payload, length
-        position = payload + length
+            if value > stop - cursor:
+                raise _corrupt(f"a field of {value} bytes runs past the end of its message")
+            yield number, wire, cursor + shift, value
+            position = cursor + value
+    finally:
+        window.fields += fields
+    if window.fields > MAX_FIELDS:
+        raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
+
+
+def _key_and_value(data: bytes, at: int, stop: int) -> tuple[int, int, int, int]:
+    """The field at ``at``: its number, wire type, value (a varint's number, or the payload's length) and where its
+    payload (or the next field) starts."""
+    key = data[at]
+    cursor = at + 1
+    if key >= 0x80:
+        key, cursor = _varint(data, at, stop)
+    number, wire = key >> 3, key & 7
+    if number == 0:
+        raise _corrupt("a field numbered 0")
+    if wire in (_VARINT, _LEN):
+        if cursor < stop and data[cursor] < 0x80:
+            return number, wire, data[cursor], cursor + 1
+        value, cursor = _varint(data, cursor, stop)
+        return number, wire, value, cursor
+    if wire in (_I64, _I32):
+        return number, wire, 8 if wire == _I64 else 4, cursor
+    raise _corrupt(f"wire type {wire} (groups, or not protobuf at all)")
 
 
 def _expect(wire: int, expected: int, what: str) -> None:
@@ -339,7 +378,7 @@ def _read_attribute(window: _Window, start: int, end: int) -> _Attribute:
     return attribute
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     inputs: list[bytes] = field(default_factory=list)
     outputs: list[bytes] = field(default_factory=list)
@@ -348,35 +387,63 @@ class _Node:
     domain: bytes = b""
     attributes: list[tuple[int, int]] = field(default_factory=list)  # spans, read once the op_type is known
 
+    def add(self, number: int, wire: int, text: bytes | tuple[int, int]) -> None:
+        """One field: a name (input 1, output 2, name 3, op_type 4, domain 7) or an attribute's span (5)."""
+        if number == 5:
+            _expect(wire, _LEN, "a node's attribute")
+            assert isinstance(text, tuple)
+            self.attributes.append(text)
+            return
+        _expect(wire, _LEN, "a node's names")
+        assert isinstance(text, bytes)
+        if number == 1:
+            self.inputs.append(text)
+        elif number == 2:
+            self.outputs.append(text)
+        elif number == 3:
+            self.name = text
+        elif number == 4:
+            self.op_type = text
+        else:
+            self.domain = text
+
+
+_NODE_FIELDS = frozenset((1, 2, 3, 4, 7))
+
 
 def _read_node(window: _Window, start: int, end: int) -> _Node | None:
     """The node at ``[start, end)``, or None when it is none of the ops a BatchNormalization input is traced
     through (nor a control-flow node that mentions one)."""
-    if end - start <= _BLOCK:
-        data, at = window.view(start, end - start)
-        stop = at + end - start
-        if all(data.find(op, at, stop) < 0 for op in _TRACED_OPS):
-            return None
-    node = _Node()
-    for number, wire, value, length in _fields(window, start, end):
-        if number in (1, 2, 3, 4, 7):
-            _expect(wire, _LEN, "a node's names")
-            text = _string(window, value, length, "a node's input, output or name")
-            if number == 1:
-                node.inputs.append(text)
-            elif number == 2:
-                node.outputs.append(text)
-            elif number == 3:
-                node.name = text
-            elif number == 4:
-                node.op_type = text
-            else:
-                node.domain = text
+    if end - start > _BLOCK:  # a Constant holding a large tensor, a control-flow node: through the blocks
+        node = _Node()
+        for number, wire, value, length in _fields(window, start, end):
+            if number in _NODE_FIELDS:
+                node.add(number, wire, _string(window, value, length, "a node's input, output or name"))
+            elif number == 5:
+                node.add(number, wire, (value, value + length))
+        return node
+    data, at = window.view(start, end - start)
+    stop = at + end - start
+    traced = (data.find(op, at, stop) >= 0 for op in (BATCH_NORM, b"Constant", b"Identity"))
+    if not any(traced):
+        return None
+    # the hot path (every node of the graph that names a traced op): decoded from the block in place
+    node, position, shift, fields = _Node(), at, start - at, 0
+    while position < stop:
+        fields += 1
+        number, wire, value, cursor = _key_and_value(data, position, stop)
+        position = cursor if wire == _VARINT else cursor + value
+        if position > stop:
+            raise _corrupt(f"a field of {value} bytes runs past the end of its message")
+        if number in _NODE_FIELDS:
+            if wire == _LEN and value > MAX_NAME_BYTES:
+                raise _corrupt(f"a node's name of {value} bytes (names are at most {MAX_NAME_BYTES})")
+            node.add(number, wire, data[cursor:position])
         elif number == 5:
-            _expect(wire, _LEN, "a node's attribute")
-            node.attributes.append((value, value + length))
-        if len(node.inputs) + len(node.outputs) > MAX_TYPED_VALUES:
-            raise _corrupt("a node with too many inputs and outputs")
+            node.add(number, wire, (cursor + shift, position + shift))
+    window.fields += fields
+    if window.fields > MAX_FIELDS:
+        raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
     return node
 
 
