@@ -50,6 +50,8 @@ MAX_NAME_BYTES = 64 * 1024
 MAX_DIMS = 64
 MAX_EXTERNAL_ENTRIES = 64
 MAX_TYPED_VALUES = 1 << 20
+# External data files held open between reads (a model may name one file per tensor).
+MAX_OPEN_FILES = 16
 # Identity chains followed from a BatchNormalization input to the tensor it stands for.
 MAX_IDENTITY_CHAIN = 64
 
@@ -125,6 +127,7 @@ class _Window:
         self._data = b""
         self._start = 0
         self.fields = 0  # decoded through this window: held to MAX_FIELDS
+        self.entries: dict[bytes, tuple[bytes, bytes]] = {}  # external_data entries decoded, by their bytes
 
     def view(self, offset: int, length: int) -> tuple[bytes, int]:
         """A block holding the ``length`` bytes at ``offset``, and where they start in it; callers keep them inside
@@ -159,22 +162,42 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _count_field(window: _Window) -> None:
-    window.fields += 1
-    if window.fields > MAX_FIELDS:
-        raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
-
-
 def _fields(window: _Window, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """Each field of the message in ``[start, end)``: (number, wire type, value, length). A varint's value is the
-    number itself; any other field's value is where its payload starts, and ``length`` its size."""
-    if end - start <= _BLOCK:  # a node, a tensor's metadata: decoded in place from one block
-        data, at = window.view(start, end - start)
-        yield from _fields_in(window, data, at, at + end - start, start - at)
+    number itself; any other field's value is where its payload starts, and ``length`` its size.
+
+    A message of up to a block (a node, a tensor's metadata: most of a model's fields) is decoded in place from one
+    block, a one-byte key and length inline, its fields counted once it is done; a larger one (a graph, the model)
+    field by field through the blocks, its payloads skipped by offset."""
+    if end - start <= _BLOCK:
+        data, position = window.view(start, end - start)
+        stop, shift, fields = position + end - start, start - position, 0
+        try:
+            while position < stop:
+                fields += 1
+                key = data[position]
+                if key < 0x80 and key & 7 in (_VARINT, _LEN) and position + 1 < stop and data[position + 1] < 0x80:
+                    number, wire, value, cursor = key >> 3, key & 7, data[position + 1], position + 2
+                    if number == 0:
+                        raise _corrupt("a field numbered 0")
+                else:
+                    number, wire, value, cursor = _key_and_value(data, position, stop)
+                if wire == _VARINT:
+                    yield number, wire, value, 0
+                    position = cursor
+                    continue
+                if value > stop - cursor:
+                    raise _corrupt(f"a field of {value} bytes runs past the end of its message")
+                yield number, wire, cursor + shift, value
+                position = cursor + value
+        finally:
+            window.fields += fields
+        _check_fields(window)
         return
     position = start
-    while position < end:  # a graph, a model: field by field through the blocks, payloads skipped by offset
-        _count_field(window)
+    while position < end:
+        window.fields += 1
+        _check_fields(window)
         room = min(_HEAD, end - position)
         data, at = window.view(position, room)
         number, wire, value, cursor = _key_and_value(data, at, at + room)
@@ -189,31 +212,7 @@ def _fields(window: _Window, start: int, end: int) -> Iterator[tuple[int, int, i
         position = payload + value
 
 
-def _fields_in(window: _Window, data: bytes, at: int, stop: int, shift: int) -> Iterator[tuple[int, int, int, int]]:
-    """:func:`_fields` of a message held whole in ``data[at:stop]``; offsets are ``shift`` from positions in
-    ``data``. The hot loop: tensors and attributes are most of a model's fields, so a one-byte key and length are
-    decoded inline, and the fields are counted once the message is done (it holds at most a block's worth)."""
-    position, fields = at, 0
-    try:
-        while position < stop:
-            fields += 1
-            key = data[position]
-            if key < 0x80 and key & 7 in (_VARINT, _LEN) and position + 1 < stop and data[position + 1] < 0x80:
-                number, wire, value, cursor = key >> 3, key & 7, data[position + 1], position + 2
-                if number == 0:
-                    raise _corrupt("a field numbered 0")
-            else:
-                number, wire, value, cursor = _key_and_value(data, position, stop)
-            if wire == _VARINT:
-                yield number, wire, value, 0
-                position = cursor
-                continue
-            if value > stop - cursor:
-                raise _corrupt(f"a field of {value} bytes runs past the end of its message")
-            yield number, wire, cursor + shift, value
-            position = cursor + value
-    finally:
-        window.fields += fields
+def _check_fields(window: _Window) -> None:
     if window.fields > MAX_FIELDS:
         raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
 
@@ -309,7 +308,7 @@ def _read_tensor(window: _Window, start: int, end: int, tensor: _Tensor) -> None
             tensor.raw = (value, length)
         elif number == 13:
             _expect(wire, _LEN, "a tensor's external_data")
-            tensor.external.append(_read_entry(window, value, value + length))
+            tensor.external.append(_read_entry(window, value, length))
             if len(tensor.external) > MAX_EXTERNAL_ENTRIES:
                 raise _corrupt(f"a tensor with more than {MAX_EXTERNAL_ENTRIES} external_data entries")
         elif number == 14:
@@ -318,17 +317,21 @@ def _read_tensor(window: _Window, start: int, end: int, tensor: _Tensor) -> None
                 tensor.location = value
 
 
-def _read_entry(window: _Window, start: int, end: int) -> tuple[bytes, bytes]:
-    """A StringStringEntryProto: (key, value)."""
-    key = text = b""
-    for number, wire, value, length in _fields(window, start, end):
-        if number in (1, 2):
+def _read_entry(window: _Window, start: int, length: int) -> tuple[bytes, bytes]:
+    """A StringStringEntryProto: (key, value). The same few entries recur in every tensor of a model (its location),
+    so each distinct one is decoded once."""
+    data = window.get(start, length)
+    known = window.entries.get(data)
+    if known is not None:
+        return known
+    found = {1: b"", 2: b""}
+    for number, wire, value, size in _fields(window, start, start + length):
+        if number in found:
             _expect(wire, _LEN, "an external_data entry")
-            if number == 1:
-                key = _string(window, value, length, "an external_data key")
-            else:
-                text = _string(window, value, length, "an external_data value")
-    return key, text
+            found[number] = _string(window, value, size, "an external_data key or value")
+    if len(window.entries) < MAX_EXTERNAL_ENTRIES:
+        window.entries[data] = (found[1], found[2])
+    return found[1], found[2]
 
 
 @dataclass
@@ -442,8 +445,7 @@ def _read_node(window: _Window, start: int, end: int) -> _Node | None:
         elif number == 5:
             node.add(number, wire, (cursor + shift, position + shift))
     window.fields += fields
-    if window.fields > MAX_FIELDS:
-        raise _corrupt(f"more than {MAX_FIELDS} protobuf fields in the model's structure")
+    _check_fields(window)
     return node
 
 
@@ -620,6 +622,11 @@ class _ExternalFiles:
         return self._files[name]
 
     @property
+    def many(self) -> bool:
+        """Whether the model names more files than are kept open between reads."""
+        return len(self._files) > MAX_OPEN_FILES
+
+    @property
     def size(self) -> int:
         """The bytes of every external data file the model names."""
         return sum(source.size for source in self._files.values())
@@ -644,12 +651,17 @@ class _ExternalFiles:
             raise _corrupt(f"{refused}, which cannot be read: {exc}") from None
 
 
-def _external_span(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource, int, int]:
+def _external_source(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource, dict[bytes, bytes]]:
+    """The external data file a tensor names (refused unless inside the model's folder), and its entries."""
     entries = dict(tensor.external)  # the last entry of a key wins, as in onnx's loader
     location = entries.get(b"location")
     if location is None:
         raise _corrupt(f"tensor {_display(tensor.name)!r} is stored externally but names no location")
-    source = files.get(location, tensor.name)
+    return files.get(location, tensor.name), entries
+
+
+def _external_span(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource, int, int]:
+    source, entries = _external_source(tensor, files)
     numbers = {}
     for key in (b"offset", b"length"):
         text = entries.get(key)
@@ -662,7 +674,7 @@ def _external_span(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource, 
     if offset + length > source.size:
         raise _corrupt(
             f"tensor {_display(tensor.name)!r} needs {length} bytes at offset {offset} of "
-            f"{_display(location)!r}, which has {source.size}"
+            f"{_display(entries[b'location'])!r}, which has {source.size}"
         )
     return source, offset, length
 
@@ -746,7 +758,7 @@ def _tensor_ref(source: ByteSource, tensor: _Tensor, files: _ExternalFiles, *, l
 
     def read() -> np.ndarray:
         data = data_source.read(offset, length)
-        if data_source is not source:
+        if files.many:
             data_source.close()  # a model may name a file per tensor: never hold them all open
         return bytes_to_array(data, dtype).reshape(shape)
 
@@ -856,7 +868,7 @@ def open_onnx(source: ByteSource) -> Checkpoint:
     files = _ExternalFiles(source)
     for tensor in graph.initializers.values():
         if tensor.location == 1:  # a model that names a file outside its folder is refused, whichever tensor does
-            _external_span(tensor, files)
+            _external_source(tensor, files)
     refs: dict[int, TensorRef] = {}
 
     def ref_of(value: _Tensor | list[float], *, locate: bool = True) -> TensorRef:
