@@ -288,7 +288,17 @@ def legacy_header_edits(draw: st.DrawFn, data: bytes) -> bytes:
 
 ONNX_NAMES = st.sampled_from(["", "X", "0.weight", "1.running_mean", "1.running_var", "3.weight", "4.bias", "x\x00y"])
 ONNX_LOCATIONS = st.sampled_from(
-    ["seed-external.onnx.data", "../seed-external.onnx.data", "/etc/hostname", "", "*/_ORT_MEM_ADDR_/*", "a/../b", "."]
+    [
+        "seed-external.onnx.data",
+        "../seed-external.onnx.data",
+        "/etc/hostname",
+        "",
+        "*/_ORT_MEM_ADDR_/*",
+        "a/../b",
+        ".",
+        "x" * 5000,
+        "seed-external.onnx",
+    ]
 )
 ONNX_NUMBERS = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 1, 3, 4, 5, 2**31, 2**62]))
 ONNX_FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)

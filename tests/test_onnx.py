@@ -381,11 +381,17 @@ def test_external_data_outside_the_folder_is_refused(cli, tmp_path: Path) -> Non
     assert "outside the model's folder" in refusal(cli, windows)
     linked = external_copy(tmp_path / "linked", "link.data")
     (linked.parent / "link.data").symlink_to(outside / "secret.data")
-    assert "a link to" in refusal(cli, linked) and "outside the model's folder" in refusal(cli, linked)
+    assert "linked to" in refusal(cli, linked) and "outside the model's folder" in refusal(cli, linked)
     memory = external_copy(tmp_path / "memory", "*/_ORT_MEM_ADDR_/*")
     assert "no file name" in refusal(cli, memory)
     missing = external_copy(tmp_path / "missing", "gone.data")
     assert "missing" in refusal(cli, missing)
+    too_long = external_copy(tmp_path / "long", "x" * 5000)
+    assert "cannot be opened" in refusal(cli, too_long)
+    looped = external_copy(tmp_path / "loop", "a.data")
+    (looped.parent / "a.data").symlink_to(looped.parent / "b.data")
+    (looped.parent / "b.data").symlink_to(looped.parent / "a.data")
+    assert "cannot be resolved" in refusal(cli, looped)
     # onnx's own loader refuses the first two as well (the vulnerability class: GHSA-538c-55jv-c5g9 and others)
     for path in (parent, absolute):
         with pytest.raises(onnx.checker.ValidationError):

@@ -31,7 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from bncheck.errors import BncheckError, CorruptCheckpointError, UnsupportedDtypeError
+from bncheck.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnreadableFileError,
+    UnsupportedDtypeError,
+)
 from bncheck.layer_config import ONNX_NODE
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
@@ -60,6 +65,8 @@ MAX_IDENTITY_CHAIN = 64
 _BLOCK = 64 * 1024
 # a field's key and a length: two varints
 _HEAD = 20
+# distinct external_data entries remembered (a model's locations; its offsets and lengths differ per tensor)
+_ENTRY_CACHE = 64
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
@@ -254,6 +261,12 @@ def _display(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace")
 
 
+def _quoted(name: bytes | str, limit: int = 100) -> str:
+    """A name quoted in an error, cut so that the reason after it stays in the one line a report keeps."""
+    text = _display(name) if isinstance(name, bytes) else name
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 @dataclass(eq=False, slots=True)
 class _Tensor:
     """A TensorProto's metadata; a message met more than once (a merged attribute) accumulates here."""
@@ -329,7 +342,7 @@ def _read_entry(window: _Window, start: int, length: int) -> tuple[bytes, bytes]
         if number in found:
             _expect(wire, _LEN, "an external_data entry")
             found[number] = _string(window, value, size, "an external_data key or value")
-    if len(window.entries) < MAX_EXTERNAL_ENTRIES:
+    if len(window.entries) < _ENTRY_CACHE:
         window.entries[data] = (found[1], found[2])
     return found[1], found[2]
 
@@ -390,15 +403,9 @@ class _Node:
     domain: bytes = b""
     attributes: list[tuple[int, int]] = field(default_factory=list)  # spans, read once the op_type is known
 
-    def add(self, number: int, wire: int, text: bytes | tuple[int, int]) -> None:
-        """One field: a name (input 1, output 2, name 3, op_type 4, domain 7) or an attribute's span (5)."""
-        if number == 5:
-            _expect(wire, _LEN, "a node's attribute")
-            assert isinstance(text, tuple)
-            self.attributes.append(text)
-            return
+    def add_name(self, number: int, wire: int, text: bytes) -> None:
+        """A name field: an input (1), an output (2), the node's name (3), op_type (4) or domain (7)."""
         _expect(wire, _LEN, "a node's names")
-        assert isinstance(text, bytes)
         if number == 1:
             self.inputs.append(text)
         elif number == 2:
@@ -409,6 +416,10 @@ class _Node:
             self.op_type = text
         else:
             self.domain = text
+
+    def add_attribute(self, wire: int, start: int, end: int) -> None:
+        _expect(wire, _LEN, "a node's attribute")
+        self.attributes.append((start, end))
 
 
 _NODE_FIELDS = frozenset((1, 2, 3, 4, 7))
@@ -421,9 +432,9 @@ def _read_node(window: _Window, start: int, end: int) -> _Node | None:
         node = _Node()
         for number, wire, value, length in _fields(window, start, end):
             if number in _NODE_FIELDS:
-                node.add(number, wire, _string(window, value, length, "a node's input, output or name"))
+                node.add_name(number, wire, _string(window, value, length, "a node's input, output or name"))
             elif number == 5:
-                node.add(number, wire, (value, value + length))
+                node.add_attribute(wire, value, value + length)
         return node
     data, at = window.view(start, end - start)
     stop = at + end - start
@@ -441,9 +452,9 @@ def _read_node(window: _Window, start: int, end: int) -> _Node | None:
         if number in _NODE_FIELDS:
             if wire == _LEN and value > MAX_NAME_BYTES:
                 raise _corrupt(f"a node's name of {value} bytes (names are at most {MAX_NAME_BYTES})")
-            node.add(number, wire, data[cursor:position])
+            node.add_name(number, wire, data[cursor:position])
         elif number == 5:
-            node.add(number, wire, (cursor + shift, position + shift))
+            node.add_attribute(wire, cursor + shift, position + shift)
     window.fields += fields
     _check_fields(window)
     return node
@@ -496,7 +507,7 @@ def _add_node(window: _Window, node: _Node, graph: _Graph) -> None:
     else:
         bodies = [span for a in attributes.values() for span in a.graphs]
         if any(_mentions(window, s, e, BATCH_NORM) for s, e in bodies):
-            graph.subgraph_mentions.append(f"{_display(node.op_type)} {_display(node.name)!r}")
+            graph.subgraph_mentions.append(f"{_display(node.op_type)} {_quoted(node.name)}")
 
 
 def _constant_value(attributes: dict[bytes, _Attribute]) -> _Tensor | list[float] | None:
@@ -530,7 +541,7 @@ def _read_graph(window: _Window, start: int, end: int, graph: _Graph) -> None:
             _read_tensor(window, value, value + length, tensor)
             if tensor.name in graph.initializers:
                 # ONNX Runtime refuses a graph that defines a name twice
-                raise _corrupt(f"two initializers named {_display(tensor.name)!r}")
+                raise _corrupt(f"two initializers named {_quoted(tensor.name)}")
             graph.initializers[tensor.name] = tensor
             if len(graph.initializers) > MAX_INITIALIZERS:
                 raise _corrupt(f"a graph of more than {MAX_INITIALIZERS} initializers")
@@ -592,7 +603,7 @@ def _read_entry_version(window: _Window, start: int, end: int) -> tuple[bytes, i
 
 def _numel(tensor: _Tensor) -> int:
     if min(tensor.dims, default=0) < 0:
-        raise _corrupt(f"tensor {_display(tensor.name)!r} has a negative dimension {tensor.dims}")
+        raise _corrupt(f"tensor {_quoted(tensor.name)} has a negative dimension {tensor.dims}")
     return math.prod(tensor.dims)
 
 
@@ -600,7 +611,7 @@ def _expected_bytes(tensor: _Tensor, numel: int, length: int) -> None:
     itemsize = ITEMSIZE.get(tensor.dtype)
     if itemsize is not None and numel * itemsize != length:
         raise _corrupt(
-            f"tensor {_display(tensor.name)!r}: shape {tensor.dims} of {tensor.dtype} needs "
+            f"tensor {_quoted(tensor.name)}: shape {tensor.dims} of {tensor.dtype} needs "
             f"{numel * itemsize} bytes, the file gives {length}"
         )
 
@@ -616,7 +627,7 @@ class _ExternalFiles:
         try:
             name = location.decode("utf-8")
         except UnicodeDecodeError:
-            raise _corrupt(f"tensor {_display(tensor)!r} names external data {_display(location)!r}") from None
+            raise _corrupt(f"tensor {_quoted(tensor)} names external data {_quoted(location)}") from None
         if name not in self._files:
             self._files[name] = self._open(name, tensor)
         return self._files[name]
@@ -632,23 +643,29 @@ class _ExternalFiles:
         return sum(source.size for source in self._files.values())
 
     def _open(self, name: str, tensor: bytes) -> ByteSource:
-        refused = f"tensor {_display(tensor)!r} names external data {name!r}"
+        def refused(why: str) -> CorruptCheckpointError:
+            return _corrupt(f"{why}: tensor {_quoted(tensor)} names external data {_quoted(name)}")
+
         posix, windows = PurePosixPath(name), PureWindowsPath(name)
         if not name or "\0" in name or name == _ORT_MEMORY_LOCATION:
-            raise _corrupt(f"{refused}, which is no file name")
+            raise refused("external data named by no file name")
         if posix.is_absolute() or windows.anchor or ".." in posix.parts or ".." in windows.parts:
-            raise _corrupt(f"{refused} outside the model's folder; bncheck reads external data only from inside it")
-        folder = self._model.local_path.parent if self._model.local_path is not None else None
-        if folder is not None:
-            target = (folder / name).resolve()
-            if not target.is_relative_to(folder.resolve()):  # a symlink that leads out of the folder
-                raise _corrupt(f"{refused}, a link to {target} outside the model's folder; bncheck does not follow it")
-            if not target.is_file():
-                raise _corrupt(f"{refused}, which is missing or not a file")
+            raise refused("external data outside the model's folder, which bncheck does not read")
         try:
+            if self._model.local_path is not None:
+                folder = self._model.local_path.parent
+                target = (folder / name).resolve()
+                if not target.is_relative_to(folder.resolve()):  # a symlink that leads out of the folder
+                    raise refused(f"external data linked to {_quoted(str(target))} outside the model's folder")
+                if not target.is_file():
+                    raise refused("external data file missing or not a file")
             return self._model.sibling(name)
-        except BncheckError as exc:
-            raise _corrupt(f"{refused}, which cannot be read: {exc}") from None
+        except OSError as exc:  # a name too long for the system
+            raise refused(f"external data file cannot be opened ({exc.strerror or exc})") from None
+        except RuntimeError as exc:  # a loop of symlinks
+            raise refused(f"external data file cannot be resolved ({exc})") from None
+        except (CheckpointNotFoundError, UnreadableFileError) as exc:  # a remote sibling
+            raise refused(f"external data file cannot be read ({exc})") from None
 
 
 def _external_source(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource, dict[bytes, bytes]]:
@@ -656,7 +673,7 @@ def _external_source(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource
     entries = dict(tensor.external)  # the last entry of a key wins, as in onnx's loader
     location = entries.get(b"location")
     if location is None:
-        raise _corrupt(f"tensor {_display(tensor.name)!r} is stored externally but names no location")
+        raise _corrupt(f"tensor {_quoted(tensor.name)} is stored externally but names no location")
     return files.get(location, tensor.name), entries
 
 
@@ -667,14 +684,14 @@ def _external_span(tensor: _Tensor, files: _ExternalFiles) -> tuple[ByteSource, 
         text = entries.get(key)
         if text is not None:
             if not text.isdigit() or len(text) > 20:
-                raise _corrupt(f"tensor {_display(tensor.name)!r} has external {key.decode()} {_display(text)!r}")
+                raise _corrupt(f"tensor {_quoted(tensor.name)} has external {key.decode()} {_quoted(text)}")
             numbers[key] = int(text)
     offset = numbers.get(b"offset", 0)
     length = numbers.get(b"length", source.size - offset)
     if offset + length > source.size:
         raise _corrupt(
-            f"tensor {_display(tensor.name)!r} needs {length} bytes at offset {offset} of "
-            f"{_display(entries[b'location'])!r}, which has {source.size}"
+            f"tensor {_quoted(tensor.name)} needs {length} bytes at offset {offset} of "
+            f"{_quoted(entries[b'location'])}, which has {source.size}"
         )
     return source, offset, length
 
@@ -684,9 +701,9 @@ def _typed_values(window: _Window, tensor: _Tensor, count: int) -> np.ndarray:
     number = _TYPED_FIELD.get(tensor.dtype)
     if number is None:
         raise UnsupportedDtypeError(f"{tensor.dtype} tensors in typed fields are not read")
-    name = _display(tensor.name)
+    name = _quoted(tensor.name)
     if count > MAX_TYPED_VALUES:
-        raise _corrupt(f"tensor {name!r} holds {count} values outside raw_data")
+        raise _corrupt(f"tensor {name} holds {count} values outside raw_data")
     fixed = {_FLOAT_DATA: ("<f4", _I32), _DOUBLE_DATA: ("<f8", _I64)}.get(number)
     values: list[Any] = []
     for start, end in tensor.spans:
@@ -697,9 +714,9 @@ def _typed_values(window: _Window, tensor: _Tensor, count: int) -> np.ndarray:
                 code, single = fixed
                 itemsize = np.dtype(code).itemsize
                 if wire != single and not (wire == _LEN and length % itemsize == 0):
-                    raise _corrupt(f"tensor {name!r} has malformed typed values")
+                    raise _corrupt(f"tensor {name} has malformed typed values")
                 if len(values) + length // itemsize > count:
-                    raise _corrupt(f"tensor {name!r} holds more values than its shape {tensor.dims}")
+                    raise _corrupt(f"tensor {name} holds more values than its shape {tensor.dims}")
                 values.extend(np.frombuffer(window.get(value, length), code).tolist())
             elif wire == _LEN:
                 data, at = window.get(value, length), 0
@@ -707,14 +724,14 @@ def _typed_values(window: _Window, tensor: _Tensor, count: int) -> np.ndarray:
                     item, at = _varint(data, at, length)
                     values.append(item)
                     if len(values) > count:
-                        raise _corrupt(f"tensor {name!r} holds more values than its shape {tensor.dims}")
+                        raise _corrupt(f"tensor {name} holds more values than its shape {tensor.dims}")
             else:
                 _expect(wire, _VARINT, "a tensor's typed values")
                 values.append(value)
                 if len(values) > count:
-                    raise _corrupt(f"tensor {name!r} holds more values than its shape {tensor.dims}")
+                    raise _corrupt(f"tensor {name} holds more values than its shape {tensor.dims}")
     if len(values) != count:
-        raise _corrupt(f"tensor {name!r} of shape {tensor.dims} holds {len(values)} values")
+        raise _corrupt(f"tensor {name} of shape {tensor.dims} holds {len(values)} values")
     if fixed is not None:
         return np.array(values, dtype=fixed[0])
     if number == _INT32_DATA:  # protobuf keeps an int32 field's low 32 bits
@@ -727,7 +744,7 @@ def _typed_values(window: _Window, tensor: _Tensor, count: int) -> np.ndarray:
     try:
         return np.array(values, dtype=np.dtype(tensor.dtype))
     except OverflowError:
-        raise _corrupt(f"tensor {name!r} holds values outside {tensor.dtype}") from None
+        raise _corrupt(f"tensor {name} holds values outside {tensor.dtype}") from None
 
 
 def _tensor_ref(source: ByteSource, tensor: _Tensor, files: _ExternalFiles, *, locate: bool) -> TensorRef:
@@ -739,7 +756,7 @@ def _tensor_ref(source: ByteSource, tensor: _Tensor, files: _ExternalFiles, *, l
     dtype = tensor.dtype
 
     def refuse_segment() -> np.ndarray:
-        raise _corrupt(f"tensor {_display(tensor.name)!r} is a segment of a larger tensor, which is not read")
+        raise _corrupt(f"tensor {_quoted(tensor.name)} is a segment of a larger tensor, which is not read")
 
     if tensor.segment:
         return TensorRef(dtype, shape, refuse_segment)
@@ -887,7 +904,7 @@ def open_onnx(source: ByteSource) -> Checkpoint:
         node = batch_norm.node
         if len(node.inputs) != 5:
             raise _corrupt(
-                f"BatchNormalization node {_display(node.name)!r} has {len(node.inputs)} inputs; the operator takes 5"
+                f"BatchNormalization node {_quoted(node.name)} has {len(node.inputs)} inputs; the operator takes 5"
             )
         key = tuple(node.inputs[1:5])
         layer = _layer_name(batch_norm)
