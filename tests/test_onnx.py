@@ -410,6 +410,24 @@ def test_external_data_past_the_end_of_its_file_is_refused(tmp_path: Path) -> No
         open_checkpoint(tmp_path / "model.onnx")
 
 
+def test_a_remote_model_reads_as_a_local_one_with_its_external_data(cli, tmp_path: Path) -> None:
+    from range_server import RangeServer
+
+    for path in ONNX_FIXTURES:
+        shutil.copy(path, tmp_path / path.name)
+    shutil.copy(GOOD / "conv1d-onnx-dynamo.onnx.data", tmp_path / "conv1d-onnx-dynamo.onnx.data")
+    escaping = external_copy(tmp_path / "escaping", "../conv1d-onnx-dynamo.onnx.data")
+    with RangeServer(tmp_path) as server:
+        for path in ONNX_FIXTURES:
+            remote = cli("inspect", f"{server.url}/{path.name}", "--json").json()["files"][0]
+            local = cli("inspect", tmp_path / path.name, "--json").json()["files"][0]
+            for key in ("format", "size_bytes", "error", "layers", "findings"):
+                assert remote[key] == local[key], (path.name, key)
+        result = cli("inspect", f"{server.url}/escaping/{escaping.name}", "--json")
+    assert result.exit_code == 2
+    assert "outside the model's folder" in result.json()["files"][0]["error"]["message"]
+
+
 # ---------------------------------------------------------------- what the name and first bytes say
 
 
