@@ -284,6 +284,31 @@ class _Tensor:
     def dtype(self) -> str:
         return ONNX_DTYPES.get(self.data_type, f"onnx type {self.data_type}")
 
+    def add_number(self, number: int, wire: int, value: int, packed: bytes) -> None:
+        """dims (1: one varint per field, or ``packed``), data_type (2) or data_location (14)."""
+        if number == 1:
+            if wire == _LEN:
+                at = 0
+                while at < len(packed) and len(self.dims) <= MAX_DIMS:
+                    dim, at = _varint(packed, at, len(packed))
+                    self.dims.append(_signed(dim))
+            else:
+                _expect(wire, _VARINT, "a tensor's dims")
+                self.dims.append(_signed(value))
+            if len(self.dims) > MAX_DIMS:
+                raise _corrupt(f"a tensor with more than {MAX_DIMS} dimensions")
+            return
+        _expect(wire, _VARINT, "a tensor's data_type or data_location")
+        if number == 2 and value in _KNOWN_DATA_TYPES:
+            self.data_type = value
+        elif number == 14 and value in _DATA_LOCATIONS:
+            self.location = value
+
+    def add_entry(self, entry: tuple[bytes, bytes]) -> None:
+        self.external.append(entry)
+        if len(self.external) > MAX_EXTERNAL_ENTRIES:
+            raise _corrupt(f"a tensor with more than {MAX_EXTERNAL_ENTRIES} external_data entries")
+
     @property
     def feeds_kind(self) -> bool:
         """A weight of rank 2 or more: the layer before a BatchNorm, whose rank tells the layer's kind."""
@@ -293,41 +318,23 @@ class _Tensor:
 def _read_tensor(window: _Window, start: int, end: int, tensor: _Tensor) -> None:
     tensor.spans.append((start, end))
     for number, wire, value, length in _fields(window, start, end):
-        if number == 1:  # dims: packed, or one varint per field
-            if wire == _LEN:
-                data, at = window.get(value, length), 0
-                while at < length:
-                    dim, at = _varint(data, at, length)
-                    tensor.dims.append(_signed(dim))
-                    if len(tensor.dims) > MAX_DIMS:
-                        break
-            else:
-                _expect(wire, _VARINT, "a tensor's dims")
-                tensor.dims.append(_signed(value))
-            if len(tensor.dims) > MAX_DIMS:
-                raise _corrupt(f"a tensor with more than {MAX_DIMS} dimensions")
-        elif number == 2:
-            _expect(wire, _VARINT, "a tensor's data_type")
-            if value in _KNOWN_DATA_TYPES:
-                tensor.data_type = value
-        elif number == 3:
-            _expect(wire, _LEN, "a tensor's segment")
-            tensor.segment = True
-        elif number == 8:
-            _expect(wire, _LEN, "a tensor's name")
+        _tensor_field(window, tensor, number, wire, value, length)
+
+
+def _tensor_field(window: _Window, tensor: _Tensor, number: int, wire: int, value: int, length: int) -> None:
+    """One field of a TensorProto (a varint's ``value``, or a payload's offset and ``length``)."""
+    if number in (1, 2, 14):
+        tensor.add_number(number, wire, value, window.get(value, length) if wire == _LEN else b"")
+    elif number in (3, 8, 9, 13):
+        _expect(wire, _LEN, "a tensor's segment, name, raw_data or external_data")
+        if number == 8:
             tensor.name = _string(window, value, length, "a tensor name")
         elif number == 9:
-            _expect(wire, _LEN, "a tensor's raw_data")
             tensor.raw = (value, length)
         elif number == 13:
-            _expect(wire, _LEN, "a tensor's external_data")
-            tensor.external.append(_read_entry(window, value, length))
-            if len(tensor.external) > MAX_EXTERNAL_ENTRIES:
-                raise _corrupt(f"a tensor with more than {MAX_EXTERNAL_ENTRIES} external_data entries")
-        elif number == 14:
-            _expect(wire, _VARINT, "a tensor's data_location")
-            if value in _DATA_LOCATIONS:
-                tensor.location = value
+            tensor.add_entry(_read_entry(window, value, length))
+        else:
+            tensor.segment = True
 
 
 def _read_entry(window: _Window, start: int, length: int) -> tuple[bytes, bytes]:
