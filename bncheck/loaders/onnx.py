@@ -7,7 +7,7 @@ and skips every payload it does not need by its length, so a 1 GB model costs it
 tensors, never its convolution weights, and no tensor is read before it is asked for. It does not go through the
 ``onnx`` package: ``import onnx`` alone takes 0.6 s (its ml_dtypes dependency 0.55 s of it), more than a whole
 inspection, and ``onnx.load`` parses the whole model into memory, where a message of two bytes becomes about 160
-(an 8 MB file of empty nodes needs 0.8 GB). The fields read here follow ``onnx/onnx.proto`` (proto2) as protobuf
+(a 10 MB file of empty nodes takes 0.8 GB). The fields read here follow ``onnx/onnx.proto`` (proto2) as protobuf
 reads them: the last occurrence of a singular field wins, a singular message met twice is merged, repeated fields
 accumulate, packed or not. Anything protobuf would read differently (a known field with another wire type, a group)
 is refused.
