@@ -59,6 +59,42 @@ def deep_bn_model(*, layers: int = LAYERS, channels: int = CONV_CHANNELS) -> tor
     return torch.nn.Sequential(*blocks).eval()
 
 
+def deep_onnx(folder: Path | None = None) -> dict[str, Path]:
+    """:func:`deep_bn_model` exported to ONNX for inference, written on first use: ``external`` keeps every tensor
+    of 1 KiB or more (each BatchNorm tensor too) in ``deep-conv.onnx.data`` beside the model, as exporters do for
+    large models; ``embedded`` holds them all in the one file. The TorchScript-based exporter with constant folding
+    off, which keeps the BatchNormalization nodes (folding merges each into the convolution before it). Its
+    deduplication pass would share equal tensors between layers, so each layer's weights get values of their own
+    (a constant per tensor, as cheap as the zeros)."""
+    import contextlib
+    import io
+    import warnings
+
+    import onnx
+
+    folder = folder or cache_dir()
+    paths = {"external": folder / "deep-conv.onnx", "embedded": folder / "deep-conv-embedded.onnx"}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    embedded = paths["embedded"].with_name(paths["embedded"].name + ".partial")
+    network = deep_bn_model()
+    with torch.no_grad():
+        for index, parameter in enumerate(network.parameters()):
+            parameter.fill_(1.0 + index * 1e-4)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        example = torch.zeros(1, CONV_CHANNELS, 4, 4)
+        torch.onnx.export(network, (example,), str(embedded), dynamo=False, do_constant_folding=False)
+    model = onnx.load(str(embedded))
+    external = paths["external"].with_name(paths["external"].name + ".partial")
+    onnx.save_model(
+        model, str(external), save_as_external_data=True, location="deep-conv.onnx.data", size_threshold=1024
+    )
+    embedded.replace(paths["embedded"])
+    external.replace(paths["external"])
+    return paths
+
+
 def save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     names = list(state)

@@ -1,8 +1,9 @@
 """Mutations of valid checkpoints for fuzzing the loaders, discovery and checks (used by tests/test_fuzz.py and
 fuzz/run.py): bit flips, truncation, safetensors header edits, zip central-directory edits, edits of the pickle
 inside an archive (re-zipped with a valid CRC so that the unpickler, not the CRC check, meets them), archives
-appended to archives, names that differ only in case, the same for torch's tar format, and values of odd types
-anywhere in a .pt2 archive's program and configurations."""
+appended to archives, names that differ only in case, the same for torch's tar format, values of odd types
+anywhere in a .pt2 archive's program and configurations, and edits of an ONNX model's messages (nodes, attributes,
+tensors, external-data entries) re-serialised so that they meet the reader intact."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import tarfile
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -45,6 +47,7 @@ def seed_files(folder: Path) -> dict[str, bytes]:
         shared = nn.Sequential(shared, shared)
     torch.save(shared, folder / "seed-shared.pt")
     torch.export.save(torch.export.export(model.eval(), (torch.randn(2, 3),)), folder / "seed.pt2")
+    onnx_seeds(model, folder)
     return {
         "safetensors": (folder / "seed.safetensors").read_bytes(),
         "zip": (folder / "seed.pt").read_bytes(),
@@ -52,7 +55,36 @@ def seed_files(folder: Path) -> dict[str, bytes]:
         "tar": (folder / "seed-tar.pt").read_bytes(),
         "shared": (folder / "seed-shared.pt").read_bytes(),
         "pt2": (folder / "seed.pt2").read_bytes(),
+        "onnx": (folder / "seed.onnx").read_bytes(),
+        # its tensors in seed-external.onnx.data, beside the fuzzed copy (which is written to the same folder)
+        "onnx-external": (folder / "seed-external.onnx").read_bytes(),
     }
+
+
+def onnx_seeds(model: Any, folder: Path) -> None:
+    """The seed model exported to ONNX for inference (the TorchScript-based exporter keeps a BatchNormalization
+    after a Linear), and the same with every tensor in an external data file."""
+    import contextlib
+
+    import onnx
+    import torch
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.randn(8, 3),), str(folder / "seed.onnx"), dynamo=False)
+    exported = onnx.load(str(folder / "seed.onnx"))
+    onnx.save_model(
+        exported,
+        str(folder / "seed-external.onnx"),
+        save_as_external_data=True,
+        location="seed-external.onnx.data",
+        size_threshold=0,
+    )
+
+
+def target_name(fmt: str) -> str:
+    """The file name a fuzzed input of this seed is written to: ONNX is recognised by its name."""
+    return f"input-{fmt}.onnx" if fmt.startswith("onnx") else f"input-{fmt}.bin"
 
 
 def save_tar(
@@ -304,6 +336,89 @@ def legacy_header_edits(draw: st.DrawFn, data: bytes) -> bytes:
     return draw(byte_overwrites(data, start, end))
 
 
+ONNX_NAMES = st.sampled_from(["", "X", "0.weight", "1.running_mean", "1.running_var", "3.weight", "4.bias", "x\x00y"])
+ONNX_LOCATIONS = st.sampled_from(
+    [
+        "seed-external.onnx.data",
+        "../seed-external.onnx.data",
+        "/etc/hostname",
+        "",
+        "*/_ORT_MEM_ADDR_/*",
+        "a/../b",
+        ".",
+        "x" * 5000,
+        "seed-external.onnx",
+    ]
+)
+ONNX_NUMBERS = st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 1, 3, 4, 5, 2**31, 2**62]))
+ONNX_FLOATS = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@st.composite
+def onnx_message_edits(draw: st.DrawFn, data: bytes) -> bytes:
+    """One edit of the model's messages through onnx's own classes, then serialised: a node's op type, inputs,
+    outputs or attributes, an initializer's dims, type, bytes or external location, the opset, or a duplicate."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(data)
+    graph = model.graph
+    target = draw(st.sampled_from(["node", "attribute", "tensor", "external", "opset", "duplicate"]))
+    if target == "node":
+        node = draw(st.sampled_from(list(graph.node)))
+        part = draw(st.sampled_from(["op_type", "input", "output", "name", "domain"]))
+        if part == "op_type":
+            node.op_type = draw(st.sampled_from(["BatchNormalization", "Identity", "Constant", "If", "Relu", ""]))
+        elif part in ("input", "output"):
+            names = getattr(node, part)
+            del names[:]
+            names.extend(draw(st.lists(ONNX_NAMES, max_size=7)))
+        elif part == "name":
+            node.name = draw(st.text(max_size=8))
+        else:
+            node.domain = draw(st.sampled_from(["", "ai.onnx", "com.microsoft"]))
+    elif target == "attribute":
+        node = draw(st.sampled_from(list(graph.node)))
+        attribute = node.attribute.add()
+        attribute.name = draw(st.sampled_from(["epsilon", "momentum", "training_mode", "is_test", "value"]))
+        attribute.type = draw(st.integers(0, 14))
+        attribute.f = draw(ONNX_FLOATS)
+        attribute.i = draw(ONNX_NUMBERS)
+        if draw(st.booleans()):
+            attribute.floats.extend(draw(st.lists(ONNX_FLOATS, max_size=5)))
+        if draw(st.booleans()):
+            attribute.t.CopyFrom(draw(st.sampled_from(list(graph.initializer))))
+    elif target in ("tensor", "external"):
+        tensor = draw(st.sampled_from(list(graph.initializer)))
+        if target == "tensor":
+            part = draw(st.sampled_from(["dims", "data_type", "raw_data", "float_data", "name"]))
+            if part == "dims":
+                del tensor.dims[:]
+                tensor.dims.extend(draw(st.lists(ONNX_NUMBERS, max_size=5)))
+            elif part == "data_type":
+                tensor.data_type = draw(st.integers(0, 28))
+            elif part == "raw_data":
+                tensor.raw_data = draw(st.binary(max_size=64))
+            elif part == "float_data":
+                tensor.ClearField("raw_data")
+                tensor.float_data.extend(draw(st.lists(ONNX_FLOATS, max_size=40)))
+            else:
+                tensor.name = draw(ONNX_NAMES)
+        else:
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key in draw(st.lists(st.sampled_from(["location", "offset", "length", "checksum"]), max_size=4)):
+                entry = tensor.external_data.add()
+                entry.key = key
+                entry.value = draw(ONNX_LOCATIONS) if key == "location" else str(draw(ONNX_NUMBERS))
+    elif target == "opset":
+        for opset in model.opset_import:
+            opset.version = draw(st.sampled_from([1, 6, 7, 9, 12, 14, 15, 20, -1, 2**40]))
+    else:
+        graph.node.append(draw(st.sampled_from(list(graph.node))))
+        graph.initializer.append(draw(st.sampled_from(list(graph.initializer))))
+    return model.SerializeToString()
+
+
 def mutations(fmt: str, data: bytes) -> st.SearchStrategy[bytes]:
     common = [bit_flips(data), truncations(data), byte_overwrites(data)]
     if fmt == "safetensors":
@@ -320,6 +435,8 @@ def mutations(fmt: str, data: bytes) -> st.SearchStrategy[bytes]:
         return st.one_of(
             *common, zip_directory_edits(data), case_variants(data), json_member_edits(data), member_byte_edits(data)
         )
+    if fmt.startswith("onnx"):
+        return st.one_of(*common, onnx_message_edits(data))
     return st.one_of(*common)
 
 

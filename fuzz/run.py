@@ -1,6 +1,6 @@
 """The long fuzzing run: the property of tests/test_fuzz.py with many more examples per format.
 
-    python fuzz/run.py [--examples 100000] [--formats safetensors zip legacy tar pt2]
+    python fuzz/run.py [--examples 100000] [--formats safetensors zip legacy tar pt2 onnx onnx-external]
 
 Prints the number of examples run per format; stops (saving the falsifying input) on the first failure.
 """
@@ -16,12 +16,12 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutations import check_one, mutations, seed_files
+from mutations import check_one, mutations, seed_files, target_name
 
 
 def run_format(fmt: str, seed: bytes, work: Path, examples: int) -> int:
     """Run the property ``examples`` times on mutations of ``seed``; return how many inputs were checked."""
-    target = work / f"input-{fmt}.bin"
+    target = work / target_name(fmt)
     count = 0
 
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -42,7 +42,9 @@ def run_format(fmt: str, seed: bytes, work: Path, examples: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=100_000)
-    parser.add_argument("--formats", nargs="+", default=["safetensors", "zip", "legacy", "tar", "pt2"])
+    parser.add_argument(
+        "--formats", nargs="+", default=["safetensors", "zip", "legacy", "tar", "pt2", "onnx", "onnx-external"]
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bncheck-fuzz-"))
     seeds = seed_files(work)

@@ -13,7 +13,7 @@ from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, str(ROOT / "fuzz"))
-from mutations import check_one, mutations, seed_files
+from mutations import check_one, mutations, seed_files, target_name
 
 WORK = Path(tempfile.mkdtemp(prefix="bncheck-fuzz-"))
 SEEDS = seed_files(WORK)
@@ -22,7 +22,7 @@ EXAMPLES = 2000
 
 @pytest.mark.parametrize("fmt", sorted(SEEDS))
 def test_mutated_checkpoints_never_crash(fmt: str) -> None:
-    target = WORK / f"input-{fmt}.bin"
+    target = WORK / target_name(fmt)
 
     @settings(
         max_examples=EXAMPLES,

@@ -74,6 +74,19 @@ def _is_pickle(head: bytes) -> bool:
     return False
 
 
+# An ONNX model is a protobuf ModelProto, which has no magic number: a file named .onnx whose first bytes are the key
+# of one of its fields, with the field's wire type. Exporters write ir_version (field 1, a varint: 08) first.
+_ONNX_FIRST_KEYS = frozenset(bytes([key]) for key in (0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72))
+_ONNX_FIRST_TWO_BYTE_KEYS = (b"\xa2\x01", b"\xca\x01", b"\xd2\x01")  # training_info, functions, configuration
+ONNX_SUFFIX = ".onnx"
+
+
+def _is_onnx(head: bytes, name: str) -> bool:
+    return name.lower().endswith(ONNX_SUFFIX) and (
+        head[:1] in _ONNX_FIRST_KEYS or head.startswith(_ONNX_FIRST_TWO_BYTE_KEYS)
+    )
+
+
 def _is_tar_header(head: bytes) -> bool:
     """Whether ``tarfile`` accepts the first block as a member header: the test torch's loader makes first."""
     if len(head) < SNIFF_BYTES:
@@ -105,6 +118,16 @@ def _pickle_first(head: bytes) -> bool:
 # and the rules that depend on the format's semantics all read this table (a test keeps .pre-commit-hooks.yaml in
 # step with it).
 FORMATS: tuple[Format, ...] = (
+    Format(
+        name="onnx",
+        described="an ONNX model",
+        suffixes=(ONNX_SUFFIX,),
+        # by name and first field, before the torch formats: no ModelProto starts as a zip, and the name decides
+        matches=_is_onnx,
+        reader="bncheck.loaders.onnx:open_onnx",
+        # an exported graph keeps no num_batches_tracked
+        batch_counter=False,
+    ),
     Format(
         name="torch export",
         described="a torch.export archive",
