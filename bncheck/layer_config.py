@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bncheck.discover import BNLayer
-from bncheck.loaders.interface import RecordedCall
+from bncheck.loaders.interface import EXPORTED_PROGRAM, ONNX_NODE, RecordedCall
 from bncheck.loaders.restricted_pickle import Placeholder
 from bncheck.report import LayerConfig, ModelConfig, Setting
 
@@ -34,9 +34,7 @@ SCRIPT_ATTRIBUTE = "TorchScript attribute"
 SCRIPT_CONSTANT = "TorchScript constant"
 TRACED = "traced batch_norm call"
 CONFIG_JSON = "config.json"
-# Deployment artifacts. An ONNX reader may add its evidence in brackets: "ONNX BatchNormalization node (is_test=0)".
-EXPORTED_PROGRAM = "torch.export batch_norm call"
-ONNX_NODE = "ONNX BatchNormalization node"
+# Deployment artifacts: the sources their loaders give the settings they record (bncheck.loaders.interface).
 
 
 def is_exported(source: str) -> bool:

@@ -110,6 +110,12 @@ def in_memory(array: np.ndarray, dtype: str) -> TensorRef:
     return TensorRef(dtype=dtype, shape=tuple(array.shape), reader=lambda: array)
 
 
+# Where an exported graph's settings come from, as the report names them. An ONNX reader may add its evidence in
+# brackets: "ONNX BatchNormalization node (is_test=0)".
+EXPORTED_PROGRAM = "torch.export batch_norm call"
+ONNX_NODE = "ONNX BatchNormalization node"
+
+
 @dataclass(frozen=True)
 class RecordedCall:
     """One BatchNorm call of an exported graph (.pt2, ONNX) with the arguments the graph records for it, read from

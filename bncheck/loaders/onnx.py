@@ -37,10 +37,17 @@ from bncheck.errors import (
     UnreadableFileError,
     UnsupportedDtypeError,
 )
-from bncheck.layer_config import ONNX_NODE
 from bncheck.loaders.dtypes import ITEMSIZE, bytes_to_array
 from bncheck.loaders.files import ByteSource
-from bncheck.loaders.interface import ByteLocation, Checkpoint, RecordedCall, TensorRef, contiguous_strides, in_memory
+from bncheck.loaders.interface import (
+    ONNX_NODE,
+    ByteLocation,
+    Checkpoint,
+    RecordedCall,
+    TensorRef,
+    contiguous_strides,
+    in_memory,
+)
 
 # Limits far beyond any exported model, so that a crafted file costs seconds and megabytes: entries of the main
 # graph (nodes and initializers; each costs Python time and a little memory), BatchNormalization nodes, the length

@@ -34,10 +34,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from bncheck.errors import BncheckError, CorruptCheckpointError, UnsupportedFormatError
-from bncheck.layer_config import EXPORTED_PROGRAM
 from bncheck.loaders.dtypes import ITEMSIZE
 from bncheck.loaders.files import ByteSource
-from bncheck.loaders.interface import Checkpoint, RecordedCall, TensorRef, without_data
+from bncheck.loaders.interface import EXPORTED_PROGRAM, Checkpoint, RecordedCall, TensorRef, without_data
 from bncheck.loaders.restricted_pickle import globals_of, scan_globals
 from bncheck.loaders.safetensors import parse_json
 from bncheck.loaders.torch_zip import TorchArchive, open_archive, open_torch_zip, scan_uncovered
