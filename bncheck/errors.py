@@ -97,3 +97,8 @@ def first_line(exc: BaseException) -> str:
     messages never reach a report)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class BatchNormCheckError(RuntimeError):
+    """Not a BncheckError: the check ran, and a training-loop callback (bncheck.integrations) stopped training
+    because the model's BatchNorm statistics fail it. The message is the concise report."""

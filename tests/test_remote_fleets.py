@@ -39,6 +39,14 @@ READER_POLICY = {
 NEEDS_CONFIG_JSON = "BN014-hf-efficientnet"
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The files directly in a fixture folder that a search picks up: checkpoint suffixes only (an ONNX model's
+    external data file is not one)."""
+    from bncheck.loaders import checkpoint_suffixes
+
+    return [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(checkpoint_suffixes())]
+
+
 def _registry(folder: Path) -> Path:
     """The fleet as a local folder: healthy and defective checkpoints under nested folders, a shard set, a
     non-checkpoint file, a dot-folder and a checkpoint whose reads will be denied."""
@@ -141,7 +149,7 @@ def test_a_prefix_is_searched_like_a_directory_with_4_processes(s3_env: S3Server
     assert list(remote_files) == list(local_files)
     assert "good/conv1d-sharded/model.safetensors.index.json" in remote_files  # the index stands for its shards
     assert not any("model-0000" in name or ".trash" in name or name.endswith(".txt") for name in remote_files)
-    assert len(remote_files) == len(list(GOOD.glob("*.*"))) + 2 + len(list(BAD.glob("*.*")))
+    assert len(remote_files) == len(list(checkpoint_files(GOOD))) + 2 + len(list(checkpoint_files(BAD)))
     for name, file in remote_files.items():
         for key in ("format", "size_bytes", "error", "layers", "findings"):
             assert file[key] == local_files[name][key], (name, key)
@@ -153,7 +161,7 @@ def test_a_prefix_without_its_slash_and_exclude_globs(cli, s3_env: S3Server) -> 
     result = cli("inspect", f"s3://{BUCKET}/registry/good", "--exclude", "mlp-*", "--exclude", "*/*", "--json")
     assert result.exit_code == 0, result.stderr
     names = sorted(path.rpartition("/")[2] for path in _files(result))
-    expected = sorted(p.name for p in GOOD.glob("*.*") if not p.name.startswith("mlp-"))
+    expected = sorted(p.name for p in checkpoint_files(GOOD) if not p.name.startswith("mlp-"))
     assert names == expected
 
 
@@ -237,7 +245,9 @@ def test_an_object_the_reader_may_not_read_is_one_line_among_the_others(
     assert result.stderr == f"bncheck: {denied}: access denied: {denied} (Forbidden)\n"
     files = _files(result)
     assert [path for path, file in files.items() if file["error"]] == [denied]
-    assert len(files) == len(list(GOOD.glob("*.*"))) + 2 and sum(len(file["layers"]) for file in files.values()) > 30
+    assert (
+        len(files) == len(list(checkpoint_files(GOOD))) + 2 and sum(len(file["layers"]) for file in files.values()) > 30
+    )
 
 
 @pytest.mark.parametrize(
@@ -289,7 +299,7 @@ def test_any_fsspec_file_system_is_searched_the_same_way(cli, registry: Path) ->
     assert result.exit_code == 0, result.stderr
     names = [path.removeprefix("memory://fleet/good/") for path in _files(result)]
     shard_index, denied = "conv1d-sharded/model.safetensors.index.json", "denied/conv1d.safetensors"
-    assert names == sorted([p.name for p in GOOD.glob("*.*")] + [shard_index, denied])
+    assert names == sorted([p.name for p in checkpoint_files(GOOD)] + [shard_index, denied])
 
 
 def test_a_web_server_folder_is_refused_in_one_line(cli, tmp_path: Path) -> None:

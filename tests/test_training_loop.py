@@ -7,11 +7,9 @@ import csv
 import logging
 from pathlib import Path
 
-import lightning
 import numpy as np
 import pytest
 import torch
-import transformers
 from conftest import BAD, FIXTURES, GOOD
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -162,21 +160,28 @@ def test_the_pytest_helper_takes_paths_and_a_fail_level() -> None:
 # ---------------------------------------------------------------- Lightning
 
 
-class LitNet(lightning.LightningModule):
-    def __init__(self, lr: float) -> None:
-        super().__init__()
-        self.lr = lr
-        self.net = mlp()
+def lit_net(lr: float) -> torch.nn.Module:
+    """A LightningModule around mlp(), trained with plain SGD. Lightning is imported here, not when the tests are
+    collected: importing it grows every test process by about 200 MB (tests/test_bounded.py bounds the peak)."""
+    import lightning
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
+    class LitNet(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], index: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=lr)
+
+    return LitNet()
 
 
 def fit(tmp_path: Path, lr: float, **check: object) -> tuple[Path, Path]:
+    import lightning
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -193,7 +198,7 @@ def fit(tmp_path: Path, lr: float, **check: object) -> tuple[Path, Path]:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(LitNet(lr), DataLoader(TensorDataset(*samples()), batch_size=32))
+    trainer.fit(lit_net(lr), DataLoader(TensorDataset(*samples()), batch_size=32))
     return saved, tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv"
 
 
@@ -247,6 +252,8 @@ class HFNet(nn.Module):
 
 
 def train_hf(tmp_path: Path, lr: float) -> Path:
+    import transformers
+
     from bncheck.integrations.transformers import BNCheckCallback
 
     torch.manual_seed(0)

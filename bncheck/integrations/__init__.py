@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from bncheck.config import Options, load_settings
+from bncheck.errors import BatchNormCheckError
 from bncheck.render.concise import render_concise
 from bncheck.report import Report, Severity
 
@@ -17,10 +18,7 @@ if TYPE_CHECKING:
     import torch
 
 LOGGER = logging.getLogger("bncheck")
-
-
-class BatchNormCheckError(RuntimeError):
-    """Training was stopped because the model's BatchNorm statistics fail the check; the message says why."""
+__all__ = ["BatchNormCheckError", "TrainingCheck", "counts"]
 
 
 class TrainingCheck:
