@@ -13,7 +13,7 @@ from bncheck.config import Options
 from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
 from bncheck.layer_config import model_configs
 from bncheck.loaders import is_url, search_checkpoints
-from bncheck.read import LayerData, read_checkpoint, stack_layers
+from bncheck.read import LayerData, fewer_collections, read_checkpoint, stack_layers
 from bncheck.report import (
     CONFIG_FIELDS,
     ConfigInfo,
@@ -135,6 +135,7 @@ def _prepare(request: RecomputeRequest, progress: Progress | None) -> Workload:
     return prepare(request, progress)
 
 
+@fewer_collections()
 def _inspect_one(
     path: PathLike, options: Options, workload: Workload | None, *, excluded: bool = False
 ) -> FileReport | None:

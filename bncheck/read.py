@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -59,6 +61,23 @@ class LayerData:
         if array is None or self.dtype("num_batches_tracked") not in INTEGER or array.size != 1:
             return None
         return int(array.reshape(()))
+
+
+@contextlib.contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector rarely while a checkpoint is read and checked (as a decorator or a ``with``).
+
+    Reading a file of thousands of layers makes hundreds of thousands of small objects that form almost no cycles
+    and all live until the report is built; at the default threshold (a collection every 700 allocations) the
+    collector walks that growing heap again and again, a third of the time of a 4,000-layer file. Reference counting
+    still frees everything as usual; the previous thresholds come back on the way out.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], 100_000), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 # the floating tensors that the rules' screens and the summaries read for all of a file's layers at once
