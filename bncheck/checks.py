@@ -889,8 +889,7 @@ def _layer_hits(r: Rule, layers: Sequence[LayerData], stack: LayerStack, t: Thre
 def _config_hits(r: Rule, layers: Sequence[LayerData], t: Thresholds) -> Iterator[tuple[int, Hit]]:
     """A configuration rule's hits by layer index, checked once for all the layers whose file records no
     configuration (every layer of a state dict)."""
-    empty = LayerConfig()
-    unknown = list(r.check(empty, t))
+    unknown = list(r.check(LayerConfig(), t))
     for i, data in enumerate(layers):
-        for hit in unknown if data.config == empty else r.check(data.config, t):
+        for hit in r.check(data.config, t) if data.config.known else unknown:
             yield i, hit
