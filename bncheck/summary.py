@@ -140,7 +140,7 @@ def summaries(layers: Sequence[LayerData], stack: LayerStack, name: str) -> list
             continue
         finite = np.isfinite(values).all(axis=1)
         alone += rows[~finite].tolist()
-        whole = values[finite]
+        whole = values if finite.all() else values[finite]  # copied only when some layer is set aside
         with np.errstate(over="ignore"):  # as _summary: a mean near the float64 limit overflows to inf
             means = whole.mean(axis=1)
         for i, low, high, mean in zip(
