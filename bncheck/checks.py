@@ -857,7 +857,7 @@ def run_checks(
             for i, hit in _layer_hits(r, layers, stack, t):
                 per_layer[i].append(_finding(r, hit, t, layers[i].layer))
         elif r.scope == "config":
-            for i, hit in _config_hits(r, layers, t):
+            for i, hit in _config_hits(r, layers, stack, t):
                 per_layer[i].append(_finding(r, hit, t, layers[i].layer))
         elif r.scope == "model":
             for data, hit in r.check(layers, t):
@@ -886,10 +886,16 @@ def _layer_hits(r: Rule, layers: Sequence[LayerData], stack: LayerStack, t: Thre
             yield i, hit
 
 
-def _config_hits(r: Rule, layers: Sequence[LayerData], t: Thresholds) -> Iterator[tuple[int, Hit]]:
+def _config_hits(r: Rule, layers: Sequence[LayerData], stack: LayerStack, t: Thresholds) -> Iterator[tuple[int, Hit]]:
     """A configuration rule's hits by layer index, checked once for all the layers whose file records no
     configuration (every layer of a state dict)."""
-    unknown = list(r.check(LayerConfig(), t))
-    for i, data in enumerate(layers):
-        for hit in r.check(data.config, t) if data.config.known else unknown:
+    for i in stack.configured:
+        for hit in r.check(layers[i].config, t):
             yield i, hit
+    unknown = list(r.check(LayerConfig(), t))
+    if unknown:
+        configured = set(stack.configured)
+        for i in range(len(layers)):
+            if i not in configured:
+                for hit in unknown:
+                    yield i, hit

@@ -106,6 +106,7 @@ class LayerStack:
     tensors: Mapping[str, Stacked]
     dtypes: Mapping[str, np.ndarray]  # name -> each layer's dtype of it ("" when absent), for np.isin
     counts: Sequence[int | None]  # each layer's num_batches_tracked (LayerData.count)
+    configured: Sequence[int]  # the layers whose file records some configuration (LayerConfig.known)
     # each layer's tensor names, dtypes, shapes and missing data, and the layer facts the rules read besides them:
     # two layers of equal signature get the same hits from a rule that reads no values
     signatures: Sequence[Hashable]
@@ -140,14 +141,16 @@ def stack_layers(layers: Sequence[LayerData]) -> LayerStack:
     irregular: dict[str, list[int]] = {name: [] for name in STACKED}
     dtypes: dict[str, list[str]] = {name: [] for name in STACKED}
     counts: list[int | None] = []
+    configured: list[int] = []
     signatures: list[Hashable] = []
     for i, data in enumerate(layers):
         layer, arrays = data.layer, data.arrays
         for name in STACKED:
             ref = layer.tensors.get(name)
-            dtypes[name].append("" if ref is None else ref.dtype)
+            dtype = "" if ref is None else ref.dtype
+            dtypes[name].append(dtype)
             array = arrays.get(name)
-            if array is None or ref is None or ref.dtype not in FLOATING:
+            if array is None or dtype not in FLOATING:
                 continue
             if array.ndim == 1:
                 rows, values = widths[name].setdefault(array.shape[0], ([], []))
@@ -156,9 +159,11 @@ def stack_layers(layers: Sequence[LayerData]) -> LayerStack:
             else:
                 irregular[name].append(i)
         counts.append(data.count())
+        if data.config.known:
+            configured.append(i)
         signatures.append(
             (
-                tuple((name, ref.dtype, ref.shape, ref.no_data) for name, ref in layer.tensors.items()),
+                tuple([(name, ref.dtype, ref.shape, ref.no_data) for name, ref in layer.tensors.items()]),
                 layer.batch_counter,
                 layer.frozen,
             )
@@ -176,6 +181,7 @@ def stack_layers(layers: Sequence[LayerData]) -> LayerStack:
         tensors=tensors,
         dtypes={name: np.array(values, dtype=object) for name, values in dtypes.items()},
         counts=counts,
+        configured=configured,
         signatures=signatures,
     )
 

@@ -56,9 +56,10 @@ def file_report(
                 tuple(sorted(codes.get((data.layer.name, data.layer.source), ()))),
                 mean,
                 var,
+                count,
                 channel_values=channel_values,
             )
-            for data, mean, var in zip(layers, means, variances, strict=True)
+            for data, mean, var, count in zip(layers, means, variances, stack.counts, strict=True)
         ),
         findings=tuple(findings),
         notes=checkpoint.notes
@@ -100,10 +101,12 @@ def layer_info(
     codes: tuple[str, ...],
     mean_summary: Summary | None,
     var_summary: Summary | None,
+    count: int | None,
     *,
     channel_values: bool = False,
 ) -> LayerInfo:
-    """A layer's summary row, given the codes reported for it and its statistics' summaries."""
+    """A layer's summary row, given the codes reported for it, its statistics' summaries and its
+    num_batches_tracked (:meth:`LayerData.count`)."""
     layer = data.layer
     return LayerInfo(
         name=layer.name,
@@ -113,7 +116,7 @@ def layer_info(
         kind_inferred=layer.kind_inferred,
         num_features=layer.num_features,
         dtype=data.dtype("running_var") or data.dtype("running_mean"),
-        num_batches_tracked=data.count(),
+        num_batches_tracked=count,
         running_mean=mean_summary,
         running_var=var_summary,
         codes=codes,
