@@ -76,11 +76,15 @@ def main() -> None:
         f"{'peak RSS MiB':>13}"
     )
     per_layer: dict[tuple[int, str], Timing] = {}
-    diffs: dict[int, tuple[Timing, float]] = {}
+    diffs: dict[int, tuple[Timing, float, float]] = {}
     for layers, paths in files.items():
         inspected, diffed = in_process([paths[name] for name in FORMATS], repeats)
         assert diffed is not None
-        diffs[layers] = (diffed, diffed[0] / max(wall for wall, _ in inspected))
+        diffs[layers] = (
+            diffed,
+            diffed[0] / max(wall for wall, _ in inspected),
+            diffed[1] / max(cpu for _, cpu in inspected),
+        )
         for name, (seconds, cpu) in zip(FORMATS, inspected, strict=True):
             per_layer[layers, name] = (seconds / layers * 1000, cpu / layers * 1000)
             samples = [
@@ -99,8 +103,11 @@ def main() -> None:
             f"per-layer cost {name} at {high} layers: {wall_high:.4f} ms ({wall_high / wall_low:.2f}x that at {low}), "
             f"CPU {cpu_high:.4f} ms ({cpu_high / cpu_low:.2f}x)"
         )
-    for layers, ((seconds, _), ratio) in diffs.items():
-        print(f"diff .pt .safetensors at {layers} layers: {seconds:.4f} s in process, {ratio:.2f}x inspecting either")
+    for layers, ((seconds, _), ratio, cpu_ratio) in diffs.items():
+        print(
+            f"diff .pt .safetensors at {layers} layers: {seconds:.4f} s in process, {ratio:.2f}x inspecting either "
+            f"(CPU {cpu_ratio:.2f}x)"
+        )
 
 
 if __name__ == "__main__":
