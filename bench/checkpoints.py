@@ -178,3 +178,34 @@ def small_checkpoints(folder: Path | None = None, count: int = 200) -> Path:
         else:
             torch.save({"model": model.state_dict(), "epoch": i}, target / f"model-{i:03d}.pt")
     return target
+
+
+def many_layer_state_dict(layers: int, channels: int = 64) -> dict[str, torch.Tensor]:
+    """``layers`` BatchNorm layers of ``channels`` and nothing else (``layers.{i}.bn.*``), healthy statistics that
+    differ per layer: the shape of a state dict whose inspection cost is all per-layer overhead."""
+    generator = torch.Generator().manual_seed(0)
+    state: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        state[f"layers.{i}.bn.weight"] = torch.ones(channels)
+        state[f"layers.{i}.bn.bias"] = torch.zeros(channels)
+        state[f"layers.{i}.bn.running_mean"] = torch.randn(channels, generator=generator) * 0.1
+        state[f"layers.{i}.bn.running_var"] = torch.rand(channels, generator=generator) + 0.5
+        state[f"layers.{i}.bn.num_batches_tracked"] = torch.tensor(1000)
+    return state
+
+
+def many_layer_checkpoints(layers: int, folder: Path | None = None) -> dict[str, Path]:
+    """``many_layer_state_dict(layers)`` as .pt and .safetensors, written on first use."""
+    folder = folder or cache_dir()
+    paths = {"pt": folder / f"m{layers}.pt", "safetensors": folder / f"m{layers}.safetensors"}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    state = many_layer_state_dict(layers)
+    for name, path in paths.items():
+        temp = path.with_name(path.name + ".partial")
+        if name == "pt":
+            torch.save(state, temp)
+        else:
+            save_file(state, str(temp))
+        temp.replace(path)
+    return paths

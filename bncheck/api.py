@@ -13,7 +13,7 @@ from bncheck.config import Options
 from bncheck.errors import BncheckError, CheckpointNotFoundError, UnsupportedFormatError
 from bncheck.layer_config import model_configs
 from bncheck.loaders import is_url, search_checkpoints
-from bncheck.read import LayerData, read_checkpoint
+from bncheck.read import LayerData, fewer_collections, read_checkpoint, stack_layers
 from bncheck.report import (
     CONFIG_FIELDS,
     ConfigInfo,
@@ -135,6 +135,7 @@ def _prepare(request: RecomputeRequest, progress: Progress | None) -> Workload:
     return prepare(request, progress)
 
 
+@fewer_collections()
 def _inspect_one(
     path: PathLike, options: Options, workload: Workload | None, *, excluded: bool = False
 ) -> FileReport | None:
@@ -160,8 +161,9 @@ def _inspect_one(
     # a Hugging Face config.json beside the weights: model-wide momentum and eps (a bad one is a note)
     configs, config_notes = ((), ()) if is_url(path) else model_configs(path)
     findings, notes = [], list(config_notes)
+    stack = stack_layers(layers)
     checked = run_checks(
-        layers, checkpoint.globals, drifts=drifts, model_configs=configs, thresholds=options.thresholds
+        layers, checkpoint.globals, drifts=drifts, model_configs=configs, thresholds=options.thresholds, stack=stack
     )
     for finding in checked:
         reported, note = options.verdict(finding.code, str(path), excluded=excluded)
@@ -180,5 +182,6 @@ def _inspect_one(
         recompute_error,
         model_configs=configs,
         channel_values=options.channel_values,
+        stack=stack,
     )
     return dataclasses.replace(report, notes=report.notes + tuple(notes)) if notes else report

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,7 +21,7 @@ from bncheck.drift import Drift, DriftThresholds
 from bncheck.layer_config import TRACED, is_exported
 from bncheck.loaders.dtypes import FLOATING, INTEGER
 from bncheck.pickle_globals import Risk, grade_global
-from bncheck.read import LayerData
+from bncheck.read import LayerData, LayerStack, stack_layers
 from bncheck.report import Finding, LayerConfig, ModelConfig, RuleInfo, Severity
 
 
@@ -76,6 +76,12 @@ class Rule:
     hint: str
     scope: Literal["layer", "config", "model", "file", "recompute"]
     check: Callable[..., Iterable[Any]] = field(repr=False)
+    # layer rules: which of a file's layers the rule may report, for all layers at once (True where it might: the
+    # rule itself decides); None checks every layer. A screen may say True too often, never too rarely.
+    screen: Screen | None = field(default=None, repr=False)
+    # layer rules that read only the layer's metadata (tensor names, dtypes, shapes), never values: checked once
+    # per distinct metadata, their hits shared by the layers that have it
+    metadata_only: bool = False
 
     @property
     def doc(self) -> str:
@@ -87,6 +93,7 @@ class Rule:
         return RuleInfo(code=self.code, name=name, severity=self.severity, summary=self.summary, doc=self.doc)
 
 
+Screen = Callable[[LayerStack, "Thresholds"], np.ndarray]
 RULES: dict[str, Rule] = {}
 
 
@@ -96,10 +103,13 @@ def rule(
     summary: str,
     hint: str,
     scope: Literal["layer", "config", "model", "file", "recompute"] = "layer",
+    *,
+    screen: Screen | None = None,
+    metadata_only: bool = False,
 ) -> Callable[[Callable[..., Iterable[Any]]], Callable[..., Iterable[Any]]]:
     def register(check: Callable[..., Iterable[Any]]) -> Callable[..., Iterable[Any]]:
         assert code not in RULES, f"rule code {code} registered twice"
-        RULES[code] = Rule(code, severity, summary, hint, scope, check)
+        RULES[code] = Rule(code, severity, summary, hint, scope, check, screen, metadata_only)
         return check
 
     return register
@@ -107,6 +117,18 @@ def rule(
 
 def _channels(mask: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(mask.reshape(-1))]
+
+
+def _nonfinite(stack: LayerStack, name: str) -> np.ndarray:
+    return stack.any_channel(name, lambda values: ~np.isfinite(values))
+
+
+def _uncounted(stack: LayerStack) -> np.ndarray:
+    return np.array([count in (None, 0) for count in stack.counts], dtype=bool)
+
+
+def _low_precision_dtype(stack: LayerStack, name: str) -> np.ndarray:
+    return np.isin(stack.dtypes[name], list(_LOW_PRECISION))
 
 
 def _stats(data: LayerData) -> Iterator[tuple[str, np.ndarray]]:
@@ -121,6 +143,7 @@ def _stats(data: LayerData) -> Iterator[tuple[str, np.ndarray]]:
     Severity.ERROR,
     "NaN or infinite running_mean / running_var",
     "training diverged, or an fp16 cast overflowed; restore an earlier checkpoint or recalibrate the statistics",
+    screen=lambda stack, t: _nonfinite(stack, "running_mean") | _nonfinite(stack, "running_var"),
 )
 def nonfinite_stats(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_mean or running_var holds NaN, +Inf or -Inf in some channels.
@@ -153,6 +176,7 @@ def nonfinite_stats(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.ERROR,
     "negative running_var",
     "the statistics were edited, merged or quantised wrongly; recompute them on data",
+    screen=lambda stack, t: stack.any_channel("running_var", lambda v: v < 0),
 )
 def negative_variance(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_var is negative in some channels.
@@ -180,6 +204,7 @@ def negative_variance(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.ERROR,
     "statistics or affine parameters have inconsistent shapes",
     "the tensors do not belong to one layer (a bad merge, edit or key mapping); re-export the layer",
+    metadata_only=True,
 )
 def shape_mismatch(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_mean or running_var is not 1-D, or the lengths of running_mean, running_var, weight and bias
@@ -205,6 +230,7 @@ def shape_mismatch(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.ERROR,
     "running statistics are not a floating-point dtype",
     "the statistics were cast to an integer type by a conversion script; re-export them as float32",
+    metadata_only=True,
 )
 def non_float_stats(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_mean or running_var is stored as an integer, boolean or complex tensor.
@@ -226,6 +252,7 @@ def non_float_stats(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.ERROR,
     "num_batches_tracked is not a non-negative integer scalar",
     "the counter was edited or cast; set it to the number of training batches, or recompute the statistics",
+    screen=lambda stack, t: np.array([count is None or count < 0 for count in stack.counts], dtype=bool),
 )
 def invalid_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: num_batches_tracked is not an integer, is not a single value, or is negative.
@@ -253,6 +280,7 @@ def invalid_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.ERROR,
     "running_mean or running_var is missing while the other is present",
     "the file was filtered or converted incompletely; re-export it with every buffer",
+    metadata_only=True,
 )
 def missing_stat(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: the layer has running_mean but no running_var, or the reverse.
@@ -273,6 +301,7 @@ def missing_stat(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.WARNING,
     "statistics were never updated (mean 0, variance 1)",
     "no train-mode forward pass reached this layer (saved untrained, or trained in eval()); recalibrate on data",
+    screen=lambda stack, t: _uncounted(stack) & stack.all_channels("running_mean", lambda v: v == 0),
 )
 def never_updated(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_mean is all 0 and running_var all 1 (their initial values), and num_batches_tracked is 0 or
@@ -304,6 +333,7 @@ def never_updated(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.WARNING,
     "zero or near-zero running_var",
     "a constant (or dead) input channel; check the data pipeline or drop the feature",
+    screen=lambda stack, t: stack.any_channel("running_var", lambda v: (v >= 0) & (v <= t.min_variance)),
 )
 def near_zero_variance(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: running_var is at or below min_variance (1e-8 by default) in some channels.
@@ -337,6 +367,7 @@ _LOW_PRECISION = {
     Severity.WARNING,
     "float16/bfloat16 statistics near overflow or too coarse for their scale",
     "keep BatchNorm buffers in float32 when converting the model to half precision",
+    screen=lambda stack, t: _low_precision_dtype(stack, "running_mean") | _low_precision_dtype(stack, "running_var"),
 )
 def low_precision(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: the statistics are stored in float16 or bfloat16 and either come close to the dtype's largest value
@@ -385,6 +416,7 @@ def low_precision(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.WARNING,
     "num_batches_tracked is missing",
     "the checkpoint predates PyTorch 0.4.1 or the counter was stripped; harmless unless momentum=None",
+    metadata_only=True,
 )
 def missing_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: the layer has running statistics but no num_batches_tracked.
@@ -408,6 +440,7 @@ def missing_count(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     Severity.ERROR,
     "NaN or infinite affine weight / bias",
     "training diverged; restore an earlier checkpoint",
+    screen=lambda stack, t: _nonfinite(stack, "weight") | _nonfinite(stack, "bias"),
 )
 def nonfinite_affine(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: the layer's learnable weight (gamma) or bias (beta) holds NaN or ±Inf.
@@ -656,6 +689,7 @@ def tracking_switched_off(config: LayerConfig, t: Thresholds) -> Iterator[Hit]:
     Severity.ERROR,
     "statistics hold no data",
     "a lazy module saved before its dry run, a meta-device model or a freed (FSDP) storage; save real weights",
+    metadata_only=True,
 )
 def no_data(data: LayerData, t: Thresholds) -> Iterator[Hit]:
     """What: the file names the layer's tensors but stores no values for them. Three mechanisms write such files:
@@ -796,10 +830,16 @@ def run_checks(
     drifts: Sequence[LayerDrift] = (),
     model_configs: Sequence[ModelConfig] = (),
     thresholds: Thresholds | None = None,
+    stack: LayerStack | None = None,
 ) -> list[Finding]:
     """Every finding of every rule: file rules first (the pickle's globals, then the configuration rules on the
     model-wide settings of ``model_configs``), then per layer in file order (layer, configuration, model and
-    recompute rules)."""
+    recompute rules). ``stack`` is ``stack_layers(layers)`` when the caller has it already.
+
+    The findings are those of every rule called on every layer; but a layer rule runs only on the layers its screen
+    lets through, a metadata-only rule once per distinct metadata, and a configuration rule once per distinct
+    configuration, so that a file of thousands of healthy layers costs a few numpy calls per rule.
+    """
     t = thresholds or Thresholds()
     findings = [_finding(r, hit, t) for r in RULES.values() if r.scope == "file" for hit in r.check(globals_named, t)]
     findings += [
@@ -809,21 +849,53 @@ def run_checks(
         if r.scope == "config"
         for hit in r.check(model_config.settings, t)
     ]
-    per_layer: dict[int, list[Finding]] = {id(data): [] for data in layers}
-    by_layer = {id(data.layer): data for data in layers}
+    stack = stack if stack is not None else stack_layers(layers)
+    per_layer: list[list[Finding]] = [[] for _ in layers]
+    index = {id(data.layer): i for i, data in enumerate(layers)}
     for r in RULES.values():
         if r.scope == "layer":
-            for data in layers:
-                per_layer[id(data)].extend(_finding(r, hit, t, data.layer) for hit in r.check(data, t))
+            for i, hit in _layer_hits(r, layers, stack, t):
+                per_layer[i].append(_finding(r, hit, t, layers[i].layer))
         elif r.scope == "config":
-            for data in layers:
-                per_layer[id(data)].extend(_finding(r, hit, t, data.layer) for hit in r.check(data.config, t))
+            for i, hit in _config_hits(r, layers, stack, t):
+                per_layer[i].append(_finding(r, hit, t, layers[i].layer))
         elif r.scope == "model":
             for data, hit in r.check(layers, t):
-                per_layer[id(data)].append(_finding(r, hit, t, data.layer))
+                per_layer[index[id(data.layer)]].append(_finding(r, hit, t, data.layer))
         elif r.scope == "recompute":
             for item, hit in r.check(drifts, t):
-                per_layer[id(by_layer[id(item.layer)])].append(_finding(r, hit, t, item.layer))
-    for data in layers:
-        findings.extend(sorted(per_layer[id(data)], key=lambda f: f.code))
+                per_layer[index[id(item.layer)]].append(_finding(r, hit, t, item.layer))
+    for found in per_layer:
+        findings.extend(sorted(found, key=lambda f: f.code))
     return findings
+
+
+def _layer_hits(r: Rule, layers: Sequence[LayerData], stack: LayerStack, t: Thresholds) -> Iterator[tuple[int, Hit]]:
+    """A layer rule's hits by layer index, in layer order."""
+    indices = range(len(layers)) if r.screen is None else np.flatnonzero(r.screen(stack, t)).tolist()
+    known: dict[Hashable, list[Hit]] = {}
+    for i in indices:
+        if r.metadata_only:
+            signature = stack.signatures[i]
+            hits = known.get(signature)
+            if hits is None:
+                hits = known[signature] = list(r.check(layers[i], t))
+        else:
+            hits = list(r.check(layers[i], t))
+        for hit in hits:
+            yield i, hit
+
+
+def _config_hits(r: Rule, layers: Sequence[LayerData], stack: LayerStack, t: Thresholds) -> Iterator[tuple[int, Hit]]:
+    """A configuration rule's hits by layer index, checked once for all the layers whose file records no
+    configuration (every layer of a state dict)."""
+    for i in stack.configured:
+        for hit in r.check(layers[i].config, t):
+            yield i, hit
+    unknown = list(r.check(LayerConfig(), t))
+    if unknown:
+        configured = set(stack.configured)
+        for i in range(len(layers)):
+            if i not in configured:
+                for hit in unknown:
+                    yield i, hit

@@ -10,7 +10,7 @@ from pathlib import Path
 from bncheck.checks import Thresholds
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, NoSuchEntryError
-from bncheck.read import LayerData, read_checkpoint
+from bncheck.read import LayerData, fewer_collections, read_checkpoint
 from bncheck.report import DiffReport, FileError, LayerDiff
 from bncheck.summary import packed
 
@@ -60,6 +60,7 @@ def _tails(names: list[str]) -> dict[str, list[str]]:
     return tails
 
 
+@fewer_collections()
 def diff_checkpoints(
     a: PathLike,
     b: PathLike,

@@ -205,10 +205,10 @@ def _feeder_candidates(prefix: str) -> Iterator[str]:
     dot = f"{parent}." if parent else ""
     if leaf.isdigit() and int(leaf) > 0:
         yield f"{dot}{int(leaf) - 1}"
-    for word in ("conv", "convolution", "fc", "linear", "dense"):
-        renamed = _NORM_WORD.sub(word, leaf, count=1)
-        if renamed != leaf:
-            yield dot + renamed
+    norm = _NORM_WORD.search(leaf)  # once per layer, not once per word: the first match is the one renamed
+    if norm is not None:
+        for word in ("conv", "convolution", "fc", "linear", "dense"):
+            yield f"{dot}{leaf[: norm.start()]}{word}{leaf[norm.end() :]}"
 
 
 def _infer_kind(prefix: str, tensors: Mapping[str, TensorRef], width: int | None) -> str | None:

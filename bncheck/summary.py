@@ -14,7 +14,7 @@ from bncheck.loaders import is_url
 from bncheck.loaders.interface import Checkpoint
 from bncheck.loaders.restricted_pickle import Placeholder
 from bncheck.pickle_globals import Risk, grade_global
-from bncheck.read import LayerData
+from bncheck.read import LayerData, LayerStack, stack_layers
 from bncheck.report import (
     ChannelValues,
     FileError,
@@ -37,14 +37,30 @@ def file_report(
     *,
     model_configs: Sequence[ModelConfig] = (),
     channel_values: bool = False,
+    stack: LayerStack | None = None,
 ) -> FileReport:
     """The report of a file that could be read; with ``channel_values``, each layer keeps its statistics channel by
-    channel."""
+    channel. ``stack`` is ``stack_layers(layers)`` when the caller has it already."""
+    stack = stack if stack is not None else stack_layers(layers)
+    codes: dict[tuple[str | None, str | None], set[str]] = {}
+    for finding in findings:
+        codes.setdefault((finding.layer, finding.source), set()).add(finding.code)
+    means, variances = summaries(layers, stack, "running_mean"), summaries(layers, stack, "running_var")
     return FileReport(
         path=str(path),
         format=checkpoint.format,
         size_bytes=checkpoint.size_bytes,
-        layers=tuple(layer_info(data, findings, channel_values=channel_values) for data in layers),
+        layers=tuple(
+            layer_info(
+                data,
+                tuple(sorted(codes.get((data.layer.name, data.layer.source), ()))),
+                mean,
+                var,
+                count,
+                channel_values=channel_values,
+            )
+            for data, mean, var, count in zip(layers, means, variances, stack.counts, strict=True)
+        ),
         findings=tuple(findings),
         notes=checkpoint.notes
         + _object_notes(checkpoint)
@@ -80,10 +96,18 @@ def _one_line(text: str) -> str:
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
-def layer_info(data: LayerData, findings: Sequence[Finding], *, channel_values: bool = False) -> LayerInfo:
+def layer_info(
+    data: LayerData,
+    codes: tuple[str, ...],
+    mean_summary: Summary | None,
+    var_summary: Summary | None,
+    count: int | None,
+    *,
+    channel_values: bool = False,
+) -> LayerInfo:
+    """A layer's summary row, given the codes reported for it, its statistics' summaries and its
+    num_batches_tracked (:meth:`LayerData.count`)."""
     layer = data.layer
-    mean, var = data.floats("running_mean"), data.floats("running_var")
-    codes = sorted({f.code for f in findings if f.layer == layer.name and f.source == layer.source})
     return LayerInfo(
         name=layer.name,
         source=layer.source,
@@ -92,19 +116,43 @@ def layer_info(data: LayerData, findings: Sequence[Finding], *, channel_values: 
         kind_inferred=layer.kind_inferred,
         num_features=layer.num_features,
         dtype=data.dtype("running_var") or data.dtype("running_mean"),
-        num_batches_tracked=data.count(),
-        running_mean=_summary(mean),
-        running_var=_summary(var),
-        codes=tuple(codes),
+        num_batches_tracked=count,
+        running_mean=mean_summary,
+        running_var=var_summary,
+        codes=codes,
         configuration=data.config,
-        mean_by_channel=packed(mean) if channel_values else None,
-        var_by_channel=packed(var) if channel_values else None,
+        mean_by_channel=packed(data.floats("running_mean")) if channel_values else None,
+        var_by_channel=packed(data.floats("running_var")) if channel_values else None,
     )
 
 
 def packed(values: np.ndarray | None) -> ChannelValues | None:
     """Values (of any shape: a malformed statistic is drawn as it is stored, flattened) as the report keeps them."""
     return None if values is None else ChannelValues(np.ascontiguousarray(values, dtype=np.float64).tobytes())
+
+
+def summaries(layers: Sequence[LayerData], stack: LayerStack, name: str) -> list[Summary | None]:
+    """Each layer's summary of its floating tensor ``name`` (None where it has none), reduced along the rows of the
+    stacked matrices; a layer whose values are not all finite, or are malformed, is summarised on its own."""
+    result: list[Summary | None] = [None] * len(layers)
+    stacked = stack.tensors[name]
+    alone = stacked.irregular.tolist()
+    for rows, values in stacked.groups:
+        if not values.shape[1]:  # no channels: nothing to reduce
+            alone += rows.tolist()
+            continue
+        finite = np.isfinite(values).all(axis=1)
+        alone += rows[~finite].tolist()
+        whole = values if finite.all() else values[finite]  # copied only when some layer is set aside
+        with np.errstate(over="ignore"):  # as _summary: a mean near the float64 limit overflows to inf
+            means = whole.mean(axis=1)
+        for i, low, high, mean in zip(
+            rows[finite].tolist(), whole.min(axis=1).tolist(), whole.max(axis=1).tolist(), means.tolist(), strict=True
+        ):
+            result[i] = Summary(min=low, max=high, mean=mean, nonfinite=0)
+    for i in alone:
+        result[i] = _summary(layers[i].floats(name))
+    return result
 
 
 def _summary(values: np.ndarray | None) -> Summary | None:

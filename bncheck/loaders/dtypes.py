@@ -48,17 +48,27 @@ FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"} | {n for n in
 INTEGER = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8"})
 
 
+# (torch dtype name, big-endian) -> the numpy dtype of the stored bytes, built once: a checkpoint of thousands of
+# small tensors would otherwise build two numpy dtypes per tensor
+_STORED = {
+    (name, big_endian): np.dtype(code).newbyteorder(">" if big_endian else "<")
+    for name, code in _STORAGE_NUMPY.items()
+    for big_endian in (False, True)
+}
+
+
 def bytes_to_array(buffer: bytes, dtype: str, *, big_endian: bool = False) -> np.ndarray:
     """Interpret ``buffer`` as a flat array of ``dtype``, in native byte order.
 
     bfloat16 comes back as float32 (exactly: bf16 is the top half of a float32); every other dtype keeps its own
     numpy type. Raises UnsupportedDtypeError for dtypes numpy cannot represent (float8, quantised types).
     """
-    code = _STORAGE_NUMPY.get(dtype)
-    if code is None:
+    stored = _STORED.get((dtype, big_endian))
+    if stored is None:
         raise UnsupportedDtypeError(f"tensors of dtype {dtype} cannot be read without torch")
-    raw = np.frombuffer(buffer, dtype=np.dtype(code).newbyteorder(">" if big_endian else "<"))
-    native = raw.astype(raw.dtype.newbyteorder("="), copy=False)  # a read-only view when already native
+    raw = np.frombuffer(buffer, dtype=stored)
+    # a read-only view when already native
+    native = raw if stored.isnative else raw.astype(stored.newbyteorder("="), copy=False)
     if dtype == "bfloat16":
         return (native.astype(np.uint32) << 16).view(np.float32)
     return native

@@ -110,8 +110,15 @@ class LocalSource(ByteSource):
         try:
             if self._handle is None:
                 self._handle = self.path.open("rb")
-            self._handle.seek(offset)
-            return self._handle.read(length)
+            # one system call (seek and read were two), and no copy through the file object's buffer
+            fd = self._handle.fileno()
+            data = os.pread(fd, length, offset)
+            while len(data) < length:  # the end of the file, or a read beyond the system's limit per call
+                more = os.pread(fd, length - len(data), offset + len(data))
+                if not more:
+                    break
+                data += more
+            return data
         except OSError as exc:
             raise UnreadableFileError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
 

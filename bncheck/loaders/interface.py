@@ -9,6 +9,7 @@ three. A :class:`Format` says what a loader reads: it is all the rest of bncheck
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class Format:
     claims: str | None = None
 
 
+@functools.lru_cache(maxsize=4096)  # asked once per tensor, of a few distinct shapes per checkpoint
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The element strides of a C-contiguous tensor of ``shape`` (as torch computes them, empty dimensions as 1)."""
     strides, step = [], 1

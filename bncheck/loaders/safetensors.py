@@ -73,15 +73,28 @@ def read_header(source: ByteSource) -> tuple[dict[str, Any], int]:
     return header, 8 + header_len
 
 
+# Plain loops rather than all() over a generator: these run once per tensor of the header.
+def _valid_shape(shape: Any) -> bool:
+    if not isinstance(shape, list):
+        return False
+    for n in shape:  # noqa: SIM110 (a generator per tensor is the cost avoided)
+        if not (isinstance(n, int) and 0 <= n < 2**63):
+            return False
+    return True
+
+
+def _valid_offsets(offsets: Any) -> bool:
+    if not (isinstance(offsets, list) and len(offsets) == 2):
+        return False
+    begin, end = offsets
+    return isinstance(begin, int) and begin >= 0 and isinstance(end, int) and end >= 0
+
+
 def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data_size: int) -> TensorRef:
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"safetensors entry {name!r} is not an object")
     raw_dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and 0 <= d < 2**63 for d in shape)
-    valid_offsets = (
-        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)
-    )
-    if not isinstance(raw_dtype, str) or not valid_shape or not valid_offsets:
+    if not isinstance(raw_dtype, str) or not _valid_shape(shape) or not _valid_offsets(offsets):
         raise CorruptCheckpointError(f"safetensors entry {name!r} lacks a valid dtype, shape or data_offsets")
     known = SAFETENSORS_DTYPES.get(raw_dtype)
     dtype = known or (raw_dtype.lower() if raw_dtype.isidentifier() else repr(raw_dtype)[:40])
