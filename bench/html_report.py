@@ -22,17 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import big_checkpoints
-from inspect_speed import measure
+from inspect_speed import installed_bncheck, measure
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    beside = Path(sys.executable).with_name("bncheck")
-    bncheck = str(beside) if beside.exists() else shutil.which("bncheck")
-    if bncheck is None:
-        parser.error("install bncheck first: pip install -e '.[test]'")
+    bncheck = installed_bncheck(parser)
     path = big_checkpoints(formats=("safetensors",))["safetensors"]
     page = subprocess.run([bncheck, "inspect", str(path), "--format", "html"], capture_output=True, check=True).stdout
     commands = {fmt: [bncheck, "inspect", str(path), "--format", fmt] for fmt in ("html", "json")}

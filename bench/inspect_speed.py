@@ -222,15 +222,20 @@ def compile_bytecode() -> str:
     return f"bytecode compiled for {package}, as pip install writes it"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    # the console script beside this interpreter (not a shell shim in front of it), else the one on PATH
+def installed_bncheck(parser: argparse.ArgumentParser) -> str:
+    """The console script beside this interpreter (not a shell shim in front of it), else the one on PATH."""
     beside = Path(sys.executable).with_name("bncheck")
     bncheck = str(beside) if beside.exists() else shutil.which("bncheck")
     if bncheck is None:
         parser.error("install bncheck first: pip install -e '.[test]'")
+    return bncheck
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    bncheck = installed_bncheck(parser)
     py = sys.executable
     big = big_checkpoints()
     doubled = big_checkpoints(scale=2, formats=("pt", "safetensors"))

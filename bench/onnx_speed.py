@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import deep_onnx
-from inspect_speed import Sample, compile_bytecode, info, measure, run, table, verdict
+from inspect_speed import Sample, compile_bytecode, info, installed_bncheck, measure, run, table, verdict
 
 READ_WITH_ONNX = """
 import os, sys
@@ -86,10 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    beside = Path(sys.executable).with_name("bncheck")
-    bncheck = str(beside) if beside.exists() else shutil.which("bncheck")
-    if bncheck is None:
-        parser.error("install bncheck first: pip install -e '.[test]'")
+    bncheck = installed_bncheck(parser)
     py = sys.executable
     models = deep_onnx()
     scratch = Path(tempfile.mkdtemp())

@@ -74,6 +74,19 @@ def escape_controls(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+def format_number(value: float | None) -> str:
+    """A statistic as people read it: three significant digits; nan, inf, -inf spelled out; "-" for none."""
+    import math
+
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.3g}"
+
+
 def plural(n: int, word: str, plural_form: str | None = None) -> str:
     return f"{n} {word if n == 1 else plural_form or word + 's'}"
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from bncheck.errors import MissingDependencyError
 from bncheck.render import escape_controls
+from bncheck.render import format_number as _num
 from bncheck.report import (
     ChannelValues,
     DiffReport,
@@ -669,16 +670,6 @@ def _t(value: object) -> str:
 
 def _entry(source: str) -> str:
     return f' <span class="entry">[{_t(source)}]</span>' if source else ""
-
-
-def _num(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.3g}"
 
 
 def _range(summary: Summary | None) -> str:

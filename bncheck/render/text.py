@@ -6,7 +6,6 @@ survive, and through ``escape_controls`` (as ``_shown``), so a name cannot drive
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -15,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bncheck.render import escape_controls as _shown
+from bncheck.render import format_number as _num
 from bncheck.render import plural as _plural
 from bncheck.render import summary_counts
 from bncheck.report import (
@@ -37,16 +37,6 @@ CHANNELS_SHOWN = 6
 CONFIGURATIONS_SHOWN = 4
 LAYERS_SHOWN = 4  # of a finding repeated across layers
 RENAMED = " ~ "  # between a layer's names in A and in B (diff)
-
-
-def _num(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.3g}"
 
 
 def _range(summary: Summary | None) -> list[Text]:
