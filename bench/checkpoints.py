@@ -34,12 +34,19 @@ def big_state_dict(*, layers: int = LAYERS, width: int = WIDTH, scale: int = 1) 
         # zeros cost nothing to make; bncheck and every baseline read only the BatchNorm tensors' values
         state[f"{linear}.weight"] = torch.zeros(width, width * scale)
         state[f"{linear}.bias"] = torch.zeros(width)
-        state[f"{norm}.weight"] = torch.ones(width)
-        state[f"{norm}.bias"] = torch.zeros(width)
-        state[f"{norm}.running_mean"] = torch.randn(width, generator=generator) * 0.1
-        state[f"{norm}.running_var"] = torch.rand(width, generator=generator) + 0.5
-        state[f"{norm}.num_batches_tracked"] = torch.tensor(1000)
+        state.update(healthy_batchnorm(f"{norm}", width, generator))
     return state
+
+
+def healthy_batchnorm(prefix: str, channels: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One BatchNorm layer's state under ``prefix``: unit weight, zero bias, statistics that differ per layer."""
+    return {
+        f"{prefix}.weight": torch.ones(channels),
+        f"{prefix}.bias": torch.zeros(channels),
+        f"{prefix}.running_mean": torch.randn(channels, generator=generator) * 0.1,
+        f"{prefix}.running_var": torch.rand(channels, generator=generator) + 0.5,
+        f"{prefix}.num_batches_tracked": torch.tensor(1000),
+    }
 
 
 def deep_bn_model(*, layers: int = LAYERS, channels: int = CONV_CHANNELS) -> torch.nn.Module:
@@ -186,11 +193,7 @@ def many_layer_state_dict(layers: int, channels: int = 64) -> dict[str, torch.Te
     generator = torch.Generator().manual_seed(0)
     state: dict[str, torch.Tensor] = {}
     for i in range(layers):
-        state[f"layers.{i}.bn.weight"] = torch.ones(channels)
-        state[f"layers.{i}.bn.bias"] = torch.zeros(channels)
-        state[f"layers.{i}.bn.running_mean"] = torch.randn(channels, generator=generator) * 0.1
-        state[f"layers.{i}.bn.running_var"] = torch.rand(channels, generator=generator) + 0.5
-        state[f"layers.{i}.bn.num_batches_tracked"] = torch.tensor(1000)
+        state.update(healthy_batchnorm(f"layers.{i}.bn", channels, generator))
     return state
 
 

@@ -20,7 +20,7 @@ from bncheck.config import Options
 from bncheck.discover import BNLayer
 from bncheck.layer_config import module_config
 from bncheck.loaders.interface import Checkpoint, TensorRef, without_data
-from bncheck.read import LayerData
+from bncheck.read import LayerData, stack_layers
 from bncheck.report import FileReport
 from bncheck.summary import file_report
 
@@ -64,12 +64,13 @@ def inspect_module(model: torch.nn.Module, *, options: Options | None = None, na
             name=module_name, source="", averaged=False, kind=type(module).__name__, kind_inferred=False, tensors=refs
         )
         layers.append(LayerData(layer, arrays, module_config(module, LIVE)))
+    stack = stack_layers(layers)  # shared by the rules and the summaries, as for a file
     findings = [
         finding
-        for finding in run_checks(layers, (), thresholds=options.thresholds)
+        for finding in run_checks(layers, (), thresholds=options.thresholds, stack=stack)
         if options.verdict(finding.code, label)[0]
     ]
-    return file_report(label, Checkpoint(format=LIVE, root=None), layers, findings)
+    return file_report(label, Checkpoint(format=LIVE, root=None), layers, findings, stack=stack)
 
 
 def _has_data(tensor: torch.Tensor) -> bool:

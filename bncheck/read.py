@@ -114,22 +114,20 @@ class LayerStack:
     def any_channel(self, name: str, condition: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Per layer, whether ``condition`` (elementwise, on float64 values) holds in some channel of ``name``:
         False where the layer has no floating ``name``, True where it is malformed (the rule must look)."""
-        stacked = self.tensors[name]
-        mask = np.zeros(self.count, dtype=bool)
-        with np.errstate(all="ignore"):
-            for rows, values in stacked.groups:
-                mask[rows] = condition(values).any(axis=1)
-        mask[stacked.irregular] = True
-        return mask
+        return self._per_layer(name, condition, every=False)
 
     def all_channels(self, name: str, condition: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Per layer, whether ``condition`` holds in every channel of ``name``: False where the layer has no
         floating ``name``, True where it is malformed (the rule must look)."""
+        return self._per_layer(name, condition, every=True)
+
+    def _per_layer(self, name: str, condition: Callable[[np.ndarray], np.ndarray], *, every: bool) -> np.ndarray:
         stacked = self.tensors[name]
         mask = np.zeros(self.count, dtype=bool)
         with np.errstate(all="ignore"):
             for rows, values in stacked.groups:
-                mask[rows] = condition(values).all(axis=1)
+                held = condition(values)
+                mask[rows] = held.all(axis=1) if every else held.any(axis=1)
         mask[stacked.irregular] = True
         return mask
 

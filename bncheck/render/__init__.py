@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bncheck.report import Report
+    from bncheck.report import FileReport, Report, Severity
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,30 @@ def format_number(value: float | None) -> str:
 
 def plural(n: int, word: str, plural_form: str | None = None) -> str:
     return f"{n} {word if n == 1 else plural_form or word + 's'}"
+
+
+def format_size(size: int) -> str:
+    """A file size in B, KiB, MiB or GiB."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def file_verdict(file: FileReport, fail_on: Severity) -> str:
+    """A file's verdict as the human formats head it: NOT CHECKED, NOT RECOMPUTED, FAIL or PASS, with its counts
+    of findings ("FAIL (1 error, 2 warnings)")."""
+    from bncheck.report import Severity
+
+    if file.error is not None:
+        return "NOT CHECKED"
+    counts = [plural(file.count(s), s.value) for s in Severity if file.count(s)]
+    detail = f" ({', '.join(counts)})" if counts else ""
+    if file.recompute_error is not None:
+        return f"NOT RECOMPUTED{detail}"
+    return f"{'FAIL' if file.fails(fail_on) else 'PASS'}{detail}"
 
 
 def summary_counts(report: Report) -> str:

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from bncheck.errors import MissingDependencyError
-from bncheck.render import escape_controls
+from bncheck.render import escape_controls, file_verdict, format_size
 from bncheck.render import format_number as _num
+from bncheck.render import plural as _plural
 from bncheck.report import (
     ChannelValues,
     DiffReport,
@@ -161,7 +162,7 @@ def render_diff_html(diff: DiffReport) -> str:
 def _summary(report: Report) -> str:
     rows = []
     for number, file in enumerate(report.files, 1):
-        verdict = _verdict(file, report.fail_on)
+        verdict = file_verdict(file, report.fail_on)
         rows.append(
             f'<tr><td><a href="#f{number}">{_t(file.path)}</a></td><td>{_t(file.format or "-")}</td>'
             f'<td class="n">{len(file.layers)}</td><td class="{_verdict_class(verdict)}">'
@@ -197,7 +198,7 @@ def _summary(report: Report) -> str:
 
 def _file_section(number: int, file: FileReport, report: Report, canvas: ChannelCanvas) -> str:
     anchor = f"f{number}"
-    verdict = _verdict(file, report.fail_on)
+    verdict = file_verdict(file, report.fail_on)
     parts = [
         f'<section class="file" id="{anchor}"><h2>{_t(file.path)} <span class="verdict '
         f'{_verdict_class(verdict)}">{_t(verdict)}</span></h2>'
@@ -685,33 +686,12 @@ def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def _plural(n: int, word: str, plural: str | None = None) -> str:
-    return f"{n} {word if n == 1 else plural or word + 's'}"
-
-
 def _plural_or_dash(n: int | None, word: str) -> str:
     return f"? {word}s" if n is None else _plural(n, word)
 
 
 def _size(size: int | None) -> str:
-    if size is None:
-        return ""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def _verdict(file: FileReport, fail_on: Severity) -> str:
-    if file.error is not None:
-        return "NOT CHECKED"
-    counts = [_plural(file.count(s), s.value) for s in SEVERITY_ORDER if file.count(s)]
-    detail = f" ({', '.join(counts)})" if counts else ""
-    if file.recompute_error is not None:
-        return f"NOT RECOMPUTED{detail}"
-    return f"{'FAIL' if file.fails(fail_on) else 'PASS'}{detail}"
+    return "" if size is None else format_size(size)
 
 
 def _verdict_class(verdict: str) -> str:

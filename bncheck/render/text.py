@@ -14,9 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from bncheck.render import escape_controls as _shown
+from bncheck.render import file_verdict, format_size, summary_counts
 from bncheck.render import format_number as _num
 from bncheck.render import plural as _plural
-from bncheck.render import summary_counts
 from bncheck.report import (
     ConfigInfo,
     DiffReport,
@@ -51,27 +51,11 @@ def _range(summary: Summary | None) -> list[Text]:
     return pieces
 
 
-def _size(size: int | None) -> str:
-    if size is None:
-        return "size unknown"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
 def _verdict(file: FileReport, fail_on: Severity) -> Text:
-    if file.error is not None:
-        return Text("NOT CHECKED", style="bold red")
-    counts = [_plural(file.count(s), s.value) for s in Severity if file.count(s)]
-    detail = f" ({', '.join(counts)})" if counts else ""
-    if file.recompute_error is not None:
-        return Text(f"NOT RECOMPUTED{detail}", style="bold red")
-    if file.fails(fail_on):
-        return Text(f"FAIL{detail}", style="bold red")
-    return Text(f"PASS{detail}", style="bold yellow" if file.findings else "bold green")
+    verdict = file_verdict(file, fail_on)
+    if not verdict.startswith("PASS"):
+        return Text(verdict, style="bold red")
+    return Text(verdict, style="bold yellow" if file.findings else "bold green")
 
 
 class LayerTable:
@@ -343,7 +327,8 @@ def _file(file: FileReport, fail_on: Severity) -> RenderableType:
         return Group(*parts, Padding(meta, (0, 0, 0, 2), expand=False), Text())
     dtypes = {layer.dtype for layer in file.layers}
     common_dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
-    pieces = [Text(_shown(file.format or "?")), Text(_size(file.size_bytes))]
+    size = "size unknown" if file.size_bytes is None else format_size(file.size_bytes)
+    pieces = [Text(_shown(file.format or "?")), Text(size)]
     pieces.append(Text(_plural(len(file.layers), "BatchNorm layer")))
     if common_dtype is not None:
         pieces.append(Text(_shown(common_dtype)))
