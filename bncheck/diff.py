@@ -5,19 +5,37 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bncheck.checks import Thresholds
+from bncheck.discover import feeding_layer, find_state_dicts
 from bncheck.drift import measure_drift
 from bncheck.errors import BncheckError, NoSuchEntryError
+from bncheck.loaders.dtypes import FLOATING
+from bncheck.loaders.interface import TensorRef
 from bncheck.read import LayerData, fewer_collections, read_checkpoint
-from bncheck.report import DiffReport, FileError, LayerDiff
+from bncheck.report import DiffReport, FileError, FoldedLayer, LayerDiff
 from bncheck.summary import packed
 
 PathLike = str | os.PathLike[str]
 
 
-def _layers(path: Path, source: str | None) -> tuple[str, str, dict[str, LayerData]]:
+@dataclass(frozen=True)
+class _Side:
+    """One checkpoint of the comparison: its format, the entry compared, its BatchNorm layers there, and every
+    tensor of that entry (where a folded layer's statistics are looked for)."""
+
+    format: str
+    source: str
+    layers: dict[str, LayerData]
+    tensors: Mapping[str, TensorRef]
+
+
+def _side(path: Path, source: str | None) -> _Side:
     checkpoint, layers = read_checkpoint(path)
     sources = list(dict.fromkeys(data.layer.source for data in layers))
     if source is None:
@@ -25,7 +43,96 @@ def _layers(path: Path, source: str | None) -> tuple[str, str, dict[str, LayerDa
         source = (raw or sources or [""])[0]
     elif source not in sources:
         raise NoSuchEntryError(f"{path}: no BatchNorm layers under entry {source!r} (entries: {', '.join(sources)})")
-    return checkpoint.format, source, {data.layer.name: data for data in layers if data.layer.source == source}
+    containers = [c for c in find_state_dicts(checkpoint.root) if c.source == source]
+    return _Side(
+        checkpoint.format,
+        source,
+        {data.layer.name: data for data in layers if data.layer.source == source},
+        containers[0].tensors if containers else {},
+    )
+
+
+# How far (relative to its largest magnitude) a tensor of B may be from a fold computed from A and still be that fold,
+# by B's dtype: exporters fold in float32 and may round the result to 16 bits; bncheck folds in float64.
+FOLD_TOLERANCE = {"float16": 2e-3, "bfloat16": 1.6e-2}
+FOLD_TOLERANCE_DEFAULT = 1e-5
+_HEAD = 16  # elements compared before a candidate tensor is compared whole
+
+
+def _folded(names: list[str], a: _Side, b: _Side, default_eps: float) -> list[FoldedLayer]:
+    """The layers of ``names`` (in A, not in B) whose statistics B holds folded into the layer feeding them.
+
+    Found by value, not by name (exporters rename folded weights, ``onnx::Conv_25``): A's feeding weight and bias
+    are folded with the layer's statistics in float64, and B's tensors of the same shape are compared with the
+    result (B's same-named tensor first). A fold that leaves the weight unchanged within B's rounding (statistics
+    that scale by 1) cannot be told from a dropped layer, and is not claimed.
+    """
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name, ref in b.tensors.items():
+        if ref.dtype in FLOATING and ref.no_data is None:
+            by_shape.setdefault(ref.shape, []).append(name)
+    heads: dict[str, np.ndarray | None] = {}
+
+    def matching(expected: np.ndarray, preferred: str) -> str | None:
+        candidates = sorted(by_shape.get(expected.shape, []), key=lambda name: name != preferred)
+        scale = float(np.max(np.abs(expected), initial=0.0))
+        for name in candidates:
+            tolerance = FOLD_TOLERANCE.get(b.tensors[name].dtype, FOLD_TOLERANCE_DEFAULT) * scale
+            if name not in heads:
+                heads[name] = _float64(b.tensors[name], _HEAD)
+            head = heads[name]
+            if head is None or not np.all(np.abs(head - expected.ravel()[:_HEAD]) <= tolerance):
+                continue
+            values = _float64(b.tensors[name])
+            if values is not None and np.all(np.abs(values - expected) <= tolerance):
+                return name
+        return None
+
+    found = []
+    for name in names:
+        data = a.layers[name]
+        mean, var = data.floats("running_mean"), data.floats("running_var")
+        if mean is None or var is None or mean.ndim != 1 or mean.shape != var.shape:
+            continue
+        feeder = feeding_layer(name, a.tensors, mean.size)
+        weight = _float64(a.tensors[f"{feeder}.weight"]) if feeder is not None else None
+        if feeder is None or weight is None:
+            continue
+        gamma = data.floats("weight")
+        beta = data.floats("bias")
+        bias = _float64(a.tensors[f"{feeder}.bias"]) if f"{feeder}.bias" in a.tensors else None
+        recorded = data.config.eps.value if data.config.eps is not None else None
+        eps = float(recorded) if isinstance(recorded, float) else default_eps  # the layer's own, else torch's default
+        with np.errstate(all="ignore"):
+            scale = (gamma if gamma is not None else 1.0) / np.sqrt(var + eps)
+            folded_weight = weight * scale.reshape(-1, *[1] * (weight.ndim - 1))
+            folded_bias = (beta if beta is not None else 0.0) + ((bias if bias is not None else 0.0) - mean) * scale
+        tolerance = FOLD_TOLERANCE_DEFAULT * float(np.max(np.abs(weight), initial=0.0))
+        if not np.all(np.isfinite(folded_weight)) or np.all(np.abs(folded_weight - weight) <= tolerance):
+            continue  # nothing to tell a fold from the unscaled weight
+        weight_b = matching(folded_weight, f"{feeder}.weight")
+        if weight_b is not None:
+            found.append(
+                FoldedLayer(
+                    name_a=name,
+                    feeder_a=feeder,
+                    weight_b=weight_b,
+                    bias_b=matching(np.asarray(folded_bias, dtype=np.float64), f"{feeder}.bias"),
+                )
+            )
+    return found
+
+
+def _float64(ref: TensorRef, count: int | None = None) -> np.ndarray | None:
+    """A floating tensor's values (its first ``count``, flattened, when given) as float64; None when unreadable."""
+    if ref.dtype not in FLOATING:
+        return None
+    try:
+        values = ref.read()
+    except BncheckError:
+        return None
+    with np.errstate(all="ignore"):
+        return np.asarray(values.ravel()[:count] if count is not None else values, dtype=np.float64)
 
 
 def _prefixes(a: list[str], b: list[str]) -> tuple[str, str]:
@@ -77,12 +184,12 @@ def diff_checkpoints(
     t = thresholds or Thresholds()
     path_a, path_b = Path(a), Path(b)
     try:
-        format_a, src_a, layers_a = _layers(path_a, source_a)
-        format_b, src_b, layers_b = _layers(path_b, source_b)
+        side_a, side_b = _side(path_a, source_a), _side(path_b, source_b)
     except BncheckError as exc:
         return DiffReport(
             path_a=str(a), path_b=str(b), error=FileError(code=exc.code, message=str(exc)), tool_version=__version__
         )
+    layers_a, layers_b = side_a.layers, side_b.layers
     prefix_a, prefix_b = _prefixes(list(layers_a), list(layers_b))
     key_a = {name.removeprefix(prefix_a): name for name in layers_a}
     key_b = {name.removeprefix(prefix_b): name for name in layers_b}
@@ -120,16 +227,20 @@ def diff_checkpoints(
                 var_b=packed(var_b) if kept else None,
             )
         )
+    only_in_a = [name for key, name in key_a.items() if key not in key_b]
+    folded = _folded(only_in_a, side_a, side_b, t.eps) if only_in_a else []
+    folded_names = {layer.name_a for layer in folded}
     return DiffReport(
         path_a=str(a),
         path_b=str(b),
-        source_a=src_a,
-        source_b=src_b,
-        format_a=format_a,
-        format_b=format_b,
-        only_in_a=tuple(name for key, name in key_a.items() if key not in key_b),
+        source_a=side_a.source,
+        source_b=side_b.source,
+        format_a=side_a.format,
+        format_b=side_b.format,
+        only_in_a=tuple(name for name in only_in_a if name not in folded_names),
         only_in_b=tuple(name for key, name in key_b.items() if key not in key_a),
         channel_changes=tuple(changes),
         layers=tuple(diffs),
+        folded=tuple(folded),
         tool_version=__version__,
     )

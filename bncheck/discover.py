@@ -211,17 +211,22 @@ def _feeder_candidates(prefix: str) -> Iterator[str]:
             yield f"{dot}{leaf[: norm.start()]}{word}{leaf[norm.end() :]}"
 
 
-def _infer_kind(prefix: str, tensors: Mapping[str, TensorRef], width: int | None) -> str | None:
-    """BatchNormNd from the rank of the feeding layer's weight, when that layer is found and its width matches.
-
-    File order is not used: safetensors sorts its tensors, so a neighbour in the file need not be a neighbour in
-    the model.
-    """
+def feeding_layer(prefix: str, tensors: Mapping[str, TensorRef], width: int | None) -> str | None:
+    """The layer whose output a BatchNorm layer normalises (a convolution or linear layer), found by name and
+    checked by width: the first candidate with a weight of rank 2 or more decides, and it must have ``width``
+    outputs. File order is not used: safetensors sorts its tensors, so a neighbour in the file need not be a
+    neighbour in the model."""
     for candidate in _feeder_candidates(prefix):
         weight = tensors.get(f"{candidate}.weight")
         if weight is not None and len(weight.shape) >= 2:
-            return _KIND_BY_FEEDER_RANK.get(len(weight.shape)) if weight.shape[0] == width else None
+            return candidate if weight.shape[0] == width else None
     return None
+
+
+def _infer_kind(prefix: str, tensors: Mapping[str, TensorRef], width: int | None) -> str | None:
+    """BatchNormNd from the rank of the feeding layer's weight, when that layer is found and its width matches."""
+    feeder = feeding_layer(prefix, tensors, width)
+    return None if feeder is None else _KIND_BY_FEEDER_RANK.get(len(tensors[f"{feeder}.weight"].shape))
 
 
 def _is_normaliser(class_name: str | None, keys: set[str]) -> bool:

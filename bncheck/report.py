@@ -252,6 +252,23 @@ class LayerDiff:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FoldedLayer:
+    """A layer of A that B has no BatchNorm for because the export folded it into the layer feeding it: a tensor of
+    B equals that layer's weight scaled by the layer's statistics (``weight * gamma / sqrt(var + eps)``), within B's
+    rounding. ``bias_b`` names B's tensor equal to the folded bias (``beta + (bias - mean) * scale``), or is None
+    when none is: the running_mean or the affine bias that B folded in is not A's."""
+
+    name_a: str
+    feeder_a: str  # the layer of A whose output this layer normalised ("features.0")
+    weight_b: str
+    bias_b: str | None
+
+    @property
+    def faithful(self) -> bool:
+        return self.bias_b is not None
+
+
+@dataclass(frozen=True, kw_only=True)
 class DiffReport:
     """Layer-by-layer comparison of the BatchNorm statistics of two checkpoints."""
 
@@ -266,11 +283,19 @@ class DiffReport:
     only_in_b: tuple[str, ...] = ()
     channel_changes: tuple[tuple[str, int | None, int | None], ...] = ()
     layers: tuple[LayerDiff, ...] = ()
+    # layers of A whose statistics B holds folded into the layer before them (not in only_in_a)
+    folded: tuple[FoldedLayer, ...] = ()
     tool_version: str = ""
 
     @property
     def differs(self) -> bool:
-        return bool(self.only_in_a or self.only_in_b or self.channel_changes or any(d.drifted for d in self.layers))
+        return bool(
+            self.only_in_a
+            or self.only_in_b
+            or self.channel_changes
+            or any(d.drifted for d in self.layers)
+            or not all(f.faithful for f in self.folded)
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -286,9 +286,44 @@ def test_an_export_that_folded_its_batchnorms_has_nothing_to_check_and_diff_says
     file = result.json()["files"][0]
     assert file["layers"] == [] and file["error"] is None
     assert any(note.startswith("no BatchNormalization node in the graph") for note in file["notes"])
+    # folded is not dropped: each layer's statistics are found, by value, in the convolution before it
+    diff = cli("diff", GOOD / "conv1d.safetensors", path, "--json")
+    assert diff.exit_code == 0
+    document = diff.json()
+    assert document["only_in_a"] == [] and document["differs"] is False
+    assert [(f["name_a"], f["feeder_a"], f["faithful"]) for f in document["folded"]] == [
+        ("features.1", "features.0", True),
+        ("features.4", "features.3", True),
+    ]
+    text = cli("diff", GOOD / "conv1d.safetensors", path).stdout
+    assert "2 folded -> SAME" in " ".join(text.split())
+
+
+def test_diff_tells_a_fold_of_other_statistics_from_a_faithful_one_and_from_a_dropped_layer(cli, tmp_path) -> None:
+    digits, _ = make_fixtures.digits_data()
+    model = conv_net()
+    with torch.no_grad():
+        model.features[1].running_mean += 0.5  # folded into the bias only
+        model.features[4].running_var *= 4.0  # folded into the weight: nothing of B is A's fold any more
+    path = tmp_path / "folded-other.onnx"
+    make_fixtures.export_onnx(model, digits[:16].float(), path, dynamo=False)
     diff = cli("diff", GOOD / "conv1d.safetensors", path, "--json")
     assert diff.exit_code == 1
-    assert diff.json()["only_in_a"] == ["features.1", "features.4"]
+    document = diff.json()
+    assert [(f["name_a"], f["faithful"], f["bias_b"]) for f in document["folded"]] == [("features.1", False, None)]
+    assert document["only_in_a"] == ["features.4"]
+
+
+def test_statistics_that_scale_by_one_are_not_claimed_as_folded(cli, tmp_path) -> None:
+    # a fresh layer (mean 0, var 1, weight 1, bias 0) folds into its convolution unchanged within float32 rounding:
+    # the file cannot say whether it was folded or dropped
+    model = make_fixtures.ConvNet1d().float().eval()
+    source = tmp_path / "fresh.pt"
+    torch.save(model.state_dict(), source)
+    path = tmp_path / "fresh.onnx"
+    make_fixtures.export_onnx(model, torch.randn(4, 8, 16), path, dynamo=False)
+    document = cli("diff", source, path, "--json").json()
+    assert document["folded"] == [] and document["only_in_a"] == ["features.1", "features.4"]
 
 
 def test_the_dynamo_exporter_writes_inference_nodes_for_a_model_in_train_mode(tmp_path: Path) -> None:

@@ -316,11 +316,6 @@ class _Tensor:
         if len(self.external) > MAX_EXTERNAL_ENTRIES:
             raise _corrupt(f"a tensor with more than {MAX_EXTERNAL_ENTRIES} external_data entries")
 
-    @property
-    def feeds_kind(self) -> bool:
-        """A weight of rank 2 or more: the layer before a BatchNorm, whose rank tells the layer's kind."""
-        return len(self.dims) >= 2 and self.name.endswith(b".weight")
-
 
 def _read_tensor(window: _Window, start: int, end: int, tensor: _Tensor) -> None:
     tensor.spans.append((start, end))
@@ -934,15 +929,18 @@ def open_onnx(source: ByteSource) -> Checkpoint:
                 layer_tensors[f"{layer}.{leaf}"] = ref_of(value)
         calls.append(_call(batch_norm, layer, model.opset))
 
-    # beside them, the weights of rank 2 and more by their own names (the layer feeding a BatchNorm tells its kind);
-    # an initializer named as a statistic that no BatchNormalization node reads is no layer: left out, with a note
+    # beside them, every other initializer by its own name (the layer feeding a BatchNorm tells its kind; diff looks
+    # for folded statistics among them); an initializer named as a statistic that no BatchNormalization node reads is
+    # no layer: left out, with a note
     root: dict[str, TensorRef] = {}
     unused_stats: list[str] = []
     for name, tensor in graph.initializers.items():
-        if tensor.feeds_kind:
-            root[_display(name)] = ref_of(tensor, locate=False)
-        elif id(tensor) not in consumed and _display(name).rpartition(".")[2] in STAT_LEAVES:
+        if id(tensor) in consumed:
+            continue
+        if _display(name).rpartition(".")[2] in STAT_LEAVES:
             unused_stats.append(_display(name))
+        else:
+            root[_display(name)] = ref_of(tensor, locate=False)
     root.update(layer_tensors)
     return Checkpoint(
         format="onnx",

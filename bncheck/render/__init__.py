@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bncheck.report import FileReport, Report, Severity
+    from bncheck.report import FileReport, FoldedLayer, Report, Severity
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,19 @@ def file_verdict(file: FileReport, fail_on: Severity) -> str:
     if file.recompute_error is not None:
         return f"NOT RECOMPUTED{detail}"
     return f"{'FAIL' if file.fails(fail_on) else 'PASS'}{detail}"
+
+
+def folded_sentence(layer: FoldedLayer) -> str:
+    """What diff says of a layer that B folded into the layer feeding it (text and HTML reports)."""
+    if layer.faithful:
+        return (
+            f"{layer.name_a}: folded in B into {layer.weight_b} and {layer.bias_b} (A's {layer.feeder_a} with"
+            f" {layer.name_a}'s statistics applied)"
+        )
+    return (
+        f"{layer.name_a}: B's {layer.weight_b} is A's {layer.feeder_a} scaled by {layer.name_a}'s variance, but no"
+        " tensor of B is the folded bias: B folded a running_mean or bias other than A's"
+    )
 
 
 def summary_counts(report: Report) -> str:

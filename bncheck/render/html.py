@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from bncheck.errors import MissingDependencyError
-from bncheck.render import escape_controls, file_verdict, format_size
+from bncheck.render import escape_controls, file_verdict, folded_sentence, format_size
 from bncheck.render import format_number as _num
 from bncheck.render import plural as _plural
 from bncheck.report import (
@@ -130,6 +130,8 @@ def render_diff_html(diff: DiffReport) -> str:
             parts.append(f"<li>{len(names)} {label}: {', '.join(_t(name) for name in names)}</li>")
     for name, channels_a, channels_b in diff.channel_changes:
         parts.append(f"<li>{_t(name)}: {_t(channels_a)} channels in A, {_t(channels_b)} in B</li>")
+    for folded in diff.folded:
+        parts.append(f"<li>{_t(folded_sentence(folded))}</li>")
     parts.append("</ul></section>")
     with _drawing():
         if diff.layers:

@@ -212,6 +212,16 @@ def render_diff_json(diff: DiffReport, *, pretty: bool = True) -> str:
         "only_in_a": list(diff.only_in_a),
         "only_in_b": list(diff.only_in_b),
         "channel_changes": [{"layer": name, "a": ca, "b": cb} for name, ca, cb in diff.channel_changes],
+        "folded": [
+            {
+                "name_a": layer.name_a,
+                "feeder_a": layer.feeder_a,
+                "weight_b": layer.weight_b,
+                "bias_b": layer.bias_b,
+                "faithful": layer.faithful,
+            }
+            for layer in diff.folded
+        ],
         "layers": [
             {
                 "name_a": row.name_a,

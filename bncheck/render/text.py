@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bncheck.render import escape_controls as _shown
-from bncheck.render import file_verdict, format_size, summary_counts
+from bncheck.render import file_verdict, folded_sentence, format_size, summary_counts
 from bncheck.render import format_number as _num
 from bncheck.render import plural as _plural
 from bncheck.report import (
@@ -392,6 +392,8 @@ def render_diff_text(diff: DiffReport) -> RenderableType:
             parts.append(Text(_shown(f"{label}: {', '.join(names)}"), style="yellow"))
     for name, ca, cb in diff.channel_changes:
         parts.append(Text(f"{_shown(name)}: {ca} channels in A, {cb} in B", style="yellow"))
+    for folded in diff.folded:
+        parts.append(Text(_shown(folded_sentence(folded)), style="green" if folded.faithful else "yellow"))
     rows = []
     renamed = False
     for row in diff.layers:
@@ -411,12 +413,13 @@ def render_diff_text(diff: DiffReport) -> RenderableType:
     )
     if renamed:
         legend += "; a ~ b: the layer is named a in A and b in B"
-    table = Group(LayerTable(layer_names, [("ch", True), *DRIFT_COLUMNS], rows), Text(legend, style="dim"))
-    parts.append(table)
+    if rows:  # an export that folded every layer shares none with its source
+        parts.append(Group(LayerTable(layer_names, [("ch", True), *DRIFT_COLUMNS], rows), Text(legend, style="dim")))
     drifted = sum(1 for row in diff.layers if row.drifted)
     summary = Text(
         f"{_plural(len(diff.layers), 'shared layer')}, {drifted} drifted, "
-        f"{len(diff.only_in_a) + len(diff.only_in_b)} on one side only, {len(diff.channel_changes)} resized -> "
+        f"{len(diff.only_in_a) + len(diff.only_in_b)} on one side only, {len(diff.channel_changes)} resized"
+        f"{f', {len(diff.folded)} folded' if diff.folded else ''} -> "
     )
     summary.append("DIFFERENT" if diff.differs else "SAME", style="bold red" if diff.differs else "bold green")
     parts.append(summary)
