@@ -18,6 +18,7 @@ import io
 import math
 import pickle
 import pickletools
+import re
 import reprlib
 import struct
 import warnings
@@ -478,24 +479,44 @@ _KINDS = _opcode_kinds()
 _NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}  # for the error messages
 
 
+def _fixed_size_run(end: int) -> re.Pattern[bytes]:
+    """A run of opcodes of fixed size, matched by the regular-expression engine in one call: most of a torch pickle.
+    LONG_BINPUT joins the run when its slot is certainly within a pickle of ``end`` bytes (its top byte zero and its
+    third below ``end >> 16``); any other slot, and every opcode of variable size, is left to check_sizes' loop."""
+    by_size: dict[int, list[int]] = {}
+    for code, kind in enumerate(_KINDS):
+        if kind >= 0:
+            by_size.setdefault(kind, []).append(code)
+    branches = [b"[" + b"".join(re.escape(bytes([c])) for c in codes) + b"]" + b"." * size for size, codes in by_size.items()]
+    high = min(end >> 16, 256)
+    if high > 0:
+        branches.append(b"r..[\x00-" + re.escape(bytes([high - 1])) + b"]\x00")
+    return re.compile(b"(?:" + b"|".join(branches) + b")*", re.DOTALL)
+
+
 def check_sizes(data: bytes) -> None:
     """Refuse a pickle whose memo slots, frames or lengths exceed the pickle itself: the C unpickler would grow its
     memo to that slot or allocate that length (gigabytes, touched page by page) before noticing that the data
     cannot hold it. A memo slot can never exceed the pickle's length, nor a length what is left of it.
 
-    Walks the opcodes without building their arguments (a torch pickle is mostly fixed-size opcodes, skipped with
-    one table lookup); stops at STOP or at the first byte it cannot decode, which the unpickler itself then refuses.
+    Walks the opcodes without building their arguments: runs of fixed-size opcodes (most of a torch pickle) in one
+    regular-expression match each, the others one by one; stops at STOP or at the first byte it cannot decode,
+    which the unpickler itself then refuses.
     """
     kinds = _KINDS
     end = len(data)
+    fixed_run = _fixed_size_run(end).match
     position = 0
     while position < end:
+        position = fixed_run(data, position).end()  # type: ignore[union-attr]  # a * pattern always matches
+        if position >= end:
+            return
         opcode = data[position]
         kind = kinds[opcode]
         position += 1
-        if kind >= 0:
+        if kind >= 0:  # cut short by the end of the data
             position += kind
-        elif kind == _LONG_BINPUT:  # the commonest opcode of a large torch pickle
+        elif kind == _LONG_BINPUT:
             value = int.from_bytes(data[position : position + 4], "little")
             position += 4
             if value > end:
