@@ -12,9 +12,9 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from bncheck.errors import CorruptCheckpointError, NoDataError
 
@@ -60,9 +60,9 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-@dataclass(frozen=True)
-class ByteLocation:
-    """Where a tensor's elements live in the file, so that a copy can be patched in place."""
+class ByteLocation(NamedTuple):
+    """Where a tensor's elements live in the file, so that a copy can be patched in place. (A named tuple: one is
+    made for every tensor of a checkpoint, and a tuple costs a fraction of a frozen dataclass.)"""
 
     path: Path
     member: str | None  # the zip member holding the storage, or None for a plain file
@@ -71,18 +71,36 @@ class ByteLocation:
     big_endian: bool = False
 
 
-@dataclass(frozen=True, eq=False)
 class TensorRef:
-    """A tensor in a checkpoint, described by metadata and read on demand."""
+    """A tensor in a checkpoint, described by metadata and read on demand.
 
-    dtype: str
-    shape: tuple[int, ...]
-    reader: Callable[[], np.ndarray] = field(repr=False)
-    location: ByteLocation | None = field(default=None, repr=False)
-    # the (source, offset, length) that reading needs, when known before reading: remote reads are prefetched
-    span: tuple[ByteSource, int, int] | None = field(default=None, repr=False)
-    # why the file records this tensor without any values (see :func:`without_data`), or None when it holds them
-    no_data: str | None = None
+    ``reader`` returns the values; ``location`` says where they are in a local file (for patching in place);
+    ``span`` is the (source, offset, length) that reading needs, when known before reading (remote reads are
+    prefetched); ``no_data`` says why the file records this tensor without any values (see :func:`without_data`),
+    or is None when it holds them. Made once per tensor of a checkpoint (tens of thousands), so a plain class with
+    slots rather than a dataclass; nothing changes one after it is made.
+    """
+
+    __slots__ = ("dtype", "location", "no_data", "reader", "shape", "span")
+
+    def __init__(
+        self,
+        dtype: str,
+        shape: tuple[int, ...],
+        reader: Callable[[], np.ndarray],
+        location: ByteLocation | None = None,
+        span: tuple[ByteSource, int, int] | None = None,
+        no_data: str | None = None,
+    ) -> None:
+        self.dtype = dtype
+        self.shape = shape
+        self.reader = reader
+        self.location = location
+        self.span = span
+        self.no_data = no_data
+
+    def __repr__(self) -> str:
+        return f"TensorRef(dtype={self.dtype!r}, shape={self.shape!r}, no_data={self.no_data!r})"
 
     @property
     def numel(self) -> int:

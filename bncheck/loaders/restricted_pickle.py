@@ -24,7 +24,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -153,12 +153,11 @@ class TorchDType:
     name: str
 
 
-@dataclass(frozen=True)
-class StorageRef:
+class StorageRef(NamedTuple):
     """A persistent id ``('storage', type, key, location, numel)``: the bytes live in archive member data/<key>.
 
     Legacy files add a sixth element, ``(view_key, offset, size)`` for a view into the root storage ``key``;
-    ``element_offset`` is that offset.
+    ``element_offset`` is that offset. (A named tuple: one is made per storage, tens of thousands per file.)
     """
 
     key: str
@@ -174,6 +173,12 @@ def view_span(offset: int, size: tuple[int, ...], stride: tuple[int, ...], dtype
     """Check a tensor record's view of its storage; return the dtype's item size and the number of storage
     elements from the first to the last one the view touches (0 for an empty tensor)."""
     itemsize = ITEMSIZE.get(dtype)
+    if itemsize is not None and offset >= 0 and len(size) <= 1 and len(stride) == len(size):
+        # the common records, checked without the general arithmetic: a scalar, a 1-D tensor with a positive step
+        if not size:
+            return itemsize, 1
+        if size[0] > 0 and stride[0] > 0:
+            return itemsize, 1 + (size[0] - 1) * stride[0]
     if itemsize is None or len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
         raise CorruptCheckpointError(f"malformed tensor record: {dtype}, size {size}, stride {stride}")
     if 0 in size:
@@ -283,6 +288,8 @@ def no_tensor(*_: Any) -> TensorRef:
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    if type(value) is tuple and (not value or (len(value) == 1 and type(value[0]) is int)):
+        return value  # a scalar's or a 1-D tensor's: most records
     if not isinstance(value, tuple | list) or not all(type(v) is int for v in value):
         # reprlib bounds depth and length: a pickle can share one list at every level, whose full repr is 2 ** depth
         raise CorruptCheckpointError(f"malformed tensor record: {what} is {reprlib.repr(value)}")
@@ -487,7 +494,9 @@ def _fixed_size_run(end: int) -> re.Pattern[bytes]:
     for code, kind in enumerate(_KINDS):
         if kind >= 0:
             by_size.setdefault(kind, []).append(code)
-    branches = [b"[" + b"".join(re.escape(bytes([c])) for c in codes) + b"]" + b"." * size for size, codes in by_size.items()]
+    branches = [
+        b"[" + b"".join(re.escape(bytes([c])) for c in codes) + b"]" + b"." * size for size, codes in by_size.items()
+    ]
     high = min(end >> 16, 256)
     if high > 0:
         branches.append(b"r..[\x00-" + re.escape(bytes([high - 1])) + b"]\x00")

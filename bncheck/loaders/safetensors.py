@@ -115,11 +115,8 @@ def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data
         return bytes_to_array(source.read(data_start + begin, end - begin), dtype).reshape(shape_t)
 
     path = source.local_path
-    if path is not None:
-        return TensorRef(
-            dtype, shape_t, read, ByteLocation(path, None, data_start + begin, contiguous_strides(shape_t))
-        )
-    return TensorRef(dtype, shape_t, read, None, (source, data_start + begin, end - begin))  # remote: prefetched
+    location = ByteLocation(path, None, data_start + begin, contiguous_strides(shape_t)) if path is not None else None
+    return TensorRef(dtype, shape_t, read, location, (source, data_start + begin, end - begin))
 
 
 def tensors_of(source: ByteSource) -> tuple[dict[str, TensorRef], dict[str, str]]:

@@ -136,9 +136,12 @@ def fold_case(name: str) -> str:
     return name.lower() if name.isascii() else name.translate(_ASCII_LOWER)
 
 
+_PICKLE_SUFFIXES = (".pkl", ".debug_pkl")
+
+
 def _is_pickle_name(name: str) -> bool:
     """Whether torch would unpickle a member so named (``DATA.PKL`` is found as ``data.pkl``)."""
-    return fold_case(name).endswith((".pkl", ".debug_pkl"))
+    return fold_case(name).endswith(_PICKLE_SUFFIXES)
 
 
 def _inflate(raw: bytes, size: int, name: str) -> bytes:
@@ -416,11 +419,11 @@ class TorchArchive:
 
         path = self.source.local_path
         location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
-        if path is not None or info.compress_type != zipfile.ZIP_STORED:
+        if info.compress_type != zipfile.ZIP_STORED:
             return TensorRef(dtype, size, read, location)
-        # remote: the local header (its padding can differ from the central directory's) and the data, to prefetch
+        # to prefetch: the local header (its padding can differ from the central directory's) and the data
         needed = _LOCAL_ALLOWANCE + len(info.filename) + (offset + span) * itemsize
-        return TensorRef(dtype, size, read, None, (self.source, info.header_offset, needed))
+        return TensorRef(dtype, size, read, location, (self.source, info.header_offset, needed))
 
 
 @contextlib.contextmanager
@@ -457,15 +460,16 @@ def open_torch_zip(source: ByteSource) -> Checkpoint:
         root, untrusted = unpickle(reader.read_member("data.pkl"), reader.make_tensor)
         data_pickle = reader.member("data.pkl")
         # TorchScript keeps more pickles (constants.pkl, debug info); their globals are checked too, tensors unread
-        for info in reader.infos:
-            if _is_pickle_name(info.filename) and info is not data_pickle:
+        for folded, info in reader.by_folded.items():  # every name once, already folded as torch compares them
+            if folded.endswith(_PICKLE_SUFFIXES) and info is not data_pickle:
                 _, more = unpickle(reader.read_full(info), _unread_tensor)
                 untrusted += tuple(g for g in more if g not in untrusted)
         notes, hidden = scan_uncovered(reader)
         notes = reader.notes + notes
         untrusted += tuple(g for g in hidden if g not in untrusted)
+        code_folder = reader.prefix + "code/"
         is_script = reader.find("code/") is not None or any(
-            info.filename.startswith(reader.prefix + "code/") for info in reader.infos
+            name.startswith(code_folder) for name in reader.archive.namelist()
         )
         code = _script_code(reader, notes) if is_script else ()
     return Checkpoint(
