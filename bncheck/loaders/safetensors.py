@@ -90,14 +90,14 @@ def _valid_offsets(offsets: Any) -> bool:
     return isinstance(begin, int) and begin >= 0 and isinstance(end, int) and end >= 0
 
 
-def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data_size: int) -> TensorRef:
+def _checked_entry(name: str, entry: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    """A header entry's dtype, shape and data offsets, checked as the reference parser checks them."""
     if not isinstance(entry, dict):
         raise CorruptCheckpointError(f"safetensors entry {name!r} is not an object")
     raw_dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(raw_dtype, str) or not _valid_shape(shape) or not _valid_offsets(offsets):
         raise CorruptCheckpointError(f"safetensors entry {name!r} lacks a valid dtype, shape or data_offsets")
-    known = SAFETENSORS_DTYPES.get(raw_dtype)
-    dtype = known or (raw_dtype.lower() if raw_dtype.isidentifier() else repr(raw_dtype)[:40])
+    dtype = _dtype(raw_dtype)
     shape_t: tuple[int, ...] = tuple(shape)  # type: ignore[arg-type]  # validated above
     begin, end = offsets  # type: ignore[misc]
     if not begin <= end <= data_size:
@@ -110,21 +110,41 @@ def _tensor_ref(source: ByteSource, name: str, entry: Any, data_start: int, data
             f"tensor {name!r}: shape {list(shape_t)} of {dtype} needs {math.prod(shape_t) * itemsize} bytes, "
             f"data_offsets give {end - begin}"
         )
+    return dtype, shape_t, begin, end
 
+
+def _dtype(raw_dtype: str) -> str:
+    known = SAFETENSORS_DTYPES.get(raw_dtype)
+    return known or (raw_dtype.lower() if raw_dtype.isidentifier() else repr(raw_dtype)[:40])
+
+
+def _tensor_ref(source: ByteSource, dtype: str, shape: tuple[int, ...], start: int, length: int) -> TensorRef:
     def read() -> Any:
-        return bytes_to_array(source.read(data_start + begin, end - begin), dtype).reshape(shape_t)
+        return bytes_to_array(source.read(start, length), dtype).reshape(shape)
 
     path = source.local_path
-    location = ByteLocation(path, None, data_start + begin, contiguous_strides(shape_t)) if path is not None else None
-    return TensorRef(dtype, shape_t, read, location, (source, data_start + begin, end - begin))
+    location = ByteLocation(path, None, start, contiguous_strides(shape)) if path is not None else None
+    return TensorRef(dtype, shape, read, location, (source, start, length))
 
 
-def tensors_of(source: ByteSource) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    """Every tensor of one safetensors file, in header order, and its ``__metadata__``."""
+def tensors_of(source: ByteSource, *, checked: bool = False) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Every tensor of one safetensors file, in header order, and its ``__metadata__``. ``checked``: the reference
+    parser has accepted the file (every entry well formed, in bounds, no overlaps), so the entries are taken as they
+    are, without checking them again one by one (a header holds one per tensor: tens of thousands)."""
     header, data_start = read_header(source)
     data_size = source.size - data_start
     metadata = header.pop("__metadata__", None) or {}
-    refs = {name: _tensor_ref(source, name, entry, data_start, data_size) for name, entry in header.items()}
+    refs = {}
+    if checked:
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            refs[name] = _tensor_ref(
+                source, _dtype(entry["dtype"]), tuple(entry["shape"]), data_start + begin, end - begin
+            )
+        return refs, metadata if isinstance(metadata, dict) else {}
+    for name, entry in header.items():
+        dtype, shape, begin, end = _checked_entry(name, entry, data_size)
+        refs[name] = _tensor_ref(source, dtype, shape, data_start + begin, end - begin)
     spans = sorted((entry["data_offsets"][0], entry["data_offsets"][1], name) for name, entry in header.items())
     for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
         if begin < end:
@@ -151,9 +171,10 @@ def validate_with_reference(path: Path) -> None:
 
 
 def open_safetensors(source: ByteSource) -> Checkpoint:
-    if source.local_path is not None:
-        validate_with_reference(source.local_path)
-    refs, _ = tensors_of(source)
+    path = source.local_path
+    if path is not None:
+        validate_with_reference(path)
+    refs, _ = tensors_of(source, checked=path is not None)
     return Checkpoint(format="safetensors", root=refs)
 
 
