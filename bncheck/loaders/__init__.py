@@ -256,7 +256,7 @@ def open_source_checkpoint(source: ByteSource) -> Checkpoint:
 
 def prefetch(refs: Iterable[TensorRef]) -> None:
     """Fetch the bytes these tensors will read together, per source: for a remote checkpoint a few concurrent
-    requests instead of one round trip per tensor, for a local file a few reads instead of one or two per tensor."""
+    requests instead of one round trip per tensor; nothing for local files."""
     by_source: dict[int, tuple[ByteSource, list[tuple[int, int]]]] = {}
     for ref in refs:
         if ref.span is not None:

@@ -36,30 +36,6 @@ def is_url(location: str | os.PathLike[str]) -> bool:
     return "://" in str(location)
 
 
-# Prefetching local ranges: only ranges this close are read as one block (a system call costs about as much as
-# copying this many bytes), and only while all of them together stay within the second figure.
-LOCAL_PREFETCH_MAX_GAP = 4096
-LOCAL_PREFETCH_LIMIT = 64 * 1024 * 1024
-
-
-class Prefetched:
-    """Blocks of a file read ahead (sorted by offset), answering the reads they cover."""
-
-    def __init__(self, blocks: list[tuple[int, bytes]]) -> None:
-        self._blocks = blocks
-        self._starts = [start for start, _ in blocks]
-
-    def get(self, offset: int, length: int) -> bytes | None:
-        """The bytes at ``offset`` when one block holds them all, else None."""
-        index = bisect.bisect_right(self._starts, offset) - 1
-        if index < 0:
-            return None
-        start, data = self._blocks[index]
-        if offset + length > start + len(data):
-            return None
-        return data[offset - start : offset - start + length]
-
-
 def merge_ranges(ranges: Sequence[tuple[int, int]], *, max_gap: int, max_block: int) -> list[tuple[int, int]]:
     """(offset, length) ranges as fewer (start, end) blocks: sorted, overlapping or nearby ones joined."""
     blocks: list[tuple[int, int]] = []
@@ -105,7 +81,8 @@ class ByteSource:
         """Release the open file or connection; a later read opens it again."""
 
     def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Fetch these (offset, length) ranges ahead of the reads that will ask for them (by default: nothing)."""
+        """Fetch these (offset, length) ranges ahead of the reads that will ask for them. A local file needs nothing:
+        the reads are cheap and the page cache reads ahead."""
 
     @property
     def local_path(self) -> Path | None:
@@ -118,7 +95,6 @@ class LocalSource(ByteSource):
     name: str = ""
     size: int = 0
     _handle: IO[bytes] | None = field(default=None, repr=False)
-    _prefetched: Prefetched | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.name = str(self.path)
@@ -130,10 +106,6 @@ class LocalSource(ByteSource):
             raise UnreadableFileError(f"permission denied: {exc.filename}") from exc
 
     def _read(self, offset: int, length: int) -> bytes:
-        if self._prefetched is not None:
-            cached = self._prefetched.get(offset, length)
-            if cached is not None:
-                return cached
         # one open file for all the reads of a checkpoint: thousands of small tensors cost one open
         try:
             if self._handle is None:
@@ -149,20 +121,6 @@ class LocalSource(ByteSource):
             return data
         except OSError as exc:
             raise UnreadableFileError(f"cannot read {self.path}: {exc.strerror or exc}") from exc
-
-    def prefetch(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Read nearby ranges as one block each, so that the thousands of small tensors of a checkpoint (and the zip
-        headers before them) cost a few system calls instead of one or two each. Ranges far apart are left to their
-        own reads, as are all of them when together they would hold more than LOCAL_PREFETCH_LIMIT in memory."""
-        blocks = merge_ranges(
-            [(offset, min(length, self.size - offset)) for offset, length in ranges if 0 <= offset < self.size],
-            max_gap=LOCAL_PREFETCH_MAX_GAP,
-            max_block=PREFETCH_MAX_BLOCK,
-        )
-        if len(blocks) == len(ranges) or sum(end - start for start, end in blocks) > LOCAL_PREFETCH_LIMIT:
-            return  # nothing merged (nothing to save), or too much to hold
-        self._prefetched = None
-        self._prefetched = Prefetched([(start, self.read(start, end - start)) for start, end in blocks])
 
     def close(self) -> None:
         if self._handle is not None:
@@ -301,7 +259,8 @@ class RemoteSource(ByteSource):
     _fs: Any = field(default=None, repr=False)
     _path: str = ""
     _handle: Any = field(default=None, repr=False)
-    _prefetched: Prefetched | None = field(default=None, repr=False)
+    _blocks: list[tuple[int, bytes]] = field(default_factory=list, repr=False)  # prefetched, sorted by offset
+    _starts: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.name = self.url
@@ -346,7 +305,7 @@ class RemoteSource(ByteSource):
     def _read(self, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
-        cached = self._prefetched.get(offset, length) if self._prefetched is not None else None
+        cached = self._cached(offset, length)
         if cached is not None:
             return cached
         return self._fetch(offset, length, shared_handle=True)
@@ -368,7 +327,8 @@ class RemoteSource(ByteSource):
         for (start, end), data in zip(blocks, fetched, strict=True):
             if len(data) != end - start:
                 raise UnreadableFileError(f"cannot read {self.url}: the server sent {len(data)} of {end - start} bytes")
-        self._prefetched = Prefetched([(start, data) for (start, _), data in zip(blocks, fetched, strict=True)])
+        self._blocks = [(start, data) for (start, _), data in zip(blocks, fetched, strict=True)]
+        self._starts = [start for start, _ in self._blocks]
 
     def _fetch(self, offset: int, length: int, *, shared_handle: bool = False) -> bytes:
         """One ranged read; a synchronous backend reads on the shared handle or, when prefetching runs several at
@@ -388,6 +348,15 @@ class RemoteSource(ByteSource):
                 return data
         except _remote_errors() as exc:
             raise _remote_error(self.url, exc) from exc
+
+    def _cached(self, offset: int, length: int) -> bytes | None:
+        index = bisect.bisect_right(self._starts, offset) - 1
+        if index < 0:
+            return None
+        start, data = self._blocks[index]
+        if offset + length > start + len(data):
+            return None
+        return data[offset - start : offset - start + length]
 
     def open(self) -> IO[bytes]:
         return cast(IO[bytes], SourceFile(self))

@@ -123,8 +123,9 @@ def _tensor_ref(source: ByteSource, dtype: str, shape: tuple[int, ...], start: i
         return bytes_to_array(source.read(start, length), dtype).reshape(shape)
 
     path = source.local_path
-    location = ByteLocation(path, None, start, contiguous_strides(shape)) if path is not None else None
-    return TensorRef(dtype, shape, read, location, (source, start, length))
+    if path is not None:
+        return TensorRef(dtype, shape, read, ByteLocation(path, None, start, contiguous_strides(shape)))
+    return TensorRef(dtype, shape, read, None, (source, start, length))  # remote: prefetched
 
 
 def tensors_of(source: ByteSource, *, checked: bool = False) -> tuple[dict[str, TensorRef], dict[str, str]]:

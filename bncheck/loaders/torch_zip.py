@@ -419,11 +419,11 @@ class TorchArchive:
 
         path = self.source.local_path
         location = ByteLocation(path, info.filename, offset * itemsize, stride, self.big_endian) if path else None
-        if info.compress_type != zipfile.ZIP_STORED:
+        if path is not None or info.compress_type != zipfile.ZIP_STORED:
             return TensorRef(dtype, size, read, location)
-        # to prefetch: the local header (its padding can differ from the central directory's) and the data
+        # remote: the local header (its padding can differ from the central directory's) and the data, to prefetch
         needed = _LOCAL_ALLOWANCE + len(info.filename) + (offset + span) * itemsize
-        return TensorRef(dtype, size, read, location, (self.source, info.header_offset, needed))
+        return TensorRef(dtype, size, read, None, (self.source, info.header_offset, needed))
 
 
 @contextlib.contextmanager
