@@ -13,7 +13,7 @@ import numpy as np
 
 from bncheck.checks import Thresholds
 from bncheck.discover import feeding_layer, find_state_dicts
-from bncheck.drift import measure_drift
+from bncheck.drift import Drift, measure_drift, measure_stored_drifts
 from bncheck.errors import BncheckError, NoSuchEntryError
 from bncheck.loaders.dtypes import FLOATING
 from bncheck.loaders.interface import TensorRef
@@ -167,6 +167,26 @@ def _tails(names: list[str]) -> dict[str, list[str]]:
     return tails
 
 
+# A layer of both files: its name in A and in B, and A's mean and variance, then B's
+_Shared = tuple[str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _drifts(shared: list[_Shared], eps: float) -> list[Drift]:
+    """Each shared layer's drift from A to B, the layers of one width measured together (measure_stored_drifts)."""
+    drifts: list[Drift | None] = [None] * len(shared)
+    by_width: dict[int, list[int]] = {}
+    for index, (_, _, mean_a, var_a, mean_b, var_b) in enumerate(shared):
+        if mean_a.ndim == 1 and mean_a.shape == var_a.shape == mean_b.shape == var_b.shape:
+            by_width.setdefault(mean_a.size, []).append(index)
+        else:  # malformed statistics of different shapes: measured alone, as numpy broadcasts them
+            drifts[index] = measure_drift(mean_a, var_a, mean_b, var_b, samples=None, eps=eps)
+    for indices in by_width.values():
+        columns = [np.stack([shared[index][column] for index in indices]) for column in range(2, 6)]
+        for index, drift in zip(indices, measure_stored_drifts(*columns, eps=eps), strict=True):
+            drifts[index] = drift
+    return [drift for drift in drifts if drift is not None]
+
+
 @fewer_collections()
 def diff_checkpoints(
     a: PathLike,
@@ -195,6 +215,7 @@ def diff_checkpoints(
     key_b = {name.removeprefix(prefix_b): name for name in layers_b}
     diffs: list[LayerDiff] = []
     changes: list[tuple[str, int | None, int | None]] = []
+    shared: list[_Shared] = []
     for key, name_a in key_a.items():
         name_b = key_b.get(key)
         if name_b is None:
@@ -207,7 +228,8 @@ def diff_checkpoints(
             continue
         if mean_a is None or var_a is None or mean_b is None or var_b is None or mean_a.shape != mean_b.shape:
             continue  # missing or malformed statistics: inspect reports them
-        drift = measure_drift(mean_a, var_a, mean_b, var_b, samples=None, eps=t.drift.eps)
+        shared.append((name_a, name_b, mean_a, var_a, mean_b, var_b))
+    for (name_a, name_b, mean_a, var_a, mean_b, var_b), drift in zip(shared, _drifts(shared, t.drift.eps), strict=True):
         reasons = tuple(drift.reasons(t.drift))
         kept = channel_values and bool(reasons)
         diffs.append(

@@ -122,17 +122,7 @@ def measure_drift(
     the tails of the data. None (unknown: two stored checkpoints, a TorchScript model) keeps one floor for all
     channels, fit for moderately heavy tails.
     """
-    stored_mean, stored_var = np.asarray(stored_mean, np.float64), np.asarray(stored_var, np.float64)
-    new_mean, new_var = np.asarray(new_mean, np.float64), np.asarray(new_var, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        shift = np.abs(stored_mean - new_mean) / np.sqrt(np.maximum(new_var, 0) + eps)
-        ratio = np.abs(np.log((np.maximum(stored_var, 0) + eps) / (np.maximum(new_var, 0) + eps)))
-        if other_var is not None:
-            other = np.abs(np.log((np.maximum(stored_var, 0) + eps) / (np.maximum(other_var, 0) + eps)))
-            ratio = np.minimum(ratio, other)
-    # non-finite stored values are BN001's business; here they count as infinitely far
-    shift = np.where(np.isfinite(shift), shift, np.inf)
-    ratio = np.where(np.isfinite(ratio), ratio, np.inf)
+    shift, ratio = _distances(stored_mean, stored_var, new_mean, new_var, eps, other_var)
     channels = max(int(shift.size), 1)
     n = max(samples, 2) if samples is not None else math.inf
     # The worst of C channels reaches about sqrt(2 ln 2C) standard errors by chance, plus a margin.
@@ -156,6 +146,64 @@ def measure_drift(
         channel_log_var_ratio=tuple(float(r) for r in ratio) if per_channel else (),
         channel_noise_log_var_ratio=tuple(float(f) for f in floors) if per_channel else (),
     )
+
+
+def measure_stored_drifts(
+    stored_mean: np.ndarray, stored_var: np.ndarray, new_mean: np.ndarray, new_var: np.ndarray, *, eps: float = 1e-5
+) -> list[Drift]:
+    """``measure_drift(..., samples=None)`` for each row of layers x channels matrices, in one pass over all of them:
+    the comparison of two stored checkpoints (diff) of thousands of equal-width layers, which carries no sampling
+    noise (every floor is 0)."""
+    shift, ratio = _distances(stored_mean, stored_var, new_mean, new_var, eps, None)
+    if shift.ndim != 2 or shift.shape[1] == 0:
+        rows = zip(stored_mean, stored_var, new_mean, new_var, strict=True)
+        return [measure_drift(*row, samples=None, eps=eps) for row in rows]
+    summaries = zip(
+        np.median(shift, axis=1).tolist(),
+        shift.max(axis=1).tolist(),
+        shift.argmax(axis=1).tolist(),
+        np.median(ratio, axis=1).tolist(),
+        ratio.max(axis=1).tolist(),
+        ratio.argmax(axis=1).tolist(),
+        strict=True,
+    )
+    return [
+        Drift(
+            mean_shift_median=shift_median,
+            mean_shift_worst=shift_worst,
+            mean_shift_worst_channel=shift_channel,
+            log_var_ratio_median=ratio_median,
+            log_var_ratio_worst=ratio_worst,
+            log_var_ratio_worst_channel=ratio_channel,
+            samples=None,
+            noise_mean_shift_median=0.0,
+            noise_mean_shift_worst=0.0,
+            noise_log_var_ratio_median=0.0,
+            noise_log_var_ratio_worst=0.0,
+        )
+        for shift_median, shift_worst, shift_channel, ratio_median, ratio_worst, ratio_channel in summaries
+    ]
+
+
+def _distances(
+    stored_mean: np.ndarray,
+    stored_var: np.ndarray,
+    new_mean: np.ndarray,
+    new_var: np.ndarray,
+    eps: float,
+    other_var: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's mean shift (in the new standard deviations) and |log variance ratio|, inf where not finite."""
+    stored_mean, stored_var = np.asarray(stored_mean, np.float64), np.asarray(stored_var, np.float64)
+    new_mean, new_var = np.asarray(new_mean, np.float64), np.asarray(new_var, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.abs(stored_mean - new_mean) / np.sqrt(np.maximum(new_var, 0) + eps)
+        ratio = np.abs(np.log((np.maximum(stored_var, 0) + eps) / (np.maximum(new_var, 0) + eps)))
+        if other_var is not None:
+            other = np.abs(np.log((np.maximum(stored_var, 0) + eps) / (np.maximum(other_var, 0) + eps)))
+            ratio = np.minimum(ratio, other)
+    # non-finite stored values are BN001's business; here they count as infinitely far
+    return np.where(np.isfinite(shift), shift, np.inf), np.where(np.isfinite(ratio), ratio, np.inf)
 
 
 def _median(values: np.ndarray) -> float:

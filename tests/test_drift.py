@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from bncheck.drift import DriftThresholds, measure_drift
+from bncheck.drift import DriftThresholds, measure_drift, measure_stored_drifts
 
 LIMITS = DriftThresholds()
 
@@ -74,3 +74,19 @@ def test_heavy_tails_raise_the_median_floor() -> None:
     mean, stored_var, new_var = np.zeros(8), np.ones(8), np.full(8, 1 / 1.8)  # beyond log(1.5) in every channel
     assert measure_drift(mean, stored_var, mean, new_var, samples=256, kurtosis=np.full(8, 3.0)).reasons(LIMITS)
     assert not measure_drift(mean, stored_var, mean, new_var, samples=256, kurtosis=np.full(8, 60.0)).reasons(LIMITS)
+
+
+def test_drift_of_many_stored_layers_at_once_is_each_layers_own() -> None:
+    # diff measures thousands of equal-width layers together; each must get what measure_drift gives it alone,
+    # with NaN, infinite, negative and zero statistics among them
+    rng = np.random.default_rng(3)
+    layers, channels = 200, 17
+    mean_a, mean_b = rng.normal(size=(2, layers, channels))
+    var_a, var_b = rng.lognormal(size=(2, layers, channels))
+    for matrix in (mean_a, var_a, mean_b, var_b):
+        holes = rng.random((layers, channels)) < 0.02
+        matrix[holes] = rng.choice([np.nan, np.inf, -np.inf, -1.0, 0.0], size=int(holes.sum()))
+    together = measure_stored_drifts(mean_a, var_a, mean_b, var_b, eps=1e-5)
+    alone = [measure_drift(*row, samples=None, eps=1e-5) for row in zip(mean_a, var_a, mean_b, var_b, strict=True)]
+    assert together == alone
+    assert any(drift.mean_shift_worst == math.inf for drift in together)  # the holes were seen
