@@ -7,7 +7,9 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,13 +28,20 @@ PathLike = str | os.PathLike[str]
 
 @dataclass(frozen=True)
 class _Side:
-    """One checkpoint of the comparison: its format, the entry compared, its BatchNorm layers there, and every
-    tensor of that entry (where a folded layer's statistics are looked for)."""
+    """One checkpoint of the comparison: its format, the entry compared, its BatchNorm layers there, and its object
+    tree (where the tensors of a folded layer are looked for)."""
 
     format: str
     source: str
     layers: dict[str, LayerData]
-    tensors: Mapping[str, TensorRef]
+    root: Any
+
+    @cached_property
+    def tensors(self) -> Mapping[str, TensorRef]:
+        """Every tensor of the compared entry, by its state_dict name; found only when a layer is missing from the
+        other side (flattening a 4,000-layer file again costs a tenth of reading it)."""
+        containers = [c for c in find_state_dicts(self.root) if c.source == self.source]
+        return containers[0].tensors if containers else {}
 
 
 def _side(path: Path, source: str | None) -> _Side:
@@ -43,12 +52,11 @@ def _side(path: Path, source: str | None) -> _Side:
         source = (raw or sources or [""])[0]
     elif source not in sources:
         raise NoSuchEntryError(f"{path}: no BatchNorm layers under entry {source!r} (entries: {', '.join(sources)})")
-    containers = [c for c in find_state_dicts(checkpoint.root) if c.source == source]
     return _Side(
         checkpoint.format,
         source,
         {data.layer.name: data for data in layers if data.layer.source == source},
-        containers[0].tensors if containers else {},
+        checkpoint.root,
     )
 
 
