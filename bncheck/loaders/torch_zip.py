@@ -367,9 +367,20 @@ class TorchArchive:
                     f"compressed member {info.filename} would expand {info.compress_size} bytes to {info.file_size}"
                 )
             return self.read_full(info, noted=False)[start : start + length]
-        data_start = member_data_start(self.source, info)
+        # the local header and the bytes after it in one read, when its extra field (torch's padding) is no longer
+        # than usual: a checkpoint's thousands of small tensors cost one system call each, not two
+        header_offset = info.header_offset
+        wanted = _LOCAL_ALLOWANCE + len(info.filename) + start + length
+        block = self.source.read(header_offset, min(wanted, self.source.size - header_offset))
+        signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(block)
+        if signature != _LOCAL_SIGNATURE:
+            raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
+        data_start = header_offset + _LOCAL_HEADER.size + name_len + extra_len
         if data_start + info.file_size > self.archive.start_dir:
             raise CorruptCheckpointError(f"archive member {info.filename} declares more bytes than it holds")
+        begin = data_start - header_offset + start
+        if begin + length <= len(block):
+            return block[begin : begin + length]
         return self.source.read(data_start + start, length)
 
     def make_tensor(
