@@ -175,6 +175,12 @@ def _tails(names: list[str]) -> dict[str, list[str]]:
     return tails
 
 
+def _floating(data: LayerData, name: str) -> np.ndarray | None:
+    """A floating statistic as the file stores it (as LayerData.floats, before its conversion to float64, which the
+    drift of a whole width makes once for all the layers)."""
+    return data.arrays.get(name) if data.dtype(name) in FLOATING else None
+
+
 # A layer of both files: its name in A and in B, and A's mean and variance, then B's
 _Shared = tuple[str, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -229,8 +235,8 @@ def diff_checkpoints(
         if name_b is None:
             continue
         da, db = layers_a[name_a], layers_b[name_b]
-        mean_a, var_a = da.floats("running_mean"), da.floats("running_var")
-        mean_b, var_b = db.floats("running_mean"), db.floats("running_var")
+        mean_a, var_a = _floating(da, "running_mean"), _floating(da, "running_var")
+        mean_b, var_b = _floating(db, "running_mean"), _floating(db, "running_var")
         if da.layer.num_features != db.layer.num_features:
             changes.append((name_a, da.layer.num_features, db.layer.num_features))
             continue
