@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import struct
 import sys
 import zipfile
 from pathlib import Path
@@ -236,6 +237,23 @@ def test_big_endian_archive_is_byteswapped(tmp_path: Path) -> None:
     for name, tensor in tensors.items():
         assert_same_tensor(ours[name], tensor, name)
     assert assert_same_tree(ours, torch.load(big, weights_only=True)) == len(tensors)
+
+
+@pytest.mark.parametrize("padding", [0, 60, 5000], ids=["no-padding", "torch-like", "longer-than-one-read"])
+def test_members_are_read_after_local_headers_of_any_padding(tmp_path: Path, padding: int) -> None:
+    # bncheck reads a stored member's local header and the tensor after it in one read when the header's extra field
+    # (torch's alignment padding) is short, in two when it is longer: both must find the bytes torch finds
+    source = GOOD / "mlp-state-dict.pt"
+    target = tmp_path / "padded.pt"
+    extra = struct.pack("<HH", 0xB0CC, padding - 4) + bytes(padding - 4) if padding else b""
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w") as dst:
+        for info in src.infolist():
+            padded = zipfile.ZipInfo(info.filename, info.date_time)
+            padded.extra = extra
+            dst.writestr(padded, src.read(info))
+    with zipfile.ZipFile(target) as archive:
+        assert {len(info.extra) for info in archive.infolist()} == {padding}
+    assert assert_same_tree(open_checkpoint(target).root, torch.load(target, weights_only=True)) == 14
 
 
 def test_recompressed_archive_is_still_read(tmp_path: Path) -> None:
