@@ -23,6 +23,8 @@ STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 AFFINE_NAMES = ("weight", "bias")
 # Key path components that mark averaged weights: timm's state_dict_ema / model_ema, ema_model, swa_model...
 _AVERAGED = re.compile(r"(^|_)(ema|swa|averaged)(_|$)", re.IGNORECASE)
+# the same, over a whole dotted module path at once (a component's ends are its dots)
+_AVERAGED_PATH = re.compile(r"(^|[._])(ema|swa|averaged)([._]|$)", re.IGNORECASE)
 # Nesting deeper than any real checkpoint; a guard against crafted or cyclic object trees.
 MAX_DEPTH = 64
 # Feeding layer's weight rank -> the BatchNorm that normally follows it (Linear/Conv1d, Conv2d, Conv3d).
@@ -36,6 +38,8 @@ NORMALISER_CLASSES = frozenset({"RunningMeanStd", "RunningStandardScaler"})
 # BatchNorm1d/2d/3d, their Lazy and Sync variants, FrozenBatchNorm2d, InstanceNorm with tracked statistics
 _BATCHNORM_CLASS = re.compile(r"(Batch|Instance)Norm")
 _NORMALISER_KEYS = frozenset({"count", "current_count", "running_variance"})
+_RUNNING = frozenset({"running_mean", "running_var"})
+_LAYER_LEAVES = STAT_NAMES + AFFINE_NAMES
 _BATCHNORM_ONLY_KEYS = frozenset({"num_batches_tracked", "weight", "bias"})
 
 # FrozenBatchNorm2d (torchvision.ops.misc, detectron2.layers.batch_norm, and the copies in DETR-style code) holds
@@ -253,16 +257,14 @@ def _layers_of(container: StateDict, batch_counter: bool) -> Iterator[BNLayer]:
         prefix, _, leaf = name.rpartition(".")
         keys.setdefault(prefix, set()).add(leaf)
     prefixes = [
-        prefix
+        (prefix, leaves)
         for prefix, leaves in keys.items()
-        if leaves & {"running_mean", "running_var"} and not _is_normaliser(container.classes.get(prefix), leaves)
+        if not leaves.isdisjoint(_RUNNING) and not _is_normaliser(container.classes.get(prefix), leaves)
     ]
-    for prefix in prefixes:
+    for prefix, leaves in prefixes:
         dot = f"{prefix}." if prefix else ""
-        tensors = {
-            leaf: container.tensors[dot + leaf] for leaf in STAT_NAMES + AFFINE_NAMES if dot + leaf in container.tensors
-        }
-        averaged = container_averaged or any(_AVERAGED.search(part) for part in prefix.split("."))
+        tensors = {leaf: container.tensors[dot + leaf] for leaf in _LAYER_LEAVES if leaf in leaves}
+        averaged = container_averaged or _AVERAGED_PATH.search(prefix) is not None
         if prefix in container.classes:
             kind, inferred = container.classes[prefix], False
         else:

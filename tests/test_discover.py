@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,15 @@ def test_natural_key_orders_numbers_by_value_without_converting_them() -> None:
         f"a.{huge}",
         "b",
     ]
+
+
+def test_a_module_path_is_averaged_when_one_of_its_components_is() -> None:
+    # discovery matches the whole dotted path at once; it must agree with matching each component on its own
+    from bncheck.discover import _AVERAGED, _AVERAGED_PATH
+
+    rng = random.Random(1)
+    parts = ["ema", "swa", "averaged", "x", "model_ema", "ema_model", "emax", "xema", "EMA", "swa_model", "a_b", ""]
+    for _ in range(5000):
+        path = ".".join(rng.choice(parts) for _ in range(rng.randint(1, 4)))
+        by_component = any(_AVERAGED.search(part) for part in path.split("."))
+        assert (_AVERAGED_PATH.search(path) is not None) == by_component, path
