@@ -109,6 +109,8 @@ def _folded(names: list[str], a: _Side, b: _Side, default_eps: float) -> list[Fo
         gamma = data.floats("weight")
         beta = data.floats("bias")
         bias = _float64(a.tensors[f"{feeder}.bias"]) if f"{feeder}.bias" in a.tensors else None
+        if any(values is not None and values.shape != mean.shape for values in (gamma, beta, bias)):
+            continue  # a malformed affine parameter or feeding bias (inspect reports it): nothing to fold
         recorded = data.config.eps.value if data.config.eps is not None else None
         eps = float(recorded) if isinstance(recorded, float) else default_eps  # the layer's own, else torch's default
         with np.errstate(all="ignore"):

@@ -314,6 +314,21 @@ def test_diff_tells_a_fold_of_other_statistics_from_a_faithful_one_and_from_a_dr
     assert document["only_in_a"] == ["features.4"]
 
 
+def test_a_malformed_layer_is_not_folded_and_does_not_stop_the_diff(cli, tmp_path) -> None:
+    path = tmp_path / "folded.onnx"
+    digits, _ = make_fixtures.digits_data()
+    make_fixtures.export_onnx(conv_net(), digits[:16].float(), path, dynamo=False)
+    state = conv_net().state_dict()
+    state["features.1.weight"] = state["features.1.weight"][:3]  # gamma of 3 channels beside statistics of 16
+    source = tmp_path / "malformed.pt"
+    torch.save(state, source)
+    result = cli("diff", source, path, "--json")
+    assert result.exit_code == 1
+    document = result.json()
+    assert [f["name_a"] for f in document["folded"]] == ["features.4"]
+    assert document["only_in_a"] == ["features.1"]
+
+
 def test_statistics_that_scale_by_one_are_not_claimed_as_folded(cli, tmp_path) -> None:
     # a fresh layer (mean 0, var 1, weight 1, bias 0) folds into its convolution unchanged within float32 rounding:
     # the file cannot say whether it was folded or dropped
