@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BAD
+from safetensors import safe_open
 from torch import nn
 
 from bncheck.errors import BncheckError
@@ -218,3 +219,21 @@ def test_bytes_the_header_does_not_cover_are_refused_as_the_reference_loader_ref
     path.write_bytes(safetensors_bytes(bn_header(), bytes(24) + b"extra bytes"))
     assert tensors_of(LocalSource(path))[0]["bn.running_var"].read().shape == (3,)
     assert "file not fully covered" in error_of(path, cli)["message"]
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[0, 2**64 - 1], [0, 2**62], [1] * 64 + [4]],
+    ids=["a-dimension-of-2**64", "zero-elements-of-2**62", "65-dimensions"],
+)
+def test_a_shape_numpy_cannot_build_is_a_corrupt_file(cli, tmp_path: Path, shape: list[int]) -> None:
+    # the safetensors package accepts these headers (no element, or 16 bytes); numpy cannot make such an array
+    count = 0 if 0 in shape else 4
+    header = bn_header()
+    header["bn.running_var"] = {"dtype": "F32", "shape": shape, "data_offsets": [12, 12 + 4 * count]}
+    path = tmp_path / "shape.safetensors"
+    path.write_bytes(safetensors_bytes(header, bytes(12 + 4 * count)))
+    with safe_open(path, framework="numpy"):
+        pass
+    error = error_of(path, cli)
+    assert error["code"] == "corrupt" and "cannot be read" in error["message"]

@@ -256,6 +256,23 @@ def test_members_are_read_after_local_headers_of_any_padding(tmp_path: Path, pad
     assert assert_same_tree(open_checkpoint(target).root, torch.load(target, weights_only=True)) == 14
 
 
+def test_a_local_header_that_runs_past_the_end_of_the_file_is_a_corrupt_file(cli, tmp_path: Path) -> None:
+    # every storage's central-directory entry points 10 bytes before the end: no room for a 30-byte local header
+    data = bytearray((GOOD / "mlp-state-dict.pt").read_bytes())
+    with zipfile.ZipFile(GOOD / "mlp-state-dict.pt") as archive:
+        storages = [info.filename.encode() for info in archive.infolist() if "/data/" in info.filename]
+    for name in storages:
+        entry = data.rindex(name) - 46  # the central directory's copy of the name comes last
+        assert data[entry : entry + 4] == b"PK\x01\x02"
+        data[entry + 42 : entry + 46] = struct.pack("<I", len(data) - 10)
+    path = tmp_path / "short-header.pt"
+    path.write_bytes(data)
+    result = cli("inspect", path, "--json")
+    assert result.exit_code == 2
+    error = result.json()["files"][0]["error"]
+    assert error["code"] == "corrupt" and "local header runs past the end of the file" in error["message"]
+
+
 def test_recompressed_archive_is_still_read(tmp_path: Path) -> None:
     source = GOOD / "mlp-state-dict.pt"
     target = tmp_path / "deflated.pt"

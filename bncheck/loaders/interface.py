@@ -108,7 +108,11 @@ class TensorRef:
 
     def read(self) -> np.ndarray:
         """The tensor's values as a numpy array (bfloat16 as float32); raises BncheckError if unreadable."""
-        array = self.reader()
+        try:
+            array = self.reader()
+        except ValueError as exc:  # numpy refusing the file's shape: over 64 dimensions, over 2**63 elements...
+            what = f"shape {self.shape}" if len(self.shape) <= 8 else f"{len(self.shape)} dimensions"
+            raise CorruptCheckpointError(f"a tensor of {what} cannot be read: {exc}"[:300]) from exc
         if array.shape != self.shape:
             raise CorruptCheckpointError(f"tensor data has shape {array.shape}, metadata says {self.shape}")
         return array

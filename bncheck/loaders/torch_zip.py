@@ -372,6 +372,8 @@ class TorchArchive:
         header_offset = info.header_offset
         wanted = _LOCAL_ALLOWANCE + len(info.filename) + start + length
         block = self.source.read(header_offset, min(wanted, self.source.size - header_offset))
+        if len(block) < _LOCAL_HEADER.size:
+            raise CorruptCheckpointError(f"archive member {info.filename}'s local header runs past the end of the file")
         signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(block)
         if signature != _LOCAL_SIGNATURE:
             raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
