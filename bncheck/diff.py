@@ -17,7 +17,7 @@ from bncheck.checks import Thresholds
 from bncheck.discover import feeding_layer, find_state_dicts
 from bncheck.drift import Drift, measure_drift, measure_stored_drifts
 from bncheck.errors import BncheckError, NoSuchEntryError
-from bncheck.loaders.dtypes import FLOATING
+from bncheck.loaders.dtypes import FLOATING, ITEMSIZE
 from bncheck.loaders.interface import TensorRef
 from bncheck.read import LayerData, fewer_collections, read_checkpoint
 from bncheck.report import DiffReport, FileError, FoldedLayer, LayerDiff
@@ -35,6 +35,7 @@ class _Side:
     source: str
     layers: dict[str, LayerData]
     root: Any
+    size: int  # bytes, with shards and external data
 
     @cached_property
     def tensors(self) -> Mapping[str, TensorRef]:
@@ -57,6 +58,7 @@ def _side(path: Path, source: str | None) -> _Side:
         source,
         {data.layer.name: data for data in layers if data.layer.source == source},
         checkpoint.root,
+        checkpoint.size_bytes or 0,
     )
 
 
@@ -67,13 +69,31 @@ FOLD_TOLERANCE_DEFAULT = 1e-5
 _HEAD = 16  # elements compared before a candidate tensor is compared whole
 
 
-def _folded(names: list[str], a: _Side, b: _Side, default_eps: float) -> list[FoldedLayer]:
+class _Budget:
+    """What the fold search may still spend, in bytes read or compared: twice the two files' sizes, room to read
+    every tensor of both twice over. A crafted pair (thousands of tensor records viewing one large storage,
+    thousands of layers against thousands of same-shape candidates) would otherwise read or compare without end."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.spent_out = False
+
+    def take(self, cost: int) -> bool:
+        if cost > self.left:
+            self.spent_out = True
+            return False
+        self.left -= cost
+        return True
+
+
+def _folded(names: list[str], a: _Side, b: _Side, default_eps: float, budget: _Budget) -> list[FoldedLayer]:
     """The layers of ``names`` (in A, not in B) whose statistics B holds folded into the layer feeding them.
 
     Found by value, not by name (exporters rename folded weights, ``onnx::Conv_25``): A's feeding weight and bias
     are folded with the layer's statistics in float64, and B's tensors of the same shape are compared with the
     result (B's same-named tensor first). A fold that leaves the weight unchanged within B's rounding (statistics
-    that scale by 1) cannot be told from a dropped layer, and is not claimed.
+    that scale by 1) cannot be told from a dropped layer, and is not claimed. The search stops where ``budget``
+    runs out; the layers it did not reach stay only in A.
     """
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, ref in b.tensors.items():
@@ -87,28 +107,32 @@ def _folded(names: list[str], a: _Side, b: _Side, default_eps: float) -> list[Fo
         for name in candidates:
             tolerance = FOLD_TOLERANCE.get(b.tensors[name].dtype, FOLD_TOLERANCE_DEFAULT) * scale
             if name not in heads:
-                heads[name] = _float64(b.tensors[name], _HEAD)
+                heads[name] = _float64(b.tensors[name], budget, _HEAD)
             head = heads[name]
+            if not budget.take(_HEAD * 8):
+                return None
             if head is None or not np.all(np.abs(head - expected.ravel()[:_HEAD]) <= tolerance):
                 continue
-            values = _float64(b.tensors[name])
+            values = _float64(b.tensors[name], budget)
             if values is not None and np.all(np.abs(values - expected) <= tolerance):
                 return name
         return None
 
     found = []
     for name in names:
+        if budget.spent_out:
+            break
         data = a.layers[name]
         mean, var = data.floats("running_mean"), data.floats("running_var")
         if mean is None or var is None or mean.ndim != 1 or mean.shape != var.shape:
             continue
         feeder = feeding_layer(name, a.tensors, mean.size)
-        weight = _float64(a.tensors[f"{feeder}.weight"]) if feeder is not None else None
+        weight = _float64(a.tensors[f"{feeder}.weight"], budget) if feeder is not None else None
         if feeder is None or weight is None:
             continue
         gamma = data.floats("weight")
         beta = data.floats("bias")
-        bias = _float64(a.tensors[f"{feeder}.bias"]) if f"{feeder}.bias" in a.tensors else None
+        bias = _float64(a.tensors[f"{feeder}.bias"], budget) if f"{feeder}.bias" in a.tensors else None
         if any(values is not None and values.shape != mean.shape for values in (gamma, beta, bias)):
             continue  # a malformed affine parameter or feeding bias (inspect reports it): nothing to fold
         recorded = data.config.eps.value if data.config.eps is not None else None
@@ -133,9 +157,10 @@ def _folded(names: list[str], a: _Side, b: _Side, default_eps: float) -> list[Fo
     return found
 
 
-def _float64(ref: TensorRef, count: int | None = None) -> np.ndarray | None:
-    """A floating tensor's values (its first ``count``, flattened, when given) as float64; None when unreadable."""
-    if ref.dtype not in FLOATING:
+def _float64(ref: TensorRef, budget: _Budget, count: int | None = None) -> np.ndarray | None:
+    """A floating tensor's values (its first ``count``, flattened, when given) as float64; None when unreadable or
+    beyond the budget (the whole tensor is read, and paid for, either way)."""
+    if ref.dtype not in FLOATING or not budget.take(ref.numel * ITEMSIZE.get(ref.dtype, 8)):
         return None
     try:
         values = ref.read()
@@ -266,8 +291,17 @@ def diff_checkpoints(
             )
         )
     only_in_a = [name for key, name in key_a.items() if key not in key_b]
-    folded = _folded(only_in_a, side_a, side_b, t.eps) if only_in_a else []
+    budget = _Budget(2 * (side_a.size + side_b.size))
+    folded = _folded(only_in_a, side_a, side_b, t.eps, budget) if only_in_a else []
     folded_names = {layer.name_a for layer in folded}
+    notes = (
+        (
+            f"the search for folded layers stopped after reading and comparing {2 * (side_a.size + side_b.size)} "
+            "bytes (twice the two files' size): the layers it did not reach are listed as only in A",
+        )
+        if budget.spent_out
+        else ()
+    )
     return DiffReport(
         path_a=str(a),
         path_b=str(b),
@@ -280,5 +314,6 @@ def diff_checkpoints(
         channel_changes=tuple(changes),
         layers=tuple(diffs),
         folded=tuple(folded),
+        notes=notes,
         tool_version=__version__,
     )

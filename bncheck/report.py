@@ -285,6 +285,7 @@ class DiffReport:
     layers: tuple[LayerDiff, ...] = ()
     # layers of A whose statistics B holds folded into the layer before them (not in only_in_a)
     folded: tuple[FoldedLayer, ...] = ()
+    notes: tuple[str, ...] = ()  # what the comparison could not do (not differences)
     tool_version: str = ""
 
     @property

@@ -80,3 +80,21 @@ def test_diff_reports_one_sided_and_resized_layers(cli, tmp_path: Path) -> None:
 def test_diff_of_an_unreadable_file_exits_2(cli, tmp_path: Path) -> None:
     result = cli("diff", GOOD / "mlp-state-dict.pt", tmp_path / "none.pt")
     assert result.exit_code == 2
+
+
+def test_the_search_for_folded_layers_stops_within_twice_the_files_size(cli, tmp_path: Path) -> None:
+    # B: 2,000 tensor records viewing one 1 MiB storage (torch.save keeps shared storage once): each is a candidate
+    # for the fold of A's layer, and reading them all would cost 2 GiB for a 1 MiB file
+    base = torch.rand(4 * 65536)
+    torch.save({f"view{i}": base.view(4, 65536) for i in range(2000)}, tmp_path / "views.pt")
+    state = {
+        "fc.weight": torch.randn(4, 65536),
+        "bn.weight": torch.rand(4) + 0.5,
+        "bn.bias": torch.randn(4),
+        "bn.running_mean": torch.randn(4),
+        "bn.running_var": torch.rand(4) + 0.5,
+    }
+    torch.save(state, tmp_path / "source.pt")
+    document = cli("diff", tmp_path / "source.pt", tmp_path / "views.pt", "--json").json()
+    assert document["folded"] == [] and document["only_in_a"] == ["bn"]
+    assert len(document["notes"]) == 1 and document["notes"][0].startswith("the search for folded layers stopped")

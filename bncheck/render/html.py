@@ -132,6 +132,7 @@ def render_diff_html(diff: DiffReport) -> str:
         parts.append(f"<li>{_t(name)}: {_t(channels_a)} channels in A, {_t(channels_b)} in B</li>")
     for folded in diff.folded:
         parts.append(f"<li>{_t(folded_sentence(folded))}</li>")
+    parts += [f"<li>note: {_t(note)}</li>" for note in diff.notes]
     parts.append("</ul></section>")
     with _drawing():
         if diff.layers:

@@ -222,6 +222,7 @@ def render_diff_json(diff: DiffReport, *, pretty: bool = True) -> str:
             }
             for layer in diff.folded
         ],
+        "notes": list(diff.notes),
         "layers": [
             {
                 "name_a": row.name_a,

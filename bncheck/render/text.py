@@ -394,6 +394,7 @@ def render_diff_text(diff: DiffReport) -> RenderableType:
         parts.append(Text(f"{_shown(name)}: {ca} channels in A, {cb} in B", style="yellow"))
     for folded in diff.folded:
         parts.append(Text(_shown(folded_sentence(folded)), style="green" if folded.faithful else "yellow"))
+    parts += [Text(f"note: {_shown(note)}", style="dim") for note in diff.notes]
     rows = []
     renamed = False
     for row in diff.layers:
