@@ -34,11 +34,11 @@ SCRIPT_ATTRIBUTE = "TorchScript attribute"
 SCRIPT_CONSTANT = "TorchScript constant"
 TRACED = "traced batch_norm call"
 CONFIG_JSON = "config.json"
-# Deployment artifacts: the sources their loaders give the settings they record (bncheck.loaders.interface).
 
 
 def is_exported(source: str) -> bool:
-    """Whether a setting was read from an exported graph (.pt2, ONNX): what runs in production."""
+    """Whether a setting was read from an exported graph (.pt2, ONNX): what runs in production. Those sources are
+    named by the loaders that record them (bncheck.loaders.interface)."""
     return source.startswith((EXPORTED_PROGRAM, ONNX_NODE))
 
 

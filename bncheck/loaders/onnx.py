@@ -887,8 +887,8 @@ def _resolve(graph: _Graph, name: bytes) -> Resolved:
 
 
 def open_onnx(source: ByteSource) -> Checkpoint:
-    """An ONNX model: each BatchNormalization node's tensors under its layer's ``state_dict`` names and the weights
-    of rank 2 and more under their own (all read lazily), and one RecordedCall per node."""
+    """An ONNX model: each BatchNormalization node's tensors under its layer's ``state_dict`` names and every other
+    initializer under its own (all read lazily), and one RecordedCall per node."""
     model = _read_model(source)
     graph = model.graph
     files = _ExternalFiles(source)

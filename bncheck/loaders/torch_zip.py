@@ -85,7 +85,14 @@ MAX_DEFLATED_PICKLE_BYTES = 64 * 1024 * 1024
 def member_data_start(source: ByteSource, info: zipfile.ZipInfo) -> int:
     """Where a member's bytes begin: after its local header, whose extra field (torch's alignment padding) can
     differ in length from the central directory's."""
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(source.read(info.header_offset, _LOCAL_HEADER.size))
+    return _data_start_after(info, source.read(info.header_offset, _LOCAL_HEADER.size))
+
+
+def _data_start_after(info: zipfile.ZipInfo, header: bytes) -> int:
+    """:func:`member_data_start` from bytes already read at the member's local header (at least the header)."""
+    if len(header) < _LOCAL_HEADER.size:
+        raise CorruptCheckpointError(f"archive member {info.filename}'s local header runs past the end of the file")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(header)
     if signature != _LOCAL_SIGNATURE:
         raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
     return int(info.header_offset + _LOCAL_HEADER.size + name_len + extra_len)
@@ -372,12 +379,7 @@ class TorchArchive:
         header_offset = info.header_offset
         wanted = _LOCAL_ALLOWANCE + len(info.filename) + start + length
         block = self.source.read(header_offset, min(wanted, self.source.size - header_offset))
-        if len(block) < _LOCAL_HEADER.size:
-            raise CorruptCheckpointError(f"archive member {info.filename}'s local header runs past the end of the file")
-        signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(block)
-        if signature != _LOCAL_SIGNATURE:
-            raise CorruptCheckpointError(f"bad local header for archive member {info.filename}")
-        data_start = header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        data_start = _data_start_after(info, block)
         if data_start + info.file_size > self.archive.start_dir:
             raise CorruptCheckpointError(f"archive member {info.filename} declares more bytes than it holds")
         begin = data_start - header_offset + start
