@@ -231,18 +231,25 @@ def installed_bncheck(parser: argparse.ArgumentParser) -> str:
     return bncheck
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def begin_bench(doc: str) -> tuple[int, str]:
+    """What every whole-process bench begins with: its command line (``--repeats``), the installed bncheck, the
+    bytecode pip would have written, and the line that says how it measures. Returns (repeats, bncheck)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    repeats: int = parser.parse_args().repeats
     bncheck = installed_bncheck(parser)
+    print(f"{os.cpu_count()} CPUs, median of {repeats} alternating runs, warm page cache")
+    print(compile_bytecode())
+    return repeats, bncheck
+
+
+def main() -> None:
+    repeats, bncheck = begin_bench(__doc__ or "")
     py = sys.executable
     big = big_checkpoints()
     doubled = big_checkpoints(scale=2, formats=("pt", "safetensors"))
     scratch = Path(tempfile.mkdtemp())
-    print(f"{os.cpu_count()} CPUs, median of {args.repeats} alternating runs, warm page cache")
-    print(compile_bytecode())
-    version = measure({"bncheck --version": [bncheck, "--version"]}, args.repeats)["bncheck --version"]
+    version = measure({"bncheck --version": [bncheck, "--version"]}, repeats)["bncheck --version"]
     print(
         f"\nbncheck --version: {version.seconds:.3f} s (median), peak RSS {version.peak_rss_mib:.0f} MiB: "
         "the whole fixed cost of the CLI with no checkpoint"
@@ -265,7 +272,7 @@ def main() -> None:
             else path.stat().st_size
         )
         run(commands["bncheck"])  # warm the page cache and imports
-        results[fmt] = measure(commands, args.repeats)
+        results[fmt] = measure(commands, repeats)
         table(f"{fmt}: {path.name} ({size / 2**30:.2f} GiB)", results[fmt])
 
     print("\nTargets (whole processes; the torch.load(mmap=True) script reads the .pt of the same checkpoint)")
@@ -291,7 +298,7 @@ def main() -> None:
                 "bncheck": [bncheck, "inspect", "--json", str(big[fmt])],
                 "bncheck 2x": [bncheck, "inspect", "--json", str(path)],
             },
-            args.repeats,
+            repeats,
         )
         change = pair["bncheck 2x"].seconds / pair["bncheck"].seconds - 1
         info(

@@ -22,9 +22,7 @@ whole 945 MB file, bncheck skips the convolution weights by their lengths.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import deep_onnx
-from inspect_speed import Sample, compile_bytecode, info, installed_bncheck, measure, run, table, verdict
+from inspect_speed import Sample, begin_bench, info, measure, run, table, verdict
 
 READ_WITH_ONNX = """
 import os, sys
@@ -83,15 +81,10 @@ def bn_byte_ranges(path: Path, scratch: Path) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    bncheck = installed_bncheck(parser)
+    repeats, bncheck = begin_bench(__doc__ or "")
     py = sys.executable
     models = deep_onnx()
     scratch = Path(tempfile.mkdtemp())
-    print(f"{os.cpu_count()} CPUs, median of {args.repeats} alternating runs, warm page cache")
-    print(compile_bytecode())
     external, embedded = models["external"], models["embedded"]
     data, ranges = bn_byte_ranges(external, scratch)
     results: dict[str, dict[str, Sample]] = {}
@@ -108,7 +101,7 @@ def main() -> None:
             commands["floor"] = [py, "-c", FLOOR, str(data), str(ranges)]
         for command in commands.values():
             run(command)  # warm the page cache and imports
-        results[label] = measure(commands, args.repeats)
+        results[label] = measure(commands, repeats)
         size = path.stat().st_size + (data.stat().st_size if label == "external" else 0)
         table(f"{label}: {path.name} ({size / 2**30:.2f} GiB with its data)", results[label])
 

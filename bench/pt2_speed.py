@@ -21,9 +21,7 @@ information.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoints import exported_checkpoint
-from inspect_speed import CHECK, FLOOR, compile_bytecode, info, installed_bncheck, measure, run, table, verdict
+from inspect_speed import CHECK, FLOOR, begin_bench, info, measure, run, table, verdict
 
 EXPORT_LOAD = (
     "import sys, torch\n"
@@ -106,15 +104,10 @@ def bn_byte_ranges(path: Path, scratch: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    bncheck = installed_bncheck(parser)
+    repeats, bncheck = begin_bench(__doc__ or "")
     py = sys.executable
     path = exported_checkpoint()
     scratch = Path(tempfile.mkdtemp())
-    print(f"{os.cpu_count()} CPUs, median of {args.repeats} alternating runs, warm page cache")
-    print(compile_bytecode())
     commands = {
         "bncheck": [bncheck, "inspect", "--json", str(path)],
         "torch.export.load": [py, "-c", EXPORT_LOAD, str(path)],
@@ -122,7 +115,7 @@ def main() -> None:
     }
     run(commands["bncheck"])  # warm the page cache and imports
     run(commands["torch.export.load"])
-    results = measure(commands, args.repeats)
+    results = measure(commands, repeats)
     size = path.stat().st_size
     table(f"pt2: {path.name} ({size / 2**30:.2f} GiB, 400 BatchNorm2d layers)", results)
 
